@@ -1,0 +1,1 @@
+"""ghostserve.operator."""
