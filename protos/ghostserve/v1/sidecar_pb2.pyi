@@ -474,6 +474,22 @@ class InjectFaultResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class FlushRequest(_message.Message):
+    __slots__ = ("group", "timeout_seconds")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    timeout_seconds: float
+    def __init__(self, group: _Optional[str] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class FlushResponse(_message.Message):
+    __slots__ = ("drained", "chunks_queued")
+    DRAINED_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_QUEUED_FIELD_NUMBER: _ClassVar[int]
+    drained: bool
+    chunks_queued: int
+    def __init__(self, drained: _Optional[bool] = ..., chunks_queued: _Optional[int] = ...) -> None: ...
+
 class GetStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -110,6 +110,11 @@ class SidecarStub:
                 request_serializer=ghostserve_dot_v1_dot_sidecar__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=ghostserve_dot_v1_dot_sidecar__pb2.Stats.FromString,
                 _registered_method=True)
+        self.Flush = channel.unary_unary(
+                '/ghostserve.v1.Sidecar/Flush',
+                request_serializer=ghostserve_dot_v1_dot_sidecar__pb2.FlushRequest.SerializeToString,
+                response_deserializer=ghostserve_dot_v1_dot_sidecar__pb2.FlushResponse.FromString,
+                _registered_method=True)
 
 
 class SidecarServicer:
@@ -221,6 +226,13 @@ class SidecarServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Flush(self, request, context):
+        """Wait until queued encodes are done (tests, benchmarks, and the engine before a planned drain).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SidecarServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -298,6 +310,11 @@ def add_SidecarServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=ghostserve_dot_v1_dot_sidecar__pb2.GetStatsRequest.FromString,
                     response_serializer=ghostserve_dot_v1_dot_sidecar__pb2.Stats.SerializeToString,
+            ),
+            'Flush': grpc.unary_unary_rpc_method_handler(
+                    servicer.Flush,
+                    request_deserializer=ghostserve_dot_v1_dot_sidecar__pb2.FlushRequest.FromString,
+                    response_serializer=ghostserve_dot_v1_dot_sidecar__pb2.FlushResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -706,6 +723,33 @@ class Sidecar:
             '/ghostserve.v1.Sidecar/GetStats',
             ghostserve_dot_v1_dot_sidecar__pb2.GetStatsRequest.SerializeToString,
             ghostserve_dot_v1_dot_sidecar__pb2.Stats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Flush(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghostserve.v1.Sidecar/Flush',
+            ghostserve_dot_v1_dot_sidecar__pb2.FlushRequest.SerializeToString,
+            ghostserve_dot_v1_dot_sidecar__pb2.FlushResponse.FromString,
             options,
             channel_credentials,
             insecure,

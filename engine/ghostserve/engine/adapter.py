@@ -1,0 +1,207 @@
+"""What an engine gives GhostServe (the EngineAdapter protocol) and the sidecar glue engines share.
+
+Everything here is free of torch: the SGLang plugin and the reference engine both import it, and the
+glue only needs grpc and the generated protos.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Protocol
+
+import grpc
+import numpy as np
+
+from ghostserve.kernels import layout as layout_mod
+from ghostserve.sidecar import client as client_mod
+from ghostserve.v1 import sidecar_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float16": pb.FLOAT16, "bfloat16": pb.BFLOAT16, "float8": pb.FLOAT8, "float32": pb.FLOAT32}
+CODES = {"none": pb.NONE, "replicate": pb.REPLICATE, "xor": pb.XOR, "rdp": pb.RDP, "rs": pb.RS}
+# Codes the sidecar needs no parity count for; the others default to their natural M.
+DEFAULT_PARITY = {"none": 0, "replicate": 1, "xor": 1, "rdp": 2, "rs": 2}
+
+
+class AdapterError(RuntimeError):
+    """The sidecar refused the engine's request (bad layout, mismatched protection, unknown group)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Protection:
+    """How a group's KV is protected: code ("none"|"replicate"|"xor"|"rdp"|"rs"), M and T."""
+
+    code: str = "xor"
+    parity_shards: int | None = None
+    chunk_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        if self.code not in CODES:
+            raise ValueError(f"code must be one of {sorted(CODES)}, got {self.code!r}")
+        if self.chunk_tokens <= 0:
+            raise ValueError(f"chunk_tokens must be > 0, got {self.chunk_tokens}")
+
+    @property
+    def m(self) -> int:
+        return DEFAULT_PARITY[self.code] if self.parity_shards is None else self.parity_shards
+
+    def to_proto(self) -> pb.Protection:
+        return pb.Protection(code=CODES[self.code], parity_shards=self.m, chunk_tokens=self.chunk_tokens)
+
+
+def layout_to_proto(layout: layout_mod.KVLayout) -> pb.KVLayout:
+    return pb.KVLayout(
+        layers=layout.layers,
+        kv_heads=layout.kv_heads,
+        head_dim=layout.head_dim,
+        dtype=DTYPES[layout.dtype],
+        page_size=layout.page_size,
+        pool_slots=layout.pool_slots,
+    )
+
+
+class EngineAdapter(Protocol):
+    """What an engine exposes so GhostServe can protect and restore its KV cache.
+
+    One adapter lives in every tensor-parallel rank. The engine calls ``allocate_pool`` once at start,
+    ``on_chunk_complete`` from its forward loop, and GhostServe calls ``resume`` after a recovery.
+    """
+
+    def layout(self) -> layout_mod.KVLayout:
+        """The KV layout of this rank's pool: layers, KV heads on this rank, head dim, dtype, page size,
+        slots. Identical on every rank of the group. Mutates nothing."""
+        ...
+
+    def allocate_pool(self) -> tuple[np.ndarray, bool]:
+        """Attach to the sidecar and map this rank's pool, which the sidecar creates or keeps.
+
+        Returns (pool as a writable uint8 array, needs_rebuild): the pool is the engine's KV memory from now on; needs_rebuild
+        is True after a device fault, until GhostServe rebuilt and recomputed it. Raises AdapterError when
+        the sidecar refuses the layout or protection.
+        """
+        ...
+
+    def on_chunk_complete(
+        self, request_id: str, chunk_index: int, slots: Sequence[int], token_ids: Sequence[int]
+    ) -> None:
+        """Called after the forward pass that wrote the last token of chunk ``chunk_index`` (tokens
+        [c*T, (c+1)*T)) of ``request_id``: prefill chunks and every T decode tokens. ``slots`` are the
+        chunk's pool slots in token order (identical on every rank), ``token_ids`` its T tokens.
+        Returns at once; encoding happens in the sidecar. Never raises for an unreachable sidecar
+        (the chunk stays unprotected and is counted)."""
+        ...
+
+    def resume(self, request_id: str, tokens: Sequence[int], *, prompt_tokens: int, slots: Sequence[int]) -> None:
+        """Re-admit a request whose KV for positions [0, len(tokens)-1) is in place at ``slots``
+        (restored by rebuild and recompute); decoding continues from ``tokens[-1]``. Mutates the
+        engine's scheduler state only."""
+        ...
+
+
+@dataclasses.dataclass
+class AttachResult:
+    pool: pb.PoolHandle
+    created: bool
+    needs_rebuild: bool
+
+
+class SidecarSession:
+    """One rank's link to its sidecar: attach, commit chunks, record tokens, release requests.
+
+    Keeps counters of commits that did not reach the sidecar (those chunks stay unprotected; serving
+    goes on). Not thread-safe: one per rank.
+    """
+
+    def __init__(
+        self,
+        client: client_mod.SidecarClient,
+        group: str,
+        *,
+        rank: int,
+        world_size: int,
+        layout: layout_mod.KVLayout,
+        protection: Protection,
+        worker_id: str = "",
+    ) -> None:
+        self.client = client
+        self.group = group
+        self.rank = rank
+        self.world_size = world_size
+        self.layout = layout
+        self.protection = protection
+        self.worker_id = worker_id
+        self.commits_sent = 0
+        self.commits_failed = 0
+
+    def attach(self) -> AttachResult:
+        """Attach this rank (creates the group on first attach). Raises AdapterError on refusal."""
+        try:
+            reply = self.client.attach(
+                group=self.group,
+                rank=self.rank,
+                world_size=self.world_size,
+                layout=layout_to_proto(self.layout),
+                protection=self.protection.to_proto(),
+                worker_id=self.worker_id,
+            )
+        except grpc.RpcError as exc:
+            raise AdapterError(f"attach of rank {self.rank} to {self.group!r} refused: {exc.details()}") from exc
+        return AttachResult(reply.pool, reply.created, reply.needs_rebuild)
+
+    def commit(self, request_id: str, chunk_index: int, slots: Sequence[int], token_ids: Sequence[int]) -> bool:
+        """Report one written chunk. Returns False (and counts it) when the sidecar is unreachable.
+
+        Raises AdapterError when the sidecar rejects the commit (a bug in the engine's bookkeeping).
+        """
+        try:
+            self.client.commit_chunk(
+                group=self.group,
+                rank=self.rank,
+                request_id=request_id,
+                chunk_index=chunk_index,
+                slots=list(slots),
+                token_ids=list(token_ids),
+            )
+        except grpc.RpcError as exc:
+            if _transient(exc):
+                self.commits_failed += 1
+                log.warning("chunk %d of %s left unprotected: %s", chunk_index, request_id, exc.code())
+                return False
+            raise AdapterError(f"commit of chunk {chunk_index} of {request_id!r} rejected: {exc.details()}") from exc
+        self.commits_sent += 1
+        return True
+
+    def record_tokens(self, request_id: str, tokens: Sequence[int], *, prompt_tokens: int) -> bool:
+        """Record a request's tokens so far. Returns False when the sidecar is unreachable."""
+        try:
+            self.client.record_tokens(
+                group=self.group, request_id=request_id, token_ids=list(tokens), prompt_tokens=prompt_tokens
+            )
+        except grpc.RpcError as exc:
+            if _transient(exc):
+                return False
+            raise AdapterError(f"record_tokens of {request_id!r} rejected: {exc.details()}") from exc
+        return True
+
+    def release(self, request_id: str) -> int:
+        """Free a finished request's parity and ledger entry; returns bytes freed (0 if unknown/unreachable)."""
+        try:
+            return int(self.client.release_request(group=self.group, request_id=request_id).freed_bytes)
+        except grpc.RpcError as exc:
+            if _transient(exc) or exc.code() == grpc.StatusCode.NOT_FOUND:
+                return 0
+            raise AdapterError(f"release of {request_id!r} rejected: {exc.details()}") from exc
+
+
+def _transient(exc: grpc.RpcError) -> bool:
+    # The sidecar restarting (UNAVAILABLE), slow (DEADLINE_EXCEEDED) or not knowing the group yet after
+    # its own restart (FAILED_PRECONDITION/NOT_FOUND): serving continues unprotected.
+    return exc.code() in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.NOT_FOUND,
+    )

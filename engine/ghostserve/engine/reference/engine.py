@@ -1,0 +1,320 @@
+"""The reference engine's driver: continuous batching, greedy decode, fault injection and recovery.
+
+The driver is the scheduler (every rank runs its decisions, so slot ids agree on all ranks) and the
+only holder of request state; rank processes are disposable. On any rank death the driver kills the
+whole generation of ranks, starts a new one (pools survive in the sidecar) and runs
+``recovery.recover``, which rebuilds what a device fault destroyed and recomputes the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+from ghostserve.engine import adapter
+from ghostserve.engine.reference import cluster as cluster_mod
+from ghostserve.engine.reference import config as config_mod
+from ghostserve.engine.reference import kvpool, schedule
+from ghostserve.engine.reference import rank as rank_mod
+from ghostserve.engine.reference import recovery
+from ghostserve.kernels import layout as layout_mod
+from ghostserve.sidecar import client as client_mod
+
+
+class EngineError(RuntimeError):
+    """The engine cannot go on (bad request, unrecoverable fault)."""
+
+
+@dataclasses.dataclass
+class Request:
+    """One generation request; ``tokens`` is prompt + generated so far, KV exists for [0, kv_len)."""
+
+    request_id: str
+    prompt: list[int]
+    max_new_tokens: int
+    arrival_s: float = 0.0
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    kv_len: int = 0
+    finished_s: float | None = None
+    digests: list[list[str]] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prompt or self.max_new_tokens <= 0:
+            raise EngineError(f"request {self.request_id!r} needs a prompt and max_new_tokens > 0")
+        if not self.tokens:
+            self.tokens = list(self.prompt)
+
+    @property
+    def output(self) -> list[int]:
+        return self.tokens[len(self.prompt):]
+
+    @property
+    def done(self) -> bool:
+        return len(self.output) >= self.max_new_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    tp: int = 2
+    code: str = "xor"
+    parity_shards: int | None = None
+    chunk_tokens: int = 16
+    page_size: int = 16
+    pool_slots: int = 2048
+    threads_per_rank: int = 1
+    record_digests: bool = False
+    # Rebuild bandwidth the planner assumes (bytes/s); None = measured by the sidecar. Tests set a low
+    # value to force hybrid plans (r > 0) on a machine where rebuilding tiny shards is nearly free.
+    plan_rebuild_bytes_per_s: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Fault:
+    """Inject at step ``at_step`` (while that step is in flight): SIGKILL ``ranks``; a device fault
+    also destroys their pools in the sidecar (MarkLost)."""
+
+    at_step: int
+    kind: str  # "process" | "device"
+    ranks: tuple[int, ...]
+    # Wait for the sidecar's encode queue first, so every committed chunk is protected when the fault hits.
+    flush: bool = True
+
+
+@dataclasses.dataclass
+class Counters:
+    steps: int = 0
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+    generations: int = 0
+
+
+class ReferenceEngine:
+    """Serves requests on ``opts.tp`` rank processes whose KV pools the sidecar at ``sidecar`` holds."""
+
+    def __init__(
+        self,
+        cfg: config_mod.ModelConfig,
+        opts: Options,
+        *,
+        sidecar: str,
+        group: str,
+        workdir: pathlib.Path,
+    ) -> None:
+        cfg.check_tp(opts.tp)
+        self.cfg, self.opts, self.group, self.workdir = cfg, opts, group, workdir
+        self.sidecar = sidecar
+        self.protection = adapter.Protection(opts.code, opts.parity_shards, opts.chunk_tokens)
+        self.shape = kvpool.PoolShape.for_model(cfg, tp=opts.tp, pool_slots=opts.pool_slots,
+                                                page_size=opts.page_size)
+        self.layout = layout_mod.KVLayout(self.shape.layers, self.shape.kv_heads, self.shape.head_dim,
+                                          kvpool.DTYPE, opts.page_size, opts.pool_slots)
+        self.client = client_mod.SidecarClient(sidecar)
+        self.session = adapter.SidecarSession(self.client, group, rank=0, world_size=opts.tp, layout=self.layout,
+                                              protection=self.protection, worker_id=f"driver-{os.getpid()}")
+        self.alloc = kvpool.PageAllocator(opts.pool_slots, opts.page_size)
+        self.requests: dict[str, Request] = {}
+        self.finished: dict[str, Request] = {}
+        self.faults: list[Fault] = []
+        self.recoveries: list[recovery.RecoveryReport] = []
+        self.counters = Counters()
+        self.cluster: cluster_mod.Cluster | None = None
+        self.needs_rebuild: list[bool] = []
+        self.on_recovered: Callable[[recovery.RecoveryReport], None] | None = None
+        self._t0 = time.monotonic()
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start (or restart) the rank processes; sets needs_rebuild per rank."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        gen = self.counters.generations
+        store = str(self.workdir / f"gloo-{gen}")
+        specs = [
+            rank_mod.RankSpec(self.cfg, self.opts.tp, r, store, self.sidecar, self.group, self.shape,
+                              self.protection, self.opts.threads_per_rank)
+            for r in range(self.opts.tp)
+        ]
+        self.cluster = cluster_mod.Cluster(specs)
+        self.counters.generations += 1
+        self.needs_rebuild = self.cluster.start()
+        pathlib.Path(store).unlink(missing_ok=True)
+
+    def close(self, *, delete_group: bool = True) -> None:
+        """Stop the ranks; release every request's parity; delete the group (frees the pools)."""
+        if self.cluster is not None:
+            self.cluster.stop()
+            self.cluster = None
+        for rid in list(self.requests) + list(self.finished):
+            self.session.release(rid)
+        if delete_group:
+            try:
+                self.client.delete_group(group=self.group)
+            except Exception:  # noqa: BLE001 - best effort: the group may never have been created
+                pass
+        self.client.close()
+
+    @property
+    def rank_pids(self) -> list[int]:
+        return self.cluster.pids if self.cluster else []
+
+    # ---- requests ---------------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        """Queue a request (admitted once ``arrival_s`` seconds passed since the engine started)."""
+        if request.request_id in self.requests or request.request_id in self.finished:
+            raise EngineError(f"duplicate request id {request.request_id!r}")
+        if any(not 0 <= t < self.cfg.vocab for t in request.prompt):
+            raise EngineError(f"request {request.request_id!r} has token ids outside [0, {self.cfg.vocab})")
+        need = len(request.prompt) + request.max_new_tokens
+        if -(-need // self.opts.page_size) > self.opts.pool_slots // self.opts.page_size:
+            raise EngineError(f"request {request.request_id!r} needs {need} slots, the pool has "
+                              f"{self.opts.pool_slots}")
+        self.requests[request.request_id] = request
+
+    def active(self) -> list[Request]:
+        now = time.monotonic() - self._t0
+        return [r for r in self.requests.values() if r.arrival_s <= now]
+
+    def reset_clock(self) -> None:
+        self._t0 = time.monotonic()
+
+    # ---- stepping ---------------------------------------------------------------------------------
+
+    def _piece(self, req: Request) -> rank_mod.Work:
+        a, b = schedule.next_piece(req.kv_len, len(req.prompt), self.opts.chunk_tokens)
+        slots = self.alloc.ensure(req.request_id, b)
+        return rank_mod.Work(req.request_id, tuple(req.tokens[a:b]), a, tuple(slots[a:b]))
+
+    def step(self) -> int:
+        """One continuous-batching step over every admitted request; returns requests stepped.
+
+        A rank fault during the step triggers recovery and the step is redone.
+        """
+        batch = self.active()
+        if not batch:
+            return 0
+        work = [self._piece(r) for r in batch]
+        prefill = all(w.start < len(self.requests[w.request_id].prompt) for w in work)
+        t0 = time.perf_counter()
+        while True:
+            assert self.cluster is not None
+            try:
+                self.cluster.broadcast(rank_mod.Step(tuple(work)))
+                self._maybe_inject()
+                replies = self.cluster.collect()
+                break
+            except cluster_mod.RankFault as fault:
+                report = recovery.recover(self, fault.ranks)
+                self.recoveries.append(report)
+                if self.on_recovered:
+                    self.on_recovered(report)
+                t0 = time.perf_counter()
+        seconds = time.perf_counter() - t0
+        self.counters.steps += 1
+        ntok = sum(len(w.tokens) for w in work)
+        if prefill:
+            self.counters.prefill_tokens += ntok
+            self.counters.prefill_seconds += seconds
+        elif all(len(w.tokens) == 1 for w in work):
+            self.counters.decode_tokens += ntok
+            self.counters.decode_seconds += seconds
+        self._advance(batch, work, replies[0])
+        return len(batch)
+
+    def _advance(self, batch: Sequence[Request], work: Sequence[rank_mod.Work], next_tokens: list[int]) -> None:
+        t = self.opts.chunk_tokens
+        for req, w, tok in zip(batch, work, next_tokens, strict=True):
+            end = w.start + len(w.tokens)
+            req.kv_len = end
+            if end == len(req.tokens):
+                req.tokens.append(tok)
+            if schedule.completed_chunks(w.start, end, t):
+                self.session.record_tokens(req.request_id, req.tokens, prompt_tokens=len(req.prompt))
+            if req.done:
+                self._finish(req)
+
+    def _finish(self, req: Request) -> None:
+        assert self.cluster is not None
+        if self.opts.record_digests:
+            req.digests = self.cluster.call(rank_mod.Digest(req.request_id, req.kv_len))
+        self.cluster.call(rank_mod.Drop(req.request_id))
+        self.session.release(req.request_id)
+        self.alloc.free(req.request_id)
+        req.finished_s = time.monotonic() - self._t0
+        self.finished[req.request_id] = self.requests.pop(req.request_id)
+
+    def run(self, *, on_step: Callable[[ReferenceEngine], None] | None = None, max_steps: int = 10**7) -> None:
+        """Step until every submitted request finished. Waits for arrivals by polling the clock."""
+        for _ in range(max_steps):
+            if not self.requests:
+                return
+            if not self.step():
+                nxt = min(r.arrival_s for r in self.requests.values())
+                time.sleep(max(0.0, min(0.05, nxt - (time.monotonic() - self._t0))))
+            if on_step:
+                on_step(self)
+        raise EngineError(f"requests still unfinished after {max_steps} steps")
+
+    # ---- faults -----------------------------------------------------------------------------------
+
+    def inject(self, faults: Iterable[Fault]) -> None:
+        self.faults.extend(faults)
+
+    def _maybe_inject(self) -> None:
+        due = [f for f in self.faults if f.at_step == self.counters.steps]
+        for f in due:
+            self.faults.remove(f)
+            assert self.cluster is not None
+            if f.flush:
+                self.client.flush(self.group, wait=60.0)
+            for r in f.ranks:
+                self.cluster.kill(r)
+            if f.kind == "device":
+                self.client.mark_lost(group=self.group, ranks=list(f.ranks), reason="injected device fault")
+            elif f.kind != "process":
+                raise EngineError(f"unknown fault kind {f.kind!r}")
+
+    # ---- replay (recompute) -----------------------------------------------------------------------
+
+    def replay(self, ranges: dict[str, list[tuple[int, int]]], *, commit: bool = False) -> int:
+        """Recompute positions of requests exactly as they were first computed; returns tokens computed.
+
+        ranges: per request, position ranges [start, end) in order (each starting at a chunk boundary or
+        the prompt end). Every request's pieces run one per step, batched across requests.
+        """
+        assert self.cluster is not None
+        queues: dict[str, list[tuple[int, int]]] = {}
+        for rid, spans in ranges.items():
+            req = self.requests[rid]
+            queues[rid] = [p for a, b in spans for p in schedule.pieces(
+                a, b, prompt_len=len(req.prompt), chunk_tokens=self.opts.chunk_tokens)]
+        total = 0
+        while any(queues.values()):
+            work = []
+            for rid, q in queues.items():
+                if not q:
+                    continue
+                a, b = q.pop(0)
+                req = self.requests[rid]
+                slots = self.alloc.slots(rid)
+                work.append(rank_mod.Work(rid, tuple(req.tokens[a:b]), a, tuple(slots[a:b]), commit))
+                total += b - a
+            self.cluster.call(rank_mod.Step(tuple(work), want_tokens=False))
+        return total
+
+    def resume_all(self) -> None:
+        """Tell every rank about every active request (EngineAdapter.resume on each rank)."""
+        assert self.cluster is not None
+        for req in self.requests.values():
+            if req.kv_len:
+                slots = self.alloc.slots(req.request_id)[: req.kv_len]
+                self.cluster.call(rank_mod.Resume(req.request_id, tuple(req.tokens), tuple(slots), len(req.prompt)))
+
+    def prefill_tokens_per_s(self) -> float:
+        c = self.counters
+        return c.prefill_tokens / c.prefill_seconds if c.prefill_seconds else 0.0

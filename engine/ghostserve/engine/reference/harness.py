@@ -1,0 +1,71 @@
+"""Run a workload on the reference engine against a real sidecar and collect what tests compare."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import pathlib
+import time
+from collections.abc import Callable, Sequence
+
+from ghostserve.engine import sidecar_process
+from ghostserve.engine.reference import config as config_mod
+from ghostserve.engine.reference import engine as engine_mod
+from ghostserve.engine.reference import recovery
+
+
+@dataclasses.dataclass
+class RunResult:
+    outputs: dict[str, list[int]]
+    digests: dict[str, list[list[str]]]  # request -> per rank -> per chunk sha256
+    recoveries: list[recovery.RecoveryReport]
+    counters: engine_mod.Counters
+    seconds: float
+    rank_pids: list[int]  # every rank process this run started
+    commits_failed: int = 0
+
+
+def run(
+    cfg: config_mod.ModelConfig,
+    opts: engine_mod.Options,
+    requests: Sequence[engine_mod.Request],
+    *,
+    sidecar: sidecar_process.SidecarProcess,
+    group: str,
+    workdir: pathlib.Path,
+    faults: Sequence[engine_mod.Fault] = (),
+    on_step: Callable[[engine_mod.ReferenceEngine], None] | None = None,
+) -> RunResult:
+    """Serve ``requests`` (copied, so the caller's stay untouched) to completion, injecting ``faults``.
+
+    Always stops the ranks and deletes the group (freeing its pools), even on error.
+    """
+    eng = engine_mod.ReferenceEngine(cfg, opts, sidecar=sidecar.address, group=group, workdir=workdir)
+    pids: list[int] = []
+    t0 = time.perf_counter()
+    try:
+        eng.start()
+        pids += eng.rank_pids
+
+        def track(e: engine_mod.ReferenceEngine) -> None:
+            pids.extend(p for p in e.rank_pids if p not in pids)
+            if on_step:
+                on_step(e)
+
+        for r in requests:
+            eng.submit(copy.deepcopy(r))
+        eng.inject(faults)
+        eng.reset_clock()
+        eng.run(on_step=track)
+        seconds = time.perf_counter() - t0
+        done = eng.finished
+        return RunResult(
+            outputs={k: r.output for k, r in done.items()},
+            digests={k: r.digests or [] for k, r in done.items()},
+            recoveries=list(eng.recoveries),
+            counters=eng.counters,
+            seconds=seconds,
+            rank_pids=pids,
+        )
+    finally:
+        eng.close()

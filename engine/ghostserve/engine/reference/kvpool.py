@@ -1,0 +1,105 @@
+"""KV pool views over sidecar-held memory and the page allocator shared by every rank.
+
+The pool of one rank is one contiguous byte buffer laid out [L][2][slots][H][D] (docs/contracts.md).
+The reference engine stores float32 KV; codes never interpret it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+import torch
+
+from ghostserve.engine.reference import config as config_mod
+
+DTYPE = "float32"
+ITEMSIZE = 4
+
+
+class PoolFullError(RuntimeError):
+    """No free pages left for a request."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolShape:
+    """Geometry of one rank's pool; the same on every rank of a group."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    pool_slots: int
+    page_size: int
+
+    @classmethod
+    def for_model(cls, cfg: config_mod.ModelConfig, *, tp: int, pool_slots: int, page_size: int) -> PoolShape:
+        if pool_slots % page_size:
+            raise config_mod.ConfigError(f"pool_slots {pool_slots} must be a multiple of page_size {page_size}")
+        return cls(cfg.layers, cfg.kv_heads_per_rank(tp), cfg.head_dim, pool_slots, page_size)
+
+    @property
+    def row_bytes(self) -> int:
+        return self.kv_heads * self.head_dim * ITEMSIZE
+
+    @property
+    def nbytes(self) -> int:
+        return self.layers * 2 * self.pool_slots * self.row_bytes
+
+    def shard_nbytes(self, tokens: int) -> int:
+        return self.layers * 2 * tokens * self.row_bytes
+
+
+def as_tensor(buf: np.ndarray, shape: PoolShape) -> torch.Tensor:
+    """A float32 tensor [L, 2, slots, H, D] sharing ``buf``'s memory (no copy)."""
+    if buf.nbytes < shape.nbytes:
+        raise ValueError(f"pool buffer has {buf.nbytes} bytes, layout needs {shape.nbytes}")
+    flat = torch.from_numpy(buf[: shape.nbytes].view(np.float32))
+    return flat.view(shape.layers, 2, shape.pool_slots, shape.kv_heads, shape.head_dim)
+
+
+def shard_bytes(buf: np.ndarray, shape: PoolShape, slots: list[int]) -> bytes:
+    """Canonical shard [layer][k|v][token][row] of the given slots, as bytes (a copy)."""
+    rows = buf[: shape.nbytes].reshape(shape.layers * 2, shape.pool_slots, shape.row_bytes)
+    return rows[:, np.asarray(slots, dtype=np.int64), :].tobytes()
+
+
+def chunk_digests(buf: np.ndarray, shape: PoolShape, slots: list[int], chunk_tokens: int) -> list[str]:
+    """sha256 of each chunk's shard (the last entry covers a partial tail, if any)."""
+    return [
+        hashlib.sha256(shard_bytes(buf, shape, slots[i:i + chunk_tokens])).hexdigest()
+        for i in range(0, len(slots), chunk_tokens)
+    ]
+
+
+class PageAllocator:
+    """Hands out fixed-size pages of slots; deterministic (lowest free page first).
+
+    Mutates only itself. Raises PoolFullError when a request cannot grow.
+    """
+
+    def __init__(self, pool_slots: int, page_size: int) -> None:
+        self.page_size = page_size
+        self._free = list(range(pool_slots // page_size))
+        self._pages: dict[str, list[int]] = {}
+
+    def slots(self, request_id: str) -> list[int]:
+        return [p * self.page_size + i for p in self._pages.get(request_id, []) for i in range(self.page_size)]
+
+    def ensure(self, request_id: str, tokens: int) -> list[int]:
+        """Grow ``request_id`` to hold ``tokens`` slots; returns its full slot list."""
+        pages = self._pages.setdefault(request_id, [])
+        need = -(-tokens // self.page_size) - len(pages)
+        if need > len(self._free):
+            raise PoolFullError(f"request {request_id!r} needs {need} more pages, {len(self._free)} free")
+        for _ in range(max(0, need)):
+            self._free.sort()
+            pages.append(self._free.pop(0))
+        return self.slots(request_id)
+
+    def free(self, request_id: str) -> None:
+        self._free.extend(self._pages.pop(request_id, []))
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)

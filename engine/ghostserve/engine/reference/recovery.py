@@ -1,0 +1,144 @@
+"""Recovery of the reference engine after rank processes died.
+
+1. Kill the rest of the generation and start a new one; ranks re-attach to their pools. A rank whose
+   pool the sidecar marked lost (device fault) attaches to a fresh pool with needs_rebuild set.
+2. Resume every request on every rank (slot tables and tokens).
+3. Process fault: done, nothing rebuilt. Device fault: ask the sidecar for a hybrid plan
+   (PlanRecovery, calibrated with the measured prefill speed), rebuild chunks >= r from survivors +
+   parity in the sidecar *while* the ranks recompute chunks < r, then recompute what could not be
+   rebuilt and the unprotected tail, in position order, and commit the recomputed chunks again.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from ghostserve.engine.reference import rank as rank_mod
+from ghostserve.v1 import sidecar_pb2 as pb
+
+if TYPE_CHECKING:
+    from ghostserve.engine.reference import engine as engine_mod
+
+
+@dataclasses.dataclass
+class RecoveryReport:
+    """What one recovery did and how long each phase took (seconds, measured)."""
+
+    kind: str  # "process" | "device"
+    dead_ranks: list[int]
+    lost_ranks: list[int]
+    restart_s: float = 0.0
+    restore_s: float = 0.0  # rebuild + recompute, after the restart
+    rebuild_s: float = 0.0
+    total_s: float = 0.0
+    bytes_rebuilt: int = 0
+    chunks_rebuilt: int = 0
+    chunks_recomputed: int = 0
+    tokens_recomputed: int = 0
+    failed_chunks: int = 0
+    plan: dict[str, int] = dataclasses.field(default_factory=dict)  # request -> r
+
+
+def recover(engine: engine_mod.ReferenceEngine, dead: Sequence[int]) -> RecoveryReport:
+    """Bring ``engine`` back to serving after ranks ``dead`` died. Mutates the engine's cluster, the
+    lost ranks' pools (via the sidecar) and every rank's request tables. Raises EngineError when the
+    group cannot be restored."""
+    t0 = time.perf_counter()
+    assert engine.cluster is not None
+    engine.cluster.kill_all()
+    engine.start()
+    lost = [r for r, bad in enumerate(engine.needs_rebuild) if bad]
+    report = RecoveryReport("device" if lost else "process", sorted(dead), lost)
+    engine.resume_all()
+    report.restart_s = time.perf_counter() - t0
+    if lost:
+        t1 = time.perf_counter()
+        _restore(engine, lost, report)
+        report.restore_s = time.perf_counter() - t1
+    report.total_s = time.perf_counter() - t0
+    return report
+
+
+def _restore(engine: engine_mod.ReferenceEngine, lost: list[int], report: RecoveryReport) -> None:
+    t = engine.opts.chunk_tokens
+    active = [r for r in engine.requests.values() if r.kv_len]
+    for req in active:
+        engine.session.record_tokens(req.request_id, req.tokens, prompt_tokens=len(req.prompt))
+    plan = engine.client.plan_recovery(
+        group=engine.group, lost_ranks=lost, prefill_tokens_per_s=engine.prefill_tokens_per_s(),
+        rebuild_bytes_per_s=_rebuild_rate(engine),
+    )
+    plans = {p.request_id: p for p in plan.requests}
+    first = {req.request_id: plans[req.request_id].recompute_chunks if req.request_id in plans else 0
+             for req in active}
+    report.plan = dict(first)
+    # Rebuild (sidecar) and recompute of the first r chunks (ranks) run at the same time. The rebuild
+    # also runs when it has nothing to do (r = n everywhere): it is what marks the lost pools valid again.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(_rebuild, engine, lost, first)
+        head = {rid: [(0, r * t)] for rid, r in first.items() if r}
+        report.tokens_recomputed += engine.replay(head)
+        report.chunks_recomputed += sum(first.values())
+        rebuilt = future.result()
+    failed: dict[str, list[int]] = {rid: [] for rid in first}
+    report.rebuild_s = rebuilt.seconds
+    report.bytes_rebuilt = rebuilt.bytes_rebuilt
+    for rr in rebuilt.requests:
+        report.chunks_rebuilt += len(rr.rebuilt_chunks)
+        failed.setdefault(rr.request_id, []).extend(f.chunk_index for f in rr.failed_chunks)
+    # Everything else of the request that holds KV: plan's unprotected chunks, failed rebuilds, the tail.
+    after: dict[str, list[tuple[int, int]]] = {}
+    for req in active:
+        rid = req.request_id
+        p = plans.get(rid)
+        committed = p.total_chunks if p is not None else 0
+        chunks = sorted(set(failed.get(rid, [])) | set(p.unprotected_chunks if p is not None else []))
+        chunks = [c for c in chunks if c >= first[rid]]
+        spans = [(c * t, (c + 1) * t) for c in chunks]
+        if req.kv_len > committed * t:
+            spans.append((committed * t, req.kv_len))
+        report.failed_chunks += len(set(failed.get(rid, [])))
+        report.chunks_recomputed += len(chunks)
+        if spans:
+            after[rid] = _merge(spans)
+    report.tokens_recomputed += engine.replay(after, commit=True)
+    # The sidecar dropped the chunks it did not rebuild; commit the recomputed head again (the tail and
+    # the other recomputed chunks were committed by the replay itself).
+    assert engine.cluster is not None
+    for rid, r in first.items():
+        if r:
+            engine.cluster.call(rank_mod.Commit(rid, tuple(range(r))))
+
+
+def _rebuild(engine: engine_mod.ReferenceEngine, lost: list[int], first: dict[str, int]) -> pb.RebuildReport:
+    # A separate channel: the driver's main client stays free for the engine thread.
+    from ghostserve.sidecar import client as client_mod
+
+    with client_mod.SidecarClient(engine.sidecar, timeout=600.0) as client:
+        return client.rebuild(group=engine.group, lost_ranks=lost, request_ids=sorted(first), first_chunk=first)
+
+
+def _rebuild_rate(engine: engine_mod.ReferenceEngine) -> float:
+    """Measured rebuild bandwidth if the sidecar has rebuilt before, else its encode bandwidth."""
+    if engine.opts.plan_rebuild_bytes_per_s is not None:
+        return engine.opts.plan_rebuild_bytes_per_s
+    stats = engine.client.get_stats()
+    if stats.rebuild_seconds > 0:
+        return float(stats.rebuild_bytes / stats.rebuild_seconds)
+    if stats.encode_seconds > 0:
+        return float(stats.encode_bytes / stats.encode_seconds)
+    return 0.0
+
+
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out

@@ -1,0 +1,101 @@
+"""In-memory view of the cluster objects the operator reacts to, fed by kopf event handlers.
+
+Kept apart from I/O: handlers call `put_*`/`drop_*` with raw dicts, the reconciler reads. The view
+also answers "which deployments must look again" after a change, so a signal wakes only those.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Mapping
+from typing import Any
+
+from ghostserve.operator import faults, specs
+
+Key = tuple[str, str]  # (namespace, deployment name)
+
+
+class ClusterView:
+    def __init__(self) -> None:
+        self._pods: dict[Key, dict[tuple[int, int], dict[str, Any]]] = collections.defaultdict(dict)
+        self._nodes: dict[str, dict[str, Any]] = {}
+        self._gpu_faults: dict[str, dict[str, faults.Fault]] = collections.defaultdict(dict)
+
+    @staticmethod
+    def pod_key(pod: Mapping[str, Any]) -> tuple[Key, tuple[int, int]] | None:
+        meta = pod.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        try:
+            slot = (int(labels[specs.GROUP_LABEL]), int(labels[specs.RANK_LABEL]))
+            return (meta["namespace"], labels[specs.DEPLOYMENT_LABEL]), slot
+        except (KeyError, ValueError):
+            return None
+
+    def put_pod(self, pod: Mapping[str, Any]) -> Key | None:
+        """Record the latest state of a rank pod; returns its deployment key (None if not a rank pod)."""
+        found = self.pod_key(pod)
+        if found is None:
+            return None
+        key, slot = found
+        self._pods[key][slot] = dict(pod)
+        return key
+
+    def drop_pod(self, pod: Mapping[str, Any]) -> Key | None:
+        """Forget a deleted pod, unless a newer pod (another UID) already took its slot."""
+        found = self.pod_key(pod)
+        if found is None:
+            return None
+        key, slot = found
+        current = self._pods[key].get(slot)
+        if current is not None and current["metadata"].get("uid") == (pod.get("metadata") or {}).get("uid"):
+            del self._pods[key][slot]
+        return key
+
+    def pods(self, key: Key) -> dict[tuple[int, int], dict[str, Any]]:
+        return dict(self._pods.get(key, {}))
+
+    def forget(self, key: Key) -> None:
+        self._pods.pop(key, None)
+
+    def put_node(self, node: Mapping[str, Any]) -> None:
+        self._nodes[node["metadata"]["name"]] = dict(node)
+
+    def drop_node(self, name: str) -> None:
+        self._nodes.pop(name, None)
+
+    def node(self, name: str | None) -> dict[str, Any] | None:
+        return self._nodes.get(name) if name else None
+
+    def node_ip(self, name: str) -> str:
+        for addr in ((self._nodes.get(name) or {}).get("status") or {}).get("addresses") or []:
+            if addr.get("type") == "InternalIP":
+                return str(addr.get("address"))
+        return name
+
+    def put_gpu_fault(self, fault: faults.Fault) -> None:
+        if fault.node is not None and fault.gpu is not None:
+            self._gpu_faults[fault.node][fault.gpu] = fault
+
+    def clear_gpu(self, node: str, gpu: str | None) -> None:
+        if gpu is None:
+            self._gpu_faults.pop(node, None)
+        else:
+            self._gpu_faults.get(node, {}).pop(gpu, None)
+
+    def gpu_faults(self, node: str | None) -> list[faults.Fault]:
+        return list(self._gpu_faults.get(node, {}).values()) if node else []
+
+    def deployments_on(self, node: str) -> set[Key]:
+        return {
+            key
+            for key, pods in self._pods.items()
+            if any((p.get("spec") or {}).get("nodeName") == node for p in pods.values())
+        }
+
+    def nodes_in_use(self) -> set[str]:
+        return {
+            n
+            for pods in self._pods.values()
+            for p in pods.values()
+            if (n := (p.get("spec") or {}).get("nodeName"))
+        }

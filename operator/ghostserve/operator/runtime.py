@@ -1,0 +1,87 @@
+"""Operator configuration and the per-run state shared by handlers (kept in kopf's memo)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable
+
+from ghostserve.operator import cache, faults, kube, sidecars
+
+log = logging.getLogger("ghostserve.operator")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    sidecar_address_template: str = "{node_ip}:{port}"  # also {node}; or unix:///run/ghostserve/sidecar.sock
+    tls: sidecars.TLSFiles | None = None
+    gpu_conditions: frozenset[str] = faults.DEFAULT_GPU_CONDITIONS
+    resync_seconds: float = 30.0  # level-based re-check of every deployment without any signal
+    recovery_timeout_seconds: float = 900.0  # replacements not running by then: the recovery failed
+    sidecar_timeout_seconds: float = 10.0
+    watch_health: bool = True
+
+
+class Runtime:
+    """Everything one operator run shares: config, API clients, the cluster view, wake-ups."""
+
+    def __init__(self, config: Config, kube_api: kube.Kube, sidecar_port: sidecars.SidecarPort) -> None:
+        self.config = config
+        self.kube = kube_api
+        self.sidecars = sidecar_port
+        self.view = cache.ClusterView()
+        self._wakers: dict[cache.Key, asyncio.Event] = {}
+        self._health_tasks: dict[str, asyncio.Task[None]] = {}
+
+    def waker(self, key: cache.Key) -> asyncio.Event:
+        return self._wakers.setdefault(key, asyncio.Event())
+
+    def wake(self, key: cache.Key | None) -> None:
+        if key is not None and key in self._wakers:
+            self._wakers[key].set()
+
+    def forget(self, key: cache.Key) -> None:
+        self._wakers.pop(key, None)
+        self.view.forget(key)
+
+    def sidecar_address(self, node: str, port: int) -> str:
+        return self.config.sidecar_address_template.format(
+            node=node, node_ip=self.view.node_ip(node), port=port
+        )
+
+    def ensure_health_watch(self, node: str, port: int, on_fault: Callable[[faults.Fault], None]) -> None:
+        """Keep one health stream per sidecar address (several nodes may share one in tests)."""
+        address = self.sidecar_address(node, port)
+        task = self._health_tasks.get(address)
+        if self.config.watch_health and (task is None or task.done()):
+            self._health_tasks[address] = asyncio.create_task(self._watch(address, node, on_fault))
+
+    async def _watch(self, address: str, node: str, on_fault: Callable[[faults.Fault], None]) -> None:
+        delay = 0.5
+        while True:
+            try:
+                async for event in self.sidecars.watch_health(address):
+                    delay = 0.5
+                    fault = faults.classify_health(event, fallback_node=node)
+                    if fault is not None:
+                        on_fault(fault)
+                    elif event.get("kind") == "HEALTHY":
+                        self.view.clear_gpu(event.get("node") or node, event.get("gpu_uuid") or None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the sidecar restarts or is not up yet: reconnect with backoff
+                log.debug("health stream %s: %s", address, exc)
+            stop = asyncio.Event()
+            try:  # wait out the backoff on an event nobody sets: a bounded, cancellable pause
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+            delay = min(delay * 2, 30.0)
+
+    async def close(self) -> None:
+        for task in self._health_tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._health_tasks.values(), return_exceptions=True)
+        await self.sidecars.close()
+        await self.kube.close()

@@ -1,0 +1,154 @@
+"""Conversions between ghostserve.v1 messages and the sidecar's plain values (no state, no I/O)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from ghostserve.engine import planner
+from ghostserve.kernels import layout as kvlayout
+from ghostserve.sidecar import coding, errors, group, pools, recovery
+from ghostserve.v1 import sidecar_pb2 as pb
+
+DTYPES = {pb.FLOAT16: "float16", pb.BFLOAT16: "bfloat16", pb.FLOAT8: "float8", pb.FLOAT32: "float32"}
+DTYPE_IDS = {v: k for k, v in DTYPES.items()}
+CODES = {pb.NONE: "none", pb.REPLICATE: "replicate", pb.XOR: "xor", pb.RDP: "rdp", pb.RS: "rs"}
+CODE_IDS = {v: k for k, v in CODES.items()}
+
+
+def layout_from(msg: pb.KVLayout) -> kvlayout.KVLayout:
+    """Raises InvalidArgument for a missing dtype or zero sizes."""
+    if msg.dtype not in DTYPES:
+        raise errors.InvalidArgument(f"layout.dtype must be set (got {msg.dtype})")
+    try:
+        return kvlayout.KVLayout(
+            msg.layers, msg.kv_heads, msg.head_dim, DTYPES[msg.dtype], msg.page_size, msg.pool_slots
+        )
+    except ValueError as exc:
+        raise errors.InvalidArgument(str(exc)) from exc
+
+
+def layout_to(lay: kvlayout.KVLayout) -> pb.KVLayout:
+    return pb.KVLayout(
+        layers=lay.layers,
+        kv_heads=lay.kv_heads,
+        head_dim=lay.head_dim,
+        dtype=DTYPE_IDS[lay.dtype],
+        page_size=lay.page_size,
+        pool_slots=lay.pool_slots,
+    )
+
+
+def protection_from(msg: pb.Protection, world_size: int) -> coding.Protection:
+    if msg.code not in CODES:
+        raise errors.InvalidArgument(f"protection.code must be set (got {msg.code})")
+    code = CODES[msg.code]
+    m = {"none": 0, "replicate": 0, "xor": 1, "rdp": 2}.get(code, msg.parity_shards)
+    if code in ("xor", "rdp") and msg.parity_shards not in (0, m):
+        raise errors.InvalidArgument(f"{code} has {m} parity shard(s), got parity_shards={msg.parity_shards}")
+    return coding.Protection(code, m, msg.chunk_tokens)
+
+
+def protection_to(p: coding.Protection) -> pb.Protection:
+    return pb.Protection(code=CODE_IDS[p.code], parity_shards=p.parity_shards, chunk_tokens=p.chunk_tokens)
+
+
+def settings_from(msg: pb.AttachRequest) -> group.Settings:
+    return group.Settings(
+        msg.world_size, layout_from(msg.layout), protection_from(msg.protection, msg.world_size)
+    )
+
+
+def pool_to(info: pools.PoolInfo | None) -> pb.PoolHandle:
+    if info is None:
+        return pb.PoolHandle()
+    return pb.PoolHandle(
+        kind=info.kind,
+        shm_name=info.shm_name,
+        nbytes=info.nbytes,
+        row_bytes=info.row_bytes,
+        generation=info.generation,
+    )
+
+
+def int_array(values: object, *, what: str, limit: int) -> npt.NDArray[np.int64]:
+    arr = np.asarray(values, dtype=np.int64)
+    if arr.size > limit:
+        raise errors.InvalidArgument(f"{what}: {arr.size} values, at most {limit} allowed")
+    return arr
+
+
+def describe(g: group.Group) -> pb.GroupDescription:
+    ranks = [
+        pb.RankState(
+            rank=r,
+            attached=rp.attached,
+            pool_valid=rp.valid,
+            worker_id=rp.worker_id,
+            pool=pool_to(g.pool_info(r)),
+        )
+        for r, rp in enumerate(g.ranks)
+    ]
+    requests = [
+        pb.RequestState(
+            request_id=rid,
+            chunks_committed=len(req.complete_chunks()),
+            chunks_protected=req.protected_count(),
+            tokens=int(req.tokens.size),
+            prompt_tokens=req.prompt_tokens,
+            parity_bytes=req.parity_bytes(),
+        )
+        for rid, req in sorted(g.ledger.requests.items())
+    ]
+    return pb.GroupDescription(
+        group=g.name,
+        world_size=g.settings.world_size,
+        layout=layout_to(g.layout),
+        protection=protection_to(g.protection),
+        ranks=ranks,
+        requests=requests,
+        parity_bytes=sum(r.parity_bytes for r in requests),
+        pool_bytes=g.pool_bytes(),
+    )
+
+
+def report_to(name: str, report: recovery.Report) -> pb.RebuildReport:
+    return pb.RebuildReport(
+        group=name,
+        requests=[
+            pb.RequestRebuild(
+                request_id=r.request_id,
+                rebuilt_chunks=r.rebuilt,
+                bytes_rebuilt=r.bytes_rebuilt,
+                failed_chunks=[pb.FailedChunk(chunk_index=i, reason=enum_value(f)) for i, f in r.failed],
+            )
+            for r in report.requests
+        ],
+        bytes_rebuilt=report.bytes_rebuilt,
+        seconds=report.seconds,
+    )
+
+
+def plan_to(name: str, plan: planner.GroupPlan) -> pb.RecoveryPlan:
+    return pb.RecoveryPlan(
+        group=name,
+        lost_ranks=list(plan.lost_ranks),
+        requests=[
+            pb.RequestPlan(
+                request_id=p.request_id,
+                total_chunks=p.total_chunks,
+                recompute_chunks=p.recompute_chunks,
+                rebuild_chunks=list(p.rebuild_chunks),
+                unprotected_chunks=list(p.unprotected_chunks),
+                tail_tokens=p.tail_tokens,
+            )
+            for p in plan.requests
+        ],
+        estimated_seconds=plan.estimated_seconds if plan.estimated_seconds < float("inf") else 0.0,
+    )
+
+
+def enum_value(value: int) -> Any:
+    """A Python IntEnum as the proto enum value it equals (the stubs type enums as their own classes)."""
+    return int(value)

@@ -1,0 +1,143 @@
+"""KV-pool custody on the CPU: named POSIX shared memory, created by the sidecar, mapped by workers.
+
+The sidecar owns every segment (creates, wipes, unlinks it); workers only map it. Workers map the
+/dev/shm file with mmap directly instead of attaching through `multiprocessing.shared_memory`, whose
+resource tracker unlinks an attached segment when the attaching process dies (DESIGN §7): a worker killed
+with SIGKILL must lose nothing. Segment names start with `gs` (the test suite checks /dev/shm for leaks).
+
+GPU custody (CUDA VMM allocations exported as shareable handles) is a different `PoolHandle.kind`
+("cuda"); the `Custody` protocol below is the seam it plugs into. Only "cpu" exists in this build.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import mmap
+import os
+import pathlib
+import re
+import secrets
+from typing import Any, Protocol
+
+import numpy as np
+from ghostserve.sidecar import errors
+
+SHM_DIR = pathlib.Path("/dev/shm")
+PREFIX = "gs-"
+_NAME = re.compile(r"^gs-[A-Za-z0-9._-]{1,200}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolInfo:
+    """Where a pool lives; mirrors the proto's PoolHandle (kept proto-free for the pure modules)."""
+
+    kind: str
+    shm_name: str
+    nbytes: int
+    row_bytes: int
+    generation: int
+
+
+class Segment:
+    """One shared-memory segment mapped into this process: `array` is a writable uint8 view of it."""
+
+    def __init__(self, name: str, mm: mmap.mmap, nbytes: int) -> None:
+        self.name = name
+        self.nbytes = nbytes
+        self._mmap: mmap.mmap | None = mm
+        self.array: np.ndarray = np.frombuffer(mm, dtype=np.uint8, count=nbytes)
+
+    def close(self) -> None:
+        """Drop this process's mapping. Views handed out earlier keep the memory mapped until they die."""
+        mm, self._mmap = self._mmap, None
+        self.array = np.zeros(0, dtype=np.uint8)
+        if mm is not None:
+            # A numpy view (an encode in flight, a test) may still export the buffer; the mapping then
+            # goes away when the last view is garbage collected.
+            with contextlib.suppress(BufferError):
+                mm.close()
+
+    def unlink(self) -> None:
+        """Remove the name from /dev/shm (the memory is freed once no process maps it) and close."""
+        (SHM_DIR / self.name).unlink(missing_ok=True)
+        self.close()
+
+
+class Custody(Protocol):
+    """Creates and re-adopts the memory behind pools; one implementation per `PoolHandle.kind`."""
+
+    kind: str
+
+    def create(self, nbytes: int) -> Segment: ...
+
+    def adopt(self, name: str, nbytes: int) -> Segment: ...
+
+
+class CpuCustody:
+    """POSIX shared memory under /dev/shm, mode 0660 (the socket's group may map pools)."""
+
+    kind = "cpu"
+
+    def create(self, nbytes: int) -> Segment:
+        """Create a new zero-filled segment. Raises ResourceExhausted when /dev/shm cannot hold it."""
+        if nbytes <= 0:
+            raise errors.InvalidArgument(f"pool size must be positive, got {nbytes}")
+        name = PREFIX + secrets.token_hex(8)
+        path = SHM_DIR / name
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o660)
+        try:
+            os.fchmod(fd, 0o660)
+            try:
+                os.posix_fallocate(fd, 0, nbytes)
+            except OSError as exc:
+                path.unlink()
+                raise errors.ResourceExhausted(
+                    f"cannot allocate a {nbytes}-byte pool in {SHM_DIR}: {exc}"
+                ) from exc
+            mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        return Segment(name, mm, nbytes)
+
+    def adopt(self, name: str, nbytes: int) -> Segment:
+        """Map an existing segment (after a sidecar restart). Raises NotFound if it is gone or too small."""
+        return Segment(name, *_map(name, nbytes))
+
+
+def _map(name: str, nbytes: int) -> tuple[mmap.mmap, int]:
+    if not _NAME.match(name):
+        raise errors.InvalidArgument(f"not a ghostserve segment name: {name!r}")
+    try:
+        fd = os.open(SHM_DIR / name, os.O_RDWR)
+    except FileNotFoundError as exc:
+        raise errors.NotFound(f"shared memory segment {name} does not exist") from exc
+    try:
+        size = os.fstat(fd).st_size
+        if nbytes <= 0 or size < nbytes:
+            raise errors.NotFound(f"segment {name} holds {size} bytes, expected {nbytes}")
+        mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    return mm, nbytes
+
+
+def map_pool(handle: Any) -> tuple[mmap.mmap, np.ndarray]:
+    """Map a pool for a worker: `handle` is a PoolHandle (proto) or PoolInfo.
+
+    Returns (mmap, uint8 numpy view of the whole pool); keep the mmap alive as long as the view. The
+    segment is never registered with multiprocessing's resource tracker, so the worker dying (even by
+    SIGKILL) leaves the pool intact. Raises sidecar errors (InvalidArgument for a non-cpu handle,
+    NotFound for a missing segment).
+    """
+    if handle.kind != CpuCustody.kind:
+        raise errors.InvalidArgument(f"map_pool maps cpu pools only, got kind {handle.kind!r}")
+    mm, nbytes = _map(handle.shm_name, int(handle.nbytes))
+    return mm, np.frombuffer(mm, dtype=np.uint8, count=nbytes)
+
+
+def custody_for(kind: str) -> Custody:
+    """The custody implementation for a pool kind. Raises FailedPrecondition for kinds this build lacks."""
+    if kind == CpuCustody.kind:
+        return CpuCustody()
+    raise errors.FailedPrecondition(f"pool kind {kind!r} is not available in this build (cpu only)")

@@ -1,0 +1,274 @@
+"""The gRPC servicer: decode a request, call the custodian (or recovery / health), build the reply.
+
+`status_of` is the one place where errors become gRPC status codes; nothing reaches a client as UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+from ghostserve.kernels import errors as codec_errors
+from ghostserve.sidecar import convert, core, errors, health, recovery
+from ghostserve.v1 import sidecar_pb2 as pb
+from ghostserve.v1 import sidecar_pb2_grpc as pb_grpc
+
+log = logging.getLogger("ghostserve.sidecar")
+
+PIECE_BYTES = 4 * 1024 * 1024 - 64 * 1024  # data per streamed piece: the whole message stays <= 4 MiB
+MAX_SLOTS = 1 << 20
+MAX_TOKENS = 1 << 24
+MAX_WAIT_S = 600.0
+
+R = TypeVar("R")
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status for an exception raised while serving a call."""
+    if isinstance(exc, errors.SidecarError):
+        return getattr(grpc.StatusCode, exc.code), str(exc)
+    if isinstance(exc, codec_errors.CodecError):
+        return grpc.StatusCode.INVALID_ARGUMENT, f"codec: {exc}"
+    if isinstance(exc, (ValueError, OverflowError, TypeError)):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def _mapped(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+    @functools.wraps(fn)
+    async def wrapper(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> R:
+        try:
+            return await fn(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            code, message = status_of(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("unexpected error in %s", fn.__name__)
+            await context.abort(code, message)
+            raise  # abort raises; this line only satisfies type checkers
+
+    return wrapper
+
+
+def _wait(seconds: float) -> float:
+    if not math.isfinite(seconds) or seconds < 0:
+        raise errors.InvalidArgument(f"timeout_seconds must be a finite number >= 0, got {seconds}")
+    return min(seconds, MAX_WAIT_S)
+
+
+class Servicer(pb_grpc.SidecarServicer):
+    def __init__(self, custodian: core.Custodian, hub: health.HealthHub, *, node: str) -> None:
+        self.c = custodian
+        self.hub = hub
+        self.node = node
+
+    @_mapped
+    async def Attach(self, request: pb.AttachRequest, context: Any) -> pb.AttachResponse:
+        settings = convert.settings_from(request)
+        res = self.c.attach(request.group, request.rank, settings, worker_id=request.worker_id)
+        return pb.AttachResponse(
+            pool=convert.pool_to(res.pool), created=res.created, needs_rebuild=res.needs_rebuild
+        )
+
+    @_mapped
+    async def Detach(self, request: pb.DetachRequest, context: Any) -> pb.DetachResponse:
+        self.c.detach(request.group, request.rank)
+        return pb.DetachResponse()
+
+    @_mapped
+    async def CommitChunk(self, request: pb.CommitChunkRequest, context: Any) -> pb.CommitChunkResponse:
+        slots = convert.int_array(request.slots, what="slots", limit=MAX_SLOTS)
+        tokens = convert.int_array(request.token_ids, what="token_ids", limit=MAX_SLOTS)
+        state = self.c.commit_chunk(
+            request.group,
+            request.rank,
+            request.request_id,
+            request.chunk_index,
+            slots=slots,
+            token_ids=tokens,
+        )
+        return pb.CommitChunkResponse(state=convert.enum_value(state))
+
+    @_mapped
+    async def RecordTokens(self, request: pb.RecordTokensRequest, context: Any) -> pb.RecordTokensResponse:
+        tokens = convert.int_array(request.token_ids, what="token_ids", limit=MAX_TOKENS)
+        self.c.record_tokens(request.group, request.request_id, tokens, prompt_tokens=request.prompt_tokens)
+        return pb.RecordTokensResponse()
+
+    @_mapped
+    async def ReleaseRequest(
+        self, request: pb.ReleaseRequestRequest, context: Any
+    ) -> pb.ReleaseRequestResponse:
+        return pb.ReleaseRequestResponse(
+            freed_bytes=self.c.release_request(request.group, request.request_id)
+        )
+
+    @_mapped
+    async def DescribeGroup(self, request: pb.DescribeGroupRequest, context: Any) -> pb.GroupDescription:
+        with self.c.lock:
+            return convert.describe(self.c.get(request.group))
+
+    @_mapped
+    async def ListGroups(self, request: pb.ListGroupsRequest, context: Any) -> pb.ListGroupsResponse:
+        with self.c.lock:
+            return pb.ListGroupsResponse(groups=sorted(self.c.groups))
+
+    @_mapped
+    async def DeleteGroup(self, request: pb.DeleteGroupRequest, context: Any) -> pb.DeleteGroupResponse:
+        self.c.delete_group(request.group)
+        return pb.DeleteGroupResponse()
+
+    @_mapped
+    async def MarkLost(self, request: pb.MarkLostRequest, context: Any) -> pb.MarkLostResponse:
+        self.c.mark_lost(request.group, list(request.ranks), reason=request.reason)
+        return pb.MarkLostResponse()
+
+    @_mapped
+    async def PlanRecovery(self, request: pb.PlanRecoveryRequest, context: Any) -> pb.RecoveryPlan:
+        plan = recovery.plan(
+            self.c,
+            request.group,
+            list(request.lost_ranks),
+            prefill_tokens_per_s=request.prefill_tokens_per_s,
+            rebuild_bytes_per_s=request.rebuild_bytes_per_s,
+        )
+        return convert.plan_to(request.group, plan)
+
+    @_mapped
+    async def Rebuild(self, request: pb.RebuildRequest, context: Any) -> pb.RebuildReport:
+        report = await asyncio.to_thread(
+            recovery.rebuild,
+            self.c,
+            request.group,
+            list(request.lost_ranks),
+            request_ids=list(request.request_ids),
+            first_chunk=dict(request.first_chunk),
+        )
+        return convert.report_to(request.group, report)
+
+    async def StreamRebuild(
+        self, request: pb.StreamRebuildRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.RebuiltShardPiece]:
+        """One chunk is rebuilt at a time (in a thread) and sent in pieces; each `yield` waits for
+        HTTP/2 flow control, so a slow receiver slows the rebuild instead of filling memory."""
+        try:
+            pieces = recovery.stream(
+                self.c,
+                request.group,
+                list(request.lost_ranks),
+                request.rank,
+                request_ids=list(request.request_ids),
+                first_chunk=dict(request.first_chunk),
+            )
+            first = await asyncio.to_thread(next, pieces, None)
+        except Exception as exc:
+            code, message = status_of(exc)
+            await context.abort(code, message)
+            return
+        try:
+            piece = first
+            while piece is not None:
+                slots = piece.slots.tolist()
+                if piece.data is None:
+                    yield pb.RebuiltShardPiece(
+                        request_id=piece.request_id,
+                        chunk_index=piece.chunk_index,
+                        rank=request.rank,
+                        slots=slots,
+                        failure=convert.enum_value(piece.failure),
+                    )
+                else:
+                    data = memoryview(piece.data)
+                    for off in range(0, max(len(data), 1), PIECE_BYTES):
+                        yield pb.RebuiltShardPiece(
+                            request_id=piece.request_id,
+                            chunk_index=piece.chunk_index,
+                            rank=request.rank,
+                            slots=slots if off == 0 else [],
+                            offset=off,
+                            data=bytes(data[off : off + PIECE_BYTES]),
+                            shard_nbytes=len(data),
+                        )
+                piece = await asyncio.to_thread(next, pieces, None)
+        finally:
+            # ValueError: still running in its thread after a cancel; it stops at its next yield.
+            with contextlib.suppress(ValueError):
+                pieces.close()
+
+    async def WatchHealth(
+        self, request: pb.WatchHealthRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.HealthEvent]:
+        seq = self.hub.position()
+        if request.initial_state:
+            for event in self.hub.snapshot():
+                yield self._event(event)
+        while True:
+            events, seq = await self.hub.wait_after(seq)
+            if not events:
+                return
+            for event in events:
+                yield self._event(event)
+
+    def _event(self, e: health.Event) -> pb.HealthEvent:
+        return pb.HealthEvent(
+            gpu_index=e.gpu_index,
+            gpu_uuid=e.gpu_uuid,
+            kind=convert.enum_value(e.kind),
+            xid=e.xid,
+            fatal=e.fatal,
+            message=e.message,
+            time=e.time,
+            node=self.node,
+        )
+
+    @_mapped
+    async def InjectFault(self, request: pb.InjectFaultRequest, context: Any) -> pb.InjectFaultResponse:
+        if request.kind not in {int(k) for k in health.Kind}:
+            raise errors.InvalidArgument(f"unknown health kind {request.kind}")
+        await self.hub.inject(
+            request.gpu_index,
+            health.Kind(request.kind),
+            xid=request.xid,
+            message=request.message[:1000],
+        )
+        return pb.InjectFaultResponse()
+
+    @_mapped
+    async def GetStats(self, request: pb.GetStatsRequest, context: Any) -> pb.Stats:
+        c = self.c
+        with c.lock:
+            chunks = [
+                ch for g in c.groups.values() for r in g.ledger.requests.values() for ch in r.chunks.values()
+            ]
+            protected = sum(1 for ch in chunks if ch.state == 3)
+            unprotected = sum(1 for ch in chunks if ch.state == 4)
+            return pb.Stats(
+                parity_bytes_held=c.store.held_bytes,
+                parity_budget_bytes=c.store.budget,
+                pool_bytes_held=sum(g.pool_bytes() for g in c.groups.values()),
+                chunks_protected=protected,
+                chunks_unprotected=unprotected,
+                chunks_queued=c.queue.pending(),
+                evictions=c.store.evictions,
+                encode_bytes=c.counters.encode_bytes,
+                encode_seconds=c.counters.encode_seconds,
+                rebuild_bytes=c.counters.rebuild_bytes,
+                rebuild_seconds=c.counters.rebuild_seconds,
+                groups=len(c.groups),
+                requests=sum(len(g.ledger.requests) for g in c.groups.values()),
+            )
+
+    @_mapped
+    async def Flush(self, request: pb.FlushRequest, context: Any) -> pb.FlushResponse:
+        drained, pending = await asyncio.to_thread(
+            self.c.flush, request.group, timeout=_wait(request.timeout_seconds)
+        )
+        return pb.FlushResponse(drained=drained, chunks_queued=pending)

@@ -1,0 +1,175 @@
+"""Parity store: host buffers for parity, bounded by a byte budget, with eviction (pure: no I/O).
+
+Buffers are allocated once per size, pre-touched, and recycled through per-size free lists (first-touch
+page faults halve host-memory throughput, DESIGN §7). The budget bounds everything held: parity in use,
+parity reserved for encodes in flight, and free buffers kept for reuse.
+
+Eviction, when a reservation does not fit: free cached buffers of other sizes first, then drop the parity
+of whole requests in order of least recompute time saved per parity byte. Recomputing a request of n
+tokens costs about n * (1 + n / ATTENTION_TOKENS) token-units (linear layers + attention), and its parity
+grows with n, so short requests go first. Reservations (encodes in flight) are never evicted; when
+nothing else is left, `reserve` raises ResourceExhausted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Hashable
+
+import numpy as np
+import numpy.typing as npt
+from ghostserve.sidecar import errors
+
+ATTENTION_TOKENS = 4096.0
+
+
+def recompute_score(tokens: int, parity_bytes: int) -> float:
+    """Recompute cost saved per parity byte when a request of `tokens` tokens keeps its parity."""
+    return tokens * (1.0 + tokens / ATTENTION_TOKENS) / max(parity_bytes, 1)
+
+
+@dataclasses.dataclass(eq=False)
+class Item:
+    """Parity of one chunk: `buf` is M parity shards back to back (N shards for REPLICATE)."""
+
+    owner: Hashable  # the request that holds it (eviction drops whole owners)
+    key: Hashable  # the chunk
+    buf: npt.NDArray[np.uint8]
+    reserved: bool = True
+
+
+class ParityStore:
+    """Holds parity items by (owner, key). Not thread safe: callers hold the sidecar's lock."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        if budget_bytes < 0:
+            raise errors.InvalidArgument(f"parity budget must be >= 0, got {budget_bytes}")
+        self.budget = budget_bytes
+        self._items: dict[Hashable, dict[Hashable, Item]] = {}
+        self._free: dict[int, list[npt.NDArray[np.uint8]]] = {}
+        self.held_bytes = 0  # items, reserved or not
+        self.cached_bytes = 0  # free buffers kept for reuse
+        self.evictions = 0
+
+    def reserve(
+        self,
+        owner: Hashable,
+        key: Hashable,
+        nbytes: int,
+        *,
+        tokens_of: Callable[[Hashable], int],
+        on_evict: Callable[[Hashable, list[Hashable]], None],
+    ) -> Item:
+        """Reserve a buffer of `nbytes` for (owner, key), evicting other owners' parity if needed.
+
+        tokens_of(owner) gives a request's length for the eviction score; on_evict(owner, keys) is told
+        which chunks lost their parity. Raises ResourceExhausted (nothing changed except evictions
+        already done) when even evicting everything evictable cannot make room, InvalidArgument for a
+        key already held.
+        """
+        if nbytes <= 0:
+            raise errors.InvalidArgument(f"parity size must be positive, got {nbytes}")
+        if key in self._items.get(owner, {}):
+            raise errors.AlreadyExists(f"parity for {key!r} is already held")
+        buf = self._take(nbytes, owner=owner, tokens_of=tokens_of, on_evict=on_evict)
+        item = Item(owner, key, buf)
+        self._items.setdefault(owner, {})[key] = item
+        self.held_bytes += nbytes
+        return item
+
+    def _take(
+        self,
+        nbytes: int,
+        *,
+        owner: Hashable,
+        tokens_of: Callable[[Hashable], int],
+        on_evict: Callable[[Hashable, list[Hashable]], None],
+    ) -> npt.NDArray[np.uint8]:
+        if nbytes > self.budget:
+            raise errors.ResourceExhausted(
+                f"one chunk's parity ({nbytes} B) exceeds the budget ({self.budget} B)"
+            )
+        while True:
+            free = self._free.get(nbytes)
+            if free:
+                self.cached_bytes -= nbytes
+                return free.pop()
+            if self.held_bytes + self.cached_bytes + nbytes <= self.budget:
+                buf = np.zeros(nbytes, dtype=np.uint8)
+                buf.fill(0)  # pre-touch: the encode must not pay the page faults
+                return buf
+            if self._drop_cached(other_than=nbytes):
+                continue
+            victim = self._victim(exclude=owner, tokens_of=tokens_of)
+            if victim is None:
+                victim = self._victim(exclude=None, tokens_of=tokens_of)
+            if victim is None:
+                raise errors.ResourceExhausted(
+                    f"parity budget full ({self.held_bytes} of {self.budget} B held by encodes in flight)"
+                )
+            on_evict(victim, self._evict(victim))
+
+    def _drop_cached(self, *, other_than: int) -> bool:
+        for size, bufs in self._free.items():
+            if size != other_than and bufs:
+                bufs.pop()
+                self.cached_bytes -= size
+                return True
+        return False
+
+    def _victim(self, *, exclude: Hashable | None, tokens_of: Callable[[Hashable], int]) -> Hashable | None:
+        best: tuple[float, Hashable] | None = None
+        for owner, items in self._items.items():
+            if owner == exclude:
+                continue
+            held = sum(i.buf.size for i in items.values() if not i.reserved)
+            if not held:
+                continue
+            score = recompute_score(tokens_of(owner), held)
+            if best is None or score < best[0]:
+                best = (score, owner)
+        return None if best is None else best[1]
+
+    def _evict(self, owner: Hashable) -> list[Hashable]:
+        items = self._items.get(owner, {})
+        keys = [k for k, i in items.items() if not i.reserved]
+        for k in keys:
+            self._recycle(items.pop(k))
+        if not items:
+            self._items.pop(owner, None)
+        self.evictions += len(keys)
+        return keys
+
+    def _recycle(self, item: Item) -> None:
+        self.held_bytes -= item.buf.size
+        if item.reserved:
+            # An encode may still be writing into it: never hand it out again.
+            return
+        if self.held_bytes + self.cached_bytes + item.buf.size <= self.budget:
+            self._free.setdefault(item.buf.size, []).append(item.buf)
+            self.cached_bytes += item.buf.size
+
+    def commit(self, item: Item) -> None:
+        """The encode into `item` finished: it may now be evicted."""
+        item.reserved = False
+
+    def get(self, owner: Hashable, key: Hashable) -> Item | None:
+        return self._items.get(owner, {}).get(key)
+
+    def release(self, owner: Hashable, key: Hashable | None = None) -> int:
+        """Free one chunk's parity, or every chunk of `owner` when key is None. Returns bytes freed."""
+        items = self._items.get(owner)
+        if not items:
+            return 0
+        keys = list(items) if key is None else [key] if key in items else []
+        freed = 0
+        for k in keys:
+            item = items.pop(k)
+            freed += item.buf.size
+            self._recycle(item)
+        if not items:
+            self._items.pop(owner, None)
+        return freed
+
+    def owners(self) -> list[Hashable]:
+        return list(self._items)

@@ -1,0 +1,136 @@
+"""The chart lints and renders, every rendered object is valid Kubernetes (kubernetes-validate,
+strict, newest schema shipped), and manifests/ equals a fresh render."""
+
+from __future__ import annotations
+
+import pathlib
+from types import ModuleType
+from typing import Any
+
+import helm_python
+import kubernetes_validate
+import pytest
+import yaml
+from conftest import CHART, REPO, objects
+
+K8S_VERSION = kubernetes_validate.utils.latest_version()
+
+# Non-default values that switch on every optional branch of the templates.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "namespaced": {"operator": {"watchNamespaces": ["llm", "llm-staging"]}},
+    "tls-spill-extras": {
+        "tls": {"enabled": True},
+        "imagePullSecrets": [{"name": "regcred"}],
+        "commonLabels": {"team": "inference"},
+        "operator": {
+            "extraArgs": ["--resync-seconds=15"],
+            "verbose": True,
+            "gpuConditions": ["GpuXidError", "NVSentinelGpuUnhealthy"],
+            "extraEnv": [{"name": "A", "value": "1"}],
+            "priorityClassName": "high",
+            "podAnnotations": {"a": "b"},
+            "nodeSelector": {"role": "control"},
+            "tolerations": [{"key": "role", "operator": "Exists"}],
+            "affinity": {"podAntiAffinity": {}},
+        },
+        "sidecar": {
+            "spillDir": "/var/lib/ghostserve-spill",
+            "extraArgs": ["--encode-workers=4"],
+            "keepPools": False,
+            "priorityClassName": "system-node-critical",
+            "runtimeClassName": "",
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
+        },
+        "metrics": {"annotations": {"prometheus.io/scrape": "true"}},
+    },
+    "minimal": {
+        "sidecar": {"enabled": False},
+        "networkPolicy": {"enabled": False},
+        "metrics": {"service": False},
+    },
+}
+
+
+def test_helm_lint_strict_has_no_warnings() -> None:
+    report = helm_python.lint(CHART, strict=True, kube_version=f"v{K8S_VERSION}.0")
+    assert report["errors"] == []
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert problems == [], problems
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_helm_lint_variants(variant: str) -> None:
+    report = helm_python.lint(CHART, VARIANTS[variant], strict=True)
+    assert report["errors"] == [] and all(m["severity"] < 2 for m in report["messages"]), report
+
+
+def _assert_valid(objs: list[dict[str, Any]]) -> None:
+    for obj in objs:
+        checked = kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        assert checked == kubernetes_validate.utils.major_minor(K8S_VERSION), (obj["kind"], checked)
+
+
+def test_default_render_is_valid_kubernetes(default_objects: list[dict[str, Any]]) -> None:
+    kinds = sorted(obj["kind"] for obj in default_objects)
+    assert kinds == sorted(
+        ["CustomResourceDefinition", "NetworkPolicy", "NetworkPolicy", "ServiceAccount", "ServiceAccount",
+         "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding", "Service", "Service",
+         "DaemonSet", "Deployment"]
+    )  # fmt: skip
+    _assert_valid(default_objects)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variant_render_is_valid_kubernetes(render_script: ModuleType, variant: str) -> None:
+    _assert_valid(objects(render_script.render(VARIANTS[variant])))
+
+
+def test_strict_validation_catches_a_stray_field(default_objects: list[dict[str, Any]]) -> None:
+    """Control: the validator used above really rejects a wrong object, so its passes mean something."""
+    deployment = next(obj for obj in default_objects if obj["kind"] == "Deployment")
+    broken = yaml.safe_load(yaml.safe_dump(deployment))
+    broken["spec"]["template"]["spec"]["containers"][0]["securityContext"]["runAsNonRot"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+
+
+def test_namespaced_install_grants_namespaced_rules_only_in_those_namespaces(
+    render_script: ModuleType,
+) -> None:
+    objs = objects(render_script.render(VARIANTS["namespaced"]))
+    roles = {
+        (o["kind"], o["metadata"].get("namespace")) for o in objs if o["kind"] in ("Role", "RoleBinding")
+    }
+    assert roles == {(k, ns) for k in ("Role", "RoleBinding") for ns in ("llm", "llm-staging")}
+    cluster_roles = [o for o in objs if o["kind"] == "ClusterRole"]
+    assert len(cluster_roles) == 1  # only the cluster-scoped rules stay cluster-wide
+    assert {r for rule in cluster_roles[0]["rules"] for r in rule["resources"]} == {
+        "customresourcedefinitions", "namespaces", "nodes"
+    }  # fmt: skip
+    args = next(o for o in objs if o["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0][
+        "args"
+    ]
+    assert "--namespace=llm" in args and "--namespace=llm-staging" in args and "--all-namespaces" not in args
+
+
+def test_bad_memory_quantity_fails_the_render_clearly(render_script: ModuleType) -> None:
+    with pytest.raises(
+        helm_python.HelmRenderError, match="use a whole number with a Ki, Mi, Gi or Ti suffix"
+    ):
+        render_script.render({"sidecar": {"hostMemoryBudget": "64GB"}})
+
+
+def test_manifests_equal_a_fresh_render(render_script: ModuleType) -> None:
+    committed = (REPO / "manifests" / "ghostserve.yaml").read_text()
+    fresh = render_script.manifest_text(render_script.render(), version=render_script.chart_version())
+    assert committed == fresh, "manifests/ghostserve.yaml is stale: run python scripts/render_manifests.py"
+
+
+def test_render_script_check_mode(render_script: ModuleType, tmp_path: pathlib.Path) -> None:
+    target = tmp_path / "ghostserve.yaml"
+    assert render_script.main(["--check", "--output", str(target)]) == 1  # missing counts as stale
+    assert not target.exists()  # --check writes nothing
+    assert render_script.main(["--output", str(target)]) == 0
+    assert render_script.main(["--check", "--output", str(target)]) == 0
+    target.write_text(target.read_text() + "# edited by hand\n")
+    assert render_script.main(["--check", "--output", str(target)]) == 1

@@ -1,0 +1,110 @@
+"""A real `ghostserve operator` (kopf) process against the kmock API emulator."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.operator import harness
+
+NS, NAME = "test", "llama"
+
+
+def deployment(sidecar_port: int, **recovery: Any) -> dict[str, Any]:
+    return {"apiVersion": "ghostserve.io/v1alpha1", "kind": "GhostServeDeployment",
+            "metadata": {"name": NAME, "namespace": NS},
+            "spec": {"model": {"name": "meta-llama/Llama-3.1-8B-Instruct"},
+                     "engine": {"image": "lmsysorg/sglang:v0.5.3", "tensorParallel": 2},
+                     "protection": {"code": "xor", "parityShards": 1},
+                     "recovery": {"backoffSeconds": 0, **recovery},
+                     "sidecar": {"port": sidecar_port}}}
+
+
+@pytest.fixture
+def cluster() -> Iterator[harness.Cluster]:
+    with harness.Cluster() as c:
+        for i in range(3):
+            c.write("create", harness.NODES, None, None, harness.node_object(f"n{i}", gpus=2))
+        yield c
+
+
+@pytest.fixture
+def operator(cluster: harness.Cluster, tmp_path: pathlib.Path) -> Iterator[harness.OperatorProcess]:
+    kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig")
+    proc = harness.OperatorProcess(kubeconfig, tmp_path / "operator.log")
+    yield proc
+    proc.stop()
+    print(proc.output()[-20000:])
+
+
+def gsd(cluster: harness.Cluster) -> dict[str, Any]:
+    found = cluster.get(harness.GSD, NS, NAME)
+    assert found is not None
+    return found
+
+
+def pod(cluster: harness.Cluster, group: int, rank: int) -> dict[str, Any] | None:
+    return cluster.get(harness.PODS, NS, f"{NAME}-g{group}-r{rank}")
+
+
+def serving(cluster: harness.Cluster) -> bool:
+    status = (cluster.get(harness.GSD, NS, NAME) or {}).get("status") or {}
+    return status.get("phase") == "Serving" and status.get("ready") == "2/2"
+
+
+def test_create_fault_recover_delete(cluster: harness.Cluster, operator: harness.OperatorProcess) -> None:
+    cluster.write("create", harness.GSD, NS, None, deployment(cluster.sidecar_port))
+    cluster.wait_for(lambda: serving(cluster), timeout=60, what="Serving 2/2")
+    body = gsd(cluster)
+    assert "ghostserve.io/finalizer" in body["metadata"]["finalizers"]
+    svc = cluster.get(harness.SERVICES, NS, NAME)
+    assert svc is not None and svc["spec"]["clusterIP"] == "None"
+    r0, r1 = pod(cluster, 0, 0), pod(cluster, 0, 1)
+    assert r0 and r1 and r0["metadata"]["ownerReferences"][0]["uid"] == body["metadata"]["uid"]
+    assert r0["spec"]["nodeName"] != r1["spec"]["nodeName"]  # least-allocated placement spreads them
+    assert body["status"]["observedGeneration"] == body["metadata"]["generation"]
+
+    # Process fault: the engine of rank 0 is OOM-killed (exit 137) -> restart in place, nothing rebuilt.
+    cluster.write("update", harness.PODS, NS, r0["metadata"]["name"], {"status": {"phase": "Failed",
+        "containerStatuses": [{"name": "engine", "restartCount": 0, "ready": False,
+                               "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]}})
+    cluster.wait_for(lambda: (gsd(cluster)["status"].get("recoveries") == 1 and serving(cluster)),
+                     timeout=60, what="process recovery")
+    last = gsd(cluster)["status"]["lastRecovery"]
+    assert (last["kind"], last["reason"], last["rank"], last["outcome"]) == ("process", "OOMKilled", 0, "Succeeded")
+    assert last["bytesRebuilt"] == 0 and last["seconds"] >= 0 and last["recoveredAt"] >= last["detectedAt"]
+    new_r0 = pod(cluster, 0, 0)
+    assert new_r0 and new_r0["metadata"]["uid"] != r0["metadata"]["uid"]
+    assert new_r0["spec"]["nodeName"] == r0["spec"]["nodeName"]
+    assert pod(cluster, 0, 1)["metadata"]["uid"] == r1["metadata"]["uid"]  # type: ignore[index]
+    assert "MarkLost" not in cluster.sidecar.names()
+
+    # Device fault by tainting rank 1's node: only rank 1 moves, off that node; the sidecar rebuilds.
+    bad = r1["spec"]["nodeName"]
+    cluster.write("update", harness.NODES, None, bad, {"spec": {"taints": [
+        {"key": "nvidia.com/gpu-unhealthy", "value": "xid79", "effect": "NoSchedule"}]}})
+    cluster.wait_for(lambda: gsd(cluster)["status"].get("recoveries") == 2 and serving(cluster),
+                     timeout=60, what="device recovery")
+    last = gsd(cluster)["status"]["lastRecovery"]
+    assert (last["kind"], last["reason"], last["rank"], last["outcome"]) == ("device", "GpuTaint", 1, "Succeeded")
+    assert last["bytesRebuilt"] == harness.StandInSidecar.REBUILT_BYTES
+    assert last["chunksRebuilt"] == 3 and last["chunksRecomputed"] == 1
+    moved = pod(cluster, 0, 1)
+    assert moved and moved["spec"]["nodeName"] != bad
+    assert pod(cluster, 0, 0)["metadata"]["uid"] == new_r0["metadata"]["uid"]  # type: ignore[index]
+    names = cluster.sidecar.names()
+    assert names.index("MarkLost") < names.index("PlanRecovery") < names.index("Rebuild")
+    mark = next(req for n, req, _ in cluster.sidecar.calls if n == "MarkLost")
+    assert (mark.group, list(mark.ranks)) == (f"{NS}/{NAME}-g0", [1])
+    reasons = {e.get("reason") for e in cluster.list(harness.EVENTS, NS)}
+    assert {"FaultProcess", "FaultDevice", "RecoverySucceeded"} <= reasons
+
+    # Delete: pods, Service and finalizer go; the sidecar is asked to free the group.
+    cluster.write("delete", harness.GSD, NS, NAME)
+    cluster.wait_for(lambda: cluster.get(harness.GSD, NS, NAME) is None, timeout=60, what="deletion")
+    assert cluster.list(harness.PODS, NS) == []
+    assert cluster.get(harness.SERVICES, NS, NAME) is None
+    assert any(n == "DeleteGroup" and r.group == f"{NS}/{NAME}-g0" for n, r, _ in cluster.sidecar.calls)
