@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +22,24 @@ import celpy
 import jsonschema
 
 # OpenAPI keywords that mean the same in JSON Schema; everything else is handled or dropped.
-_SAME = ("type", "enum", "minimum", "maximum", "minLength", "maxLength", "pattern", "minItems", "maxItems")
+_SAME = (
+    "type", "enum", "minimum", "maximum", "minLength", "maxLength", "pattern",
+    "minItems", "maxItems", "format",
+)  # fmt: skip
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})")
+FORMATS = jsonschema.FormatChecker(formats=())
+
+
+@FORMATS.checks("date-time")
+def _is_date_time(value: object) -> bool:
+    """RFC 3339, as the API server checks `format: date-time` (jsonschema ships no checker for it)."""
+    if not isinstance(value, str) or not _RFC3339.fullmatch(value):
+        return False
+    try:
+        datetime.datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +105,9 @@ class CRDValidator:
         if not matches:
             raise ValueError(f"CRD {crd['metadata']['name']} has no version {version!r}")
         self.schema: dict[str, Any] = matches[0]["schema"]["openAPIV3Schema"]
-        self._json_schema = jsonschema.Draft202012Validator(to_json_schema(self.schema))
+        self._json_schema = jsonschema.Draft202012Validator(
+            to_json_schema(self.schema), format_checker=FORMATS
+        )
         self._env = celpy.Environment()
         self._programs = {rule: self._env.program(self._env.compile(rule)) for rule in self.rules()}
 

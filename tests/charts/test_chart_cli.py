@@ -13,12 +13,11 @@ import time
 from types import ModuleType
 from typing import Any
 
+import chart_support
 import pytest
-from conftest import objects
 from ghostserve.operator import main as operator_main
 from ghostserve.sidecar import config as sidecar_config
 from ghostserve.sidecar import server as sidecar_server
-from test_chart_render import VARIANTS
 
 PROBE_DEADLINE_S = 60.0
 
@@ -29,10 +28,10 @@ def _container(objs: list[dict[str, Any]], kind: str, name: str) -> dict[str, An
     return next(c for c in containers if c["name"] == name)
 
 
-@pytest.mark.parametrize("variant", ["default", *sorted(VARIANTS)])
+@pytest.mark.parametrize("variant", ["default", *sorted(chart_support.VARIANTS)])
 def test_operator_accepts_the_rendered_args(render_script: ModuleType, variant: str) -> None:
-    values = None if variant == "default" else VARIANTS[variant]
-    operator = _container(objects(render_script.render(values)), "Deployment", "operator")
+    values = None if variant == "default" else chart_support.VARIANTS[variant]
+    operator = _container(chart_support.objects(render_script.render(values)), "Deployment", "operator")
     assert operator["command"] == ["ghostserve"] and operator["args"][0] == "operator"
     args = operator_main.parse_args(operator["args"][1:])
     health_port = next(p["containerPort"] for p in operator["ports"] if p["name"] == "health")
@@ -49,7 +48,7 @@ def test_operator_accepts_the_rendered_args(render_script: ModuleType, variant: 
 
 
 def _sidecar_args(render_script: ModuleType, values: dict[str, Any] | None) -> list[str]:
-    sidecar = _container(objects(render_script.render(values)), "DaemonSet", "sidecar")
+    sidecar = _container(chart_support.objects(render_script.render(values)), "DaemonSet", "sidecar")
     assert sidecar["command"] == ["ghostserve"] and sidecar["args"][0] == "sidecar"
     return list(sidecar["args"][1:])
 
@@ -57,7 +56,7 @@ def _sidecar_args(render_script: ModuleType, values: dict[str, Any] | None) -> l
 @pytest.mark.parametrize("variant", ["default", "tls-spill-extras"])
 def test_sidecar_accepts_every_rendered_flag_but_listen(render_script: ModuleType, variant: str) -> None:
     """Every flag the DaemonSet passes exists and parses; --listen is left to the test below."""
-    values = None if variant == "default" else VARIANTS[variant]
+    values = None if variant == "default" else chart_support.VARIANTS[variant]
     rendered = _sidecar_args(render_script, values)
     args = sidecar_server.parse_args([a for a in rendered if not a.startswith("--listen=")])
     assert args.socket == "/run/ghostserve/sidecar.sock"

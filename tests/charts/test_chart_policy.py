@@ -7,10 +7,9 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
+import chart_support
 import pytest
 import yaml
-from conftest import objects
-from test_chart_render import VARIANTS
 
 OPERATOR_RULES = {
     # Framework (kopf)
@@ -30,10 +29,10 @@ OPERATOR_RULES = {
 INIT = "socket-dir-permissions"
 
 
-@pytest.fixture(scope="module", params=["default", *sorted(VARIANTS)])
+@pytest.fixture(scope="module", params=["default", *sorted(chart_support.VARIANTS)])
 def rendered(request: pytest.FixtureRequest, render_script: ModuleType) -> list[dict[str, Any]]:
-    values = None if request.param == "default" else VARIANTS[request.param]
-    return objects(render_script.render(values))
+    values = None if request.param == "default" else chart_support.VARIANTS[request.param]
+    return chart_support.objects(render_script.render(values))
 
 
 def _of_kind(objs: list[dict[str, Any]], *kinds: str) -> list[dict[str, Any]]:
@@ -140,7 +139,7 @@ def _container(workload: dict[str, Any], name: str) -> dict[str, Any]:
 def test_sidecar_memory_is_budget_plus_overhead(
     render_script: ModuleType, budget: str, overhead: str, expected: str
 ) -> None:
-    objs = objects(
+    objs = chart_support.objects(
         render_script.render({"sidecar": {"hostMemoryBudget": budget, "memoryOverhead": overhead}})
     )
     sidecar = _container(_sidecar(objs), "sidecar")

@@ -4,63 +4,29 @@ strict, newest schema shipped), and manifests/ equals a fresh render."""
 from __future__ import annotations
 
 import pathlib
+import re
 from types import ModuleType
 from typing import Any
 
+import chart_support
 import helm_python
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import CHART, REPO, objects
 
 K8S_VERSION = kubernetes_validate.utils.latest_version()
 
-# Non-default values that switch on every optional branch of the templates.
-VARIANTS: dict[str, dict[str, Any]] = {
-    "namespaced": {"operator": {"watchNamespaces": ["llm", "llm-staging"]}},
-    "tls-spill-extras": {
-        "tls": {"enabled": True},
-        "imagePullSecrets": [{"name": "regcred"}],
-        "commonLabels": {"team": "inference"},
-        "operator": {
-            "extraArgs": ["--resync-seconds=15"],
-            "verbose": True,
-            "gpuConditions": ["GpuXidError", "NVSentinelGpuUnhealthy"],
-            "extraEnv": [{"name": "A", "value": "1"}],
-            "priorityClassName": "high",
-            "podAnnotations": {"a": "b"},
-            "nodeSelector": {"role": "control"},
-            "tolerations": [{"key": "role", "operator": "Exists"}],
-            "affinity": {"podAntiAffinity": {}},
-        },
-        "sidecar": {
-            "spillDir": "/var/lib/ghostserve-spill",
-            "extraArgs": ["--encode-workers=4"],
-            "keepPools": False,
-            "priorityClassName": "system-node-critical",
-            "runtimeClassName": "",
-            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
-        },
-        "metrics": {"annotations": {"prometheus.io/scrape": "true"}},
-    },
-    "minimal": {
-        "sidecar": {"enabled": False},
-        "networkPolicy": {"enabled": False},
-        "metrics": {"service": False},
-    },
-}
-
 
 def test_helm_lint_strict_has_no_warnings() -> None:
-    report = helm_python.lint(CHART, strict=True, kube_version=f"v{K8S_VERSION}.0")
+    report = helm_python.lint(chart_support.CHART, strict=True, kube_version=f"v{K8S_VERSION}.0")
     assert report["errors"] == []
     problems = [m for m in report["messages"] if m["severity"] >= 2]
     assert problems == [], problems
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", sorted(chart_support.VARIANTS))
 def test_helm_lint_variants(variant: str) -> None:
-    report = helm_python.lint(CHART, VARIANTS[variant], strict=True)
+    report = helm_python.lint(chart_support.CHART, chart_support.VARIANTS[variant], strict=True)
     assert report["errors"] == [] and all(m["severity"] < 2 for m in report["messages"]), report
 
 
@@ -80,9 +46,9 @@ def test_default_render_is_valid_kubernetes(default_objects: list[dict[str, Any]
     _assert_valid(default_objects)
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", sorted(chart_support.VARIANTS))
 def test_variant_render_is_valid_kubernetes(render_script: ModuleType, variant: str) -> None:
-    _assert_valid(objects(render_script.render(VARIANTS[variant])))
+    _assert_valid(chart_support.objects(render_script.render(chart_support.VARIANTS[variant])))
 
 
 def test_strict_validation_catches_a_stray_field(default_objects: list[dict[str, Any]]) -> None:
@@ -97,7 +63,7 @@ def test_strict_validation_catches_a_stray_field(default_objects: list[dict[str,
 def test_namespaced_install_grants_namespaced_rules_only_in_those_namespaces(
     render_script: ModuleType,
 ) -> None:
-    objs = objects(render_script.render(VARIANTS["namespaced"]))
+    objs = chart_support.objects(render_script.render(chart_support.VARIANTS["namespaced"]))
     roles = {
         (o["kind"], o["metadata"].get("namespace")) for o in objs if o["kind"] in ("Role", "RoleBinding")
     }
@@ -113,15 +79,32 @@ def test_namespaced_install_grants_namespaced_rules_only_in_those_namespaces(
     assert "--namespace=llm" in args and "--namespace=llm-staging" in args and "--all-namespaces" not in args
 
 
-def test_bad_memory_quantity_fails_the_render_clearly(render_script: ModuleType) -> None:
-    with pytest.raises(
-        helm_python.HelmRenderError, match="use a whole number with a Ki, Mi, Gi or Ti suffix"
-    ):
-        render_script.render({"sidecar": {"hostMemoryBudget": "64GB"}})
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"sidecar": {"hostMemoryBudget": "64GB"}},
+            "at '/sidecar/hostMemoryBudget': '64GB' does not match pattern",
+        ),
+        (
+            {"sidecar": {"hostMemoryBuget": "64Gi"}},
+            "at '/sidecar': additional properties 'hostMemoryBuget' not allowed",
+        ),
+        ({"sidecar": {"port": 70000}}, "at '/sidecar/port': maximum"),
+        ({"operator": {"replicas": 2}}, "at '/operator/replicas': maximum"),
+        ({"operator": {"logFormat": "xml"}}, "at '/operator/logFormat'"),
+    ],
+)
+def test_bad_values_fail_the_render_clearly(
+    render_script: ModuleType, values: dict[str, Any], message: str
+) -> None:
+    """values.schema.json turns typos and out-of-range values into an error naming the key."""
+    with pytest.raises(helm_python.HelmValuesError, match=re.escape(message)):
+        render_script.render(values)
 
 
 def test_manifests_equal_a_fresh_render(render_script: ModuleType) -> None:
-    committed = (REPO / "manifests" / "ghostserve.yaml").read_text()
+    committed = (chart_support.REPO / "manifests" / "ghostserve.yaml").read_text()
     fresh = render_script.manifest_text(render_script.render(), version=render_script.chart_version())
     assert committed == fresh, "manifests/ghostserve.yaml is stale: run python scripts/render_manifests.py"
 

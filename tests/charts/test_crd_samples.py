@@ -7,11 +7,11 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
+import chart_support
 import crd_validator
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import BAD, SAMPLES
 
 # The agreed contract with the operator: path -> (type, default, minimum, maximum, enum).
 AGREED: dict[str, tuple[str, Any, int | None, int | None, list[str] | None]] = {
@@ -156,14 +156,14 @@ def test_schema_is_structural(crd: dict[str, Any]) -> None:
     assert _walk(schema, "") == []
 
 
-@pytest.mark.parametrize("sample", sorted(p.name for p in SAMPLES.glob("*.yaml")))
+@pytest.mark.parametrize("sample", sorted(p.name for p in chart_support.SAMPLES.glob("*.yaml")))
 def test_samples_are_valid(validator: crd_validator.CRDValidator, sample: str) -> None:
-    assert validator.violations(_load(SAMPLES / sample)) == []
+    assert validator.violations(_load(chart_support.SAMPLES / sample)) == []
 
 
 def test_samples_are_the_agreed_two() -> None:
-    xor = _load(SAMPLES / "llama-3.1-8b-tp8-xor.yaml")["spec"]
-    rs = _load(SAMPLES / "llama-3.1-70b-tp8-rs2.yaml")["spec"]
+    xor = _load(chart_support.SAMPLES / "llama-3.1-8b-tp8-xor.yaml")["spec"]
+    rs = _load(chart_support.SAMPLES / "llama-3.1-70b-tp8-rs2.yaml")["spec"]
     assert (xor["engine"]["tensorParallel"], xor["protection"]["code"]) == (8, "xor")
     assert (rs["engine"]["tensorParallel"], rs["protection"]["code"], rs["protection"]["parityShards"]) == (
         8,
@@ -173,11 +173,11 @@ def test_samples_are_the_agreed_two() -> None:
     assert "Llama-3.1-8B" in xor["model"]["name"] and "Llama-3.1-70B" in rs["model"]["name"]
 
 
-@pytest.mark.parametrize("sample", sorted(p.name for p in SAMPLES.glob("*.yaml")))
+@pytest.mark.parametrize("sample", sorted(p.name for p in chart_support.SAMPLES.glob("*.yaml")))
 def test_sample_engine_fields_are_valid_kubernetes(sample: str) -> None:
     """engine.resources/env/tolerations/nodeSelector keep unknown fields in the CRD, so check them as
     what the operator puts them into: a Pod."""
-    engine = _load(SAMPLES / sample)["spec"]["engine"]
+    engine = _load(chart_support.SAMPLES / sample)["spec"]["engine"]
     container = {"name": "engine", "image": engine["image"], "args": engine.get("args", [])}
     container |= {key: engine[key] for key in ("resources", "env") if key in engine}
     pod_spec: dict[str, Any] = {"containers": [container]}
@@ -209,19 +209,18 @@ def test_minimal_spec_gets_every_default(validator: crd_validator.CRDValidator) 
 
 
 def test_every_bad_sample_has_an_expectation() -> None:
-    assert sorted(p.stem for p in BAD.glob("*.yaml")) == sorted(EXPECTED_REJECTIONS)
+    assert sorted(p.stem for p in chart_support.BAD.glob("*.yaml")) == sorted(EXPECTED_REJECTIONS)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_REJECTIONS))
 def test_bad_sample_is_rejected_by_its_rule(validator: crd_validator.CRDValidator, name: str) -> None:
-    violations = validator.violations(_load(BAD / f"{name}.yaml"))
+    violations = validator.violations(_load(chart_support.BAD / f"{name}.yaml"))
     assert {_key(v) for v in violations} == EXPECTED_REJECTIONS[name], violations
 
 
 def test_every_cel_rule_is_exercised_by_a_bad_sample(validator: crd_validator.CRDValidator) -> None:
-    triggered = {
-        v.rule for p in BAD.glob("*.yaml") for v in validator.violations(_load(p)) if v.source == "cel"
-    }
+    bad_samples = [_load(p) for p in chart_support.BAD.glob("*.yaml")]
+    triggered = {v.rule for cr in bad_samples for v in validator.violations(cr) if v.source == "cel"}
     assert set(validator.rules()) == triggered
 
 
@@ -233,7 +232,7 @@ def test_every_cel_rule_is_exercised_by_a_bad_sample(validator: crd_validator.CR
 def test_parity_shards_rules_by_code(
     validator: crd_validator.CRDValidator, code: str, shards: int, ok: bool
 ) -> None:
-    cr = _load(SAMPLES / "llama-3.1-8b-tp8-xor.yaml")
+    cr = _load(chart_support.SAMPLES / "llama-3.1-8b-tp8-xor.yaml")
     cr["spec"]["protection"] |= {"code": code, "parityShards": shards}
     assert (validator.violations(cr) == []) is ok
 
@@ -243,7 +242,7 @@ def test_parity_shards_rules_by_code(
     [(256, 16, True), (16, 16, True), (4096, 4096, True), (48, 32, False), (272, 64, False)],
 )
 def test_chunk_tokens_rule(validator: crd_validator.CRDValidator, chunk: int, page: int, ok: bool) -> None:
-    cr = _load(SAMPLES / "llama-3.1-8b-tp8-xor.yaml")
+    cr = _load(chart_support.SAMPLES / "llama-3.1-8b-tp8-xor.yaml")
     cr["spec"]["protection"] |= {"chunkTokens": chunk, "pageSize": page}
     assert (validator.violations(cr) == []) is ok
 
@@ -253,6 +252,6 @@ def test_chunk_tokens_rule(validator: crd_validator.CRDValidator, chunk: int, pa
                        ("-1Gi", False), ("Gi", False), ("", False)],
 )  # fmt: skip
 def test_memory_budget_pattern(validator: crd_validator.CRDValidator, budget: str, ok: bool) -> None:
-    cr = _load(SAMPLES / "llama-3.1-8b-tp8-xor.yaml")
+    cr = _load(chart_support.SAMPLES / "llama-3.1-8b-tp8-xor.yaml")
     cr["spec"]["protection"]["hostMemoryBudget"] = budget
     assert (validator.violations(cr) == []) is ok

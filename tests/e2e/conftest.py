@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -54,6 +55,27 @@ def baseline(
         return cache[tp]
 
     return get
+
+
+@pytest.fixture
+def no_shm_leak() -> Iterator[None]:
+    """tests/conftest.py's leak check, minus segments named gs-t<hex>-*: the sidecar suite's private
+    per-test prefix, which its own fixture checks (its tests may run beside these on a shared machine)."""
+    shm = pathlib.Path("/dev/shm")
+
+    def ours() -> set[str]:
+        return {p.name for p in shm.glob("gs*") if not re.match(r"gs-t[0-9a-f]{6}-", p.name)}
+
+    before = ours()
+    yield None
+    leaked = ours() - before
+    assert not leaked, f"leaked shared memory segments: {sorted(leaked)}"
+
+
+def assert_pools_freed(names: list[str]) -> None:
+    assert names, "the run recorded no pools"
+    left = [n for n in names if (pathlib.Path("/dev/shm") / n).exists()]
+    assert not left, f"pool segments left in /dev/shm: {left}"
 
 
 def assert_no_live_ranks(pids: list[int]) -> None:

@@ -107,3 +107,21 @@ def test_page_allocator():
     with pytest.raises(kvpool.PoolFullError):
         alloc.ensure("b", 40)
     assert alloc.slots("b") == list(range(32, 48))
+
+
+def test_rowwise_replay_equals_decode_steps():
+    w = model.build_weights(CFG, tp=1, rank=0)
+    buf, shape, pool = _pool()
+    prompt = list(range(5, 5 + 13))
+    toks = _generate(w, pool, {"r": prompt}, {"r": 0}, 20)
+    kv_len = len(toks["r"]) - 1
+    before = kvpool.shard_bytes(buf, shape, list(range(kv_len)))
+    pool.zero_()
+    passes = schedule.replay_passes(0, kv_len, prompt_len=len(prompt), chunk_tokens=T)
+    assert passes == [(0, 8, False), (8, 13, False), (13, kv_len, True)]
+    for a, b, rowwise in passes:
+        piece = model.Piece(torch.tensor(toks["r"][a:b]), a, torch.arange(b), rowwise)
+        last = model.forward(w, [piece], pool, model.LocalCollective())
+    assert kvpool.shard_bytes(buf, shape, list(range(kv_len))) == before
+    # The last row's logits give the last generated token, as the decode step did.
+    assert model.greedy(w, last) == [toks["r"][-1]]

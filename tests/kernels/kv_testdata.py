@@ -46,7 +46,19 @@ def typed(raw: np.ndarray, dtype: str, backend: str) -> object:
     if backend == "cuda":
         import cupy  # type: ignore[import-not-found]
 
-        ndt = {"uint8": "uint8", "float8": "uint8", "float16": "float16", "bfloat16": "uint16", "float32": "float32"}
+        ndt = {
+            "uint8": "uint8",
+            "float8": "uint8",
+            "float16": "float16",
+            "bfloat16": "uint16",
+            "float32": "float32",
+        }
         return cupy.asarray(raw).view(ndt[dtype])
-    ndt2 = {"uint8": np.uint8, "float8": np.uint8, "float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
+    ndt2 = {
+        "uint8": np.uint8,
+        "float8": np.uint8,
+        "float16": np.float16,
+        "bfloat16": np.uint16,
+        "float32": np.float32,
+    }
     return raw.copy().view(ndt2[dtype])

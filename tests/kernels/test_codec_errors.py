@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import ghostserve.kernels as gk
 import numpy as np
 import pytest
-
-import ghostserve.kernels as gk
 
 SENTINEL = 0x5A
 
@@ -34,7 +33,9 @@ def untouched(outs: list[np.ndarray]) -> bool:
         (("xor", 4), {"backend": "fpga"}, gk.CodecError, "unknown backend 'fpga'"),
     ],
 )
-def test_constructor_rejects(args: tuple[object, ...], kwargs: dict[str, str], error: type, message: str) -> None:
+def test_constructor_rejects(
+    args: tuple[object, ...], kwargs: dict[str, str], error: type, message: str
+) -> None:
     with pytest.raises(error, match=message):
         gk.Codec(*args, **kwargs)  # type: ignore[arg-type]
 
@@ -130,6 +131,8 @@ def test_cpu_backend_refuses_device_memory_clearly() -> None:
     FakeCupy.__module__ = "cupy._core.core"
     codec = gk.Codec("xor", 1)
     parity = [np.full(8, SENTINEL, np.uint8)]
-    with pytest.raises(gk.ShardTypeError, match="data shard 0 is a cupy array; the cpu backend needs host memory"):
+    with pytest.raises(
+        gk.ShardTypeError, match="data shard 0 is a cupy array; the cpu backend needs host memory"
+    ):
         codec.encode([FakeCupy()], parity)
     assert untouched(parity)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import ghostserve.kernels as gk
 import kv_testdata
 import numpy as np
 import pytest
@@ -13,10 +14,10 @@ from conftest import empty_like_backend, to_backend, to_host
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import ghostserve.kernels as gk
 
-
-def erasure_patterns(n_shards: int, m: int, rng: np.random.Generator, limit: int = 40) -> list[tuple[int, ...]]:
+def erasure_patterns(
+    n_shards: int, m: int, rng: np.random.Generator, limit: int = 40
+) -> list[tuple[int, ...]]:
     """Every pattern of 1..m losses when there are at most `limit`, else `limit` random ones of each size."""
     total = sum(math.comb(n_shards, k) for k in range(1, m + 1))
     if total <= limit:
@@ -66,7 +67,9 @@ def check_round_trip(
     dtype=st.sampled_from(sorted(kv_testdata.ITEMSIZE)),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_round_trip_property(backend: str, code_m: tuple[str, int], n: int, elems: int, dtype: str, seed: int) -> None:
+def test_round_trip_property(
+    backend: str, code_m: tuple[str, int], n: int, elems: int, dtype: str, seed: int
+) -> None:
     code, m = code_m
     check_round_trip(code, n, m, elems * kv_testdata.ITEMSIZE[dtype], dtype, seed, backend)
 
@@ -95,7 +98,9 @@ def test_torch_tensors_of_every_dtype_on_the_cpu_backend() -> None:
         data = [kv_testdata.typed(r, dtype, "torch") for r in raw]
         parity = [torch.empty(64, dtype=torch.uint8) for _ in range(2)]
         codec.encode(data, parity)
-        assert all(np.array_equal(p.numpy(), e) for p, e in zip(parity, oracle_parity("rs", 3, 2, raw), strict=True))
+        assert all(
+            np.array_equal(p.numpy(), e) for p, e in zip(parity, oracle_parity("rs", 3, 2, raw), strict=True)
+        )
         out = torch.zeros_like(data[1])
         codec.reconstruct([data[0], None, data[2], parity[0], None], out={1: out})
         assert out.dtype == data[1].dtype and np.array_equal(to_host(out), raw[1])

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import ghostserve.kernels as gk
 import numpy as np
 import pytest
 from conftest import empty_like_backend, to_backend, to_host
+from ghostserve.kernels import cpu
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import ghostserve.kernels as gk
-from ghostserve.kernels import cpu
 
 LAYOUTS = [
     gk.KVLayout(layers=2, kv_heads=2, head_dim=8, dtype="bfloat16", page_size=16, pool_slots=64),
@@ -18,7 +17,9 @@ LAYOUTS = [
 ]
 
 
-def expected_parity(code: str, n: int, pools: list[np.ndarray], layout: gk.KVLayout, slots: np.ndarray) -> list:
+def expected_parity(
+    code: str, n: int, pools: list[np.ndarray], layout: gk.KVLayout, slots: np.ndarray
+) -> list:
     shards = [np.empty(layout.shard_nbytes(slots.size), np.uint8) for _ in pools]
     for pool, shard in zip(pools, shards, strict=True):
         gk.gather_shard(pool, layout, slots, shard)

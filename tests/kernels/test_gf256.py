@@ -5,13 +5,12 @@ from __future__ import annotations
 import itertools
 
 import galois
+import ghostserve.kernels as gk
 import numpy as np
 import pytest
+from ghostserve.kernels import gf256
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import ghostserve.kernels as gk
-from ghostserve.kernels import gf256
 
 GF = galois.GF(2**8, irreducible_poly=0x11D)
 
@@ -56,7 +55,9 @@ def test_invert_matches_galois_and_rejects_singular() -> None:
 @pytest.mark.parametrize(("n", "m"), [(3, 2), (4, 3), (2, 8)])
 def test_decode_matrices_invert_every_erasure_pattern(n: int, m: int) -> None:
     gen = np.concatenate([np.eye(n, dtype=np.uint8), gf256.cauchy_parity(n, m)])
-    for lost in itertools.chain.from_iterable(itertools.combinations(range(n + m), k) for k in range(1, m + 1)):
+    for lost in itertools.chain.from_iterable(
+        itertools.combinations(range(n + m), k) for k in range(1, m + 1)
+    ):
         survivors = tuple(i for i in range(n + m) if i not in lost)[:n]
         dec = gf256.decode_matrix(n, m, survivors, tuple(lost))
         # Applying the decode rows to the survivors' generator rows must give the lost shards' rows.
@@ -73,3 +74,18 @@ def test_rs_parity_matches_galois(backend: str, n: int, m: int, size: int, seed:
     gk.Codec("rs", n, m, backend=backend).encode(data, parity)
     expected = GF(galois_cauchy(n, m)) @ GF(np.stack(data).reshape(n, size))
     assert np.array_equal(np.stack(parity).reshape(m, size), np.asarray(expected, dtype=np.uint8))
+
+
+def test_table_free_multiply_of_the_cuda_kernels() -> None:
+    # Emulates gf_madd in codec_kernels.cu on packed 32-bit words: planes (w >> b) & 0x01010101 times
+    # c * 2^b, XOR-accumulated, must equal the field product of every byte.
+    coefs = np.arange(256, dtype=np.uint8)[:, None]
+    table = gf256.bit_products(coefs)[:, 0, :].astype(np.uint32)  # [c][b]
+    words = np.arange(256, dtype=np.uint32) * 0x01010101  # every byte value in all four lanes
+    words ^= np.uint32(0x00FF5A00)  # and different bytes per lane
+    acc = np.zeros((256, 256), dtype=np.uint32)
+    for b in range(8):
+        plane = (words >> np.uint32(b)) & np.uint32(0x01010101)
+        acc ^= plane[None, :] * table[:, b][:, None]
+    expected = gf256.mul_table()[np.arange(256)[:, None, None], words.view(np.uint8).reshape(256, 4)[None]]
+    assert np.array_equal(acc.view(np.uint8).reshape(256, 256, 4), expected)

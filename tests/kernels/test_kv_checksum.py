@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import ghostserve.kernels as gk
 import numpy as np
 import pytest
 import xxhash
-
-import ghostserve.kernels as gk
 
 
 def test_checksum_is_xxh3_of_the_bytes() -> None:

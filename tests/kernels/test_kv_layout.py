@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import ghostserve.kernels as gk
 import numpy as np
 import pytest
+from ghostserve.kernels import layout as kvlayout
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import ghostserve.kernels as gk
-from ghostserve.kernels import layout as kvlayout
 
 LAYOUT = gk.KVLayout(layers=3, kv_heads=2, head_dim=5, dtype="float16", page_size=16, pool_slots=40)
 
@@ -37,7 +36,12 @@ def test_layout_properties() -> None:
 )
 def test_layout_rejects_bad_fields(kwargs: dict[str, object], message: str) -> None:
     fields: dict[str, object] = {
-        "layers": 2, "kv_heads": 1, "head_dim": 4, "dtype": "bfloat16", "page_size": 1, "pool_slots": 8
+        "layers": 2,
+        "kv_heads": 1,
+        "head_dim": 4,
+        "dtype": "bfloat16",
+        "page_size": 1,
+        "pool_slots": 8,
     }
     fields.update(kwargs)
     with pytest.raises(ValueError, match=message):

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import itertools
 
+import ghostserve.kernels as gk
 import numpy as np
 import pytest
-
-import ghostserve.kernels as gk
 from ghostserve.kernels import rdp
 
 
@@ -47,7 +46,7 @@ def test_parity_matches_the_rdp_definition(n: int) -> None:
     data = [rng.integers(0, 256, (p - 1) * row, dtype=np.uint8) for _ in range(n)]
     parity = [np.empty((p - 1) * row, np.uint8) for _ in range(2)]
     gk.Codec("rdp", n, backend="numpy").encode(data, parity)
-    # Disks 0..p-2 are data (virtual zeros past n), disk p-1 is row parity; block (r, i) is on diagonal (r+i)%p.
+    # Disks 0..p-2 are data (virtual zeros past n), disk p-1 row parity; block (r, i) is on diagonal (r+i)%p.
     disks = np.zeros((p, p - 1, row), np.uint8)
     for i, d in enumerate(data):
         disks[i] = d.reshape(p - 1, row)

@@ -24,9 +24,9 @@ from typing import Any
 
 import grpc.aio
 import kmock
+from ghostserve.v1 import sidecar_pb2, sidecar_pb2_grpc
 from kmock._internal import apps
 
-from ghostserve.v1 import sidecar_pb2, sidecar_pb2_grpc
 from tests.operator import kmock_ext
 
 PODS = kmock_ext.resource("v1/pods")
@@ -49,32 +49,44 @@ class StandInSidecar(sidecar_pb2_grpc.SidecarServicer):
     def _log(self, name: str, request: Any) -> None:
         self.calls.append((name, request, time.monotonic()))
 
-    async def MarkLost(self, request: Any, context: Any) -> Any:  # noqa: N802
+    async def MarkLost(self, request: Any, context: Any) -> Any:
         self._log("MarkLost", request)
         return sidecar_pb2.MarkLostResponse()
 
-    async def PlanRecovery(self, request: Any, context: Any) -> Any:  # noqa: N802
+    async def PlanRecovery(self, request: Any, context: Any) -> Any:
         self._log("PlanRecovery", request)
-        return sidecar_pb2.RecoveryPlan(group=request.group, lost_ranks=request.lost_ranks, requests=[
-            sidecar_pb2.RequestPlan(request_id="req-1", total_chunks=4, recompute_chunks=1)])
+        return sidecar_pb2.RecoveryPlan(
+            group=request.group,
+            lost_ranks=request.lost_ranks,
+            requests=[sidecar_pb2.RequestPlan(request_id="req-1", total_chunks=4, recompute_chunks=1)],
+        )
 
-    async def Rebuild(self, request: Any, context: Any) -> Any:  # noqa: N802
+    async def Rebuild(self, request: Any, context: Any) -> Any:
         self._log("Rebuild", request)
-        return sidecar_pb2.RebuildReport(group=request.group, bytes_rebuilt=self.REBUILT_BYTES, seconds=0.01,
-                                         requests=[sidecar_pb2.RequestRebuild(
-                                             request_id="req-1", rebuilt_chunks=[1, 2, 3],
-                                             bytes_rebuilt=self.REBUILT_BYTES)])
+        return sidecar_pb2.RebuildReport(
+            group=request.group,
+            bytes_rebuilt=self.REBUILT_BYTES,
+            seconds=0.01,
+            requests=[
+                sidecar_pb2.RequestRebuild(
+                    request_id="req-1", rebuilt_chunks=[1, 2, 3], bytes_rebuilt=self.REBUILT_BYTES
+                )
+            ],
+        )
 
-    async def DeleteGroup(self, request: Any, context: Any) -> Any:  # noqa: N802
+    async def DeleteGroup(self, request: Any, context: Any) -> Any:
         self._log("DeleteGroup", request)
         return sidecar_pb2.DeleteGroupResponse()
 
-    async def DescribeGroup(self, request: Any, context: Any) -> Any:  # noqa: N802
+    async def DescribeGroup(self, request: Any, context: Any) -> Any:
         self._log("DescribeGroup", request)
-        return sidecar_pb2.GroupDescription(group=request.group, parity_bytes=1024, requests=[
-            sidecar_pb2.RequestState(request_id="req-1", chunks_committed=4, chunks_protected=4)])
+        return sidecar_pb2.GroupDescription(
+            group=request.group,
+            parity_bytes=1024,
+            requests=[sidecar_pb2.RequestState(request_id="req-1", chunks_committed=4, chunks_protected=4)],
+        )
 
-    async def WatchHealth(self, request: Any, context: Any) -> Any:  # noqa: N802
+    async def WatchHealth(self, request: Any, context: Any) -> Any:
         self._log("WatchHealth", request)
         while True:
             yield await self.health.get()
@@ -84,17 +96,24 @@ class StandInSidecar(sidecar_pb2_grpc.SidecarServicer):
 
 
 def node_object(name: str, *, gpus: int) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
-            "spec": {},
-            "status": {"capacity": {"nvidia.com/gpu": str(gpus)}, "allocatable": {"nvidia.com/gpu": str(gpus)},
-                       "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
-                       "conditions": [{"type": "Ready", "status": "True"}]}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+        "spec": {},
+        "status": {
+            "capacity": {"nvidia.com/gpu": str(gpus)},
+            "allocatable": {"nvidia.com/gpu": str(gpus)},
+            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+            "conditions": [{"type": "Ready", "status": "True"}],
+        },
+    }
 
 
 def _affinity_ok(pod: dict[str, Any], node: str) -> bool:
-    required = (((pod["spec"].get("affinity") or {}).get("nodeAffinity") or {})
-                .get("requiredDuringSchedulingIgnoredDuringExecution") or {})
+    required = ((pod["spec"].get("affinity") or {}).get("nodeAffinity") or {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ) or {}
     for term in required.get("nodeSelectorTerms") or []:
         for expr in term.get("matchExpressions") or []:
             inside = node in expr["values"]
@@ -104,8 +123,9 @@ def _affinity_ok(pod: dict[str, Any], node: str) -> bool:
 
 
 def _preferred(pod: dict[str, Any]) -> set[str]:
-    prefs = (((pod["spec"].get("affinity") or {}).get("nodeAffinity") or {})
-             .get("preferredDuringSchedulingIgnoredDuringExecution") or [])
+    prefs = ((pod["spec"].get("affinity") or {}).get("nodeAffinity") or {}).get(
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ) or []
     return {v for p in prefs for e in p["preference"]["matchExpressions"] for v in e["values"]}
 
 
@@ -127,17 +147,27 @@ class Nodes:
                 used.setdefault(obj.raw["spec"]["nodeName"], set()).add(gpu or "?")
         return used
 
-    def _place(self, pod: dict[str, Any], nodes: list[dict[str, Any]], used: dict[str, set[str]]) -> tuple[str, str] | None:
-        avoid = set(filter(None, pod["metadata"].get("annotations", {}).get("ghostserve.io/avoid-gpus", "").split(",")))
+    def _place(
+        self, pod: dict[str, Any], nodes: list[dict[str, Any]], used: dict[str, set[str]]
+    ) -> tuple[str, str] | None:
+        avoid = set(
+            filter(
+                None, pod["metadata"].get("annotations", {}).get("ghostserve.io/avoid-gpus", "").split(",")
+            )
+        )
         options = []
         for node in nodes:
             name, spec = node["metadata"]["name"], node.get("spec") or {}
-            ready = any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"].get("conditions", []))
+            ready = any(
+                c["type"] == "Ready" and c["status"] == "True" for c in node["status"].get("conditions", [])
+            )
             tainted = any(t.get("effect") in {"NoSchedule", "NoExecute"} for t in spec.get("taints") or [])
             if not ready or tainted or spec.get("unschedulable") or not _affinity_ok(pod, name):
                 continue
             total = int(node["status"]["allocatable"].get("nvidia.com/gpu", "0"))
-            free = [str(i) for i in range(total) if str(i) not in used.get(name, set()) and str(i) not in avoid]
+            free = [
+                str(i) for i in range(total) if str(i) not in used.get(name, set()) and str(i) not in avoid
+            ]
             if free:
                 options.append((name not in _preferred(pod), len(used.get(name, set())), name, free[0]))
         if not options:
@@ -152,8 +182,16 @@ class Nodes:
             await self.step()
 
     async def step(self) -> None:
-        nodes = [copy.deepcopy(o.raw) for (res, _, _), o in self.emulator.objects.items() if res == NODES and not o.deleted]
-        pods = [copy.deepcopy(o.raw) for (res, _, _), o in self.emulator.objects.items() if res == PODS and not o.deleted]
+        nodes = [
+            copy.deepcopy(o.raw)
+            for (res, _, _), o in self.emulator.objects.items()
+            if res == NODES and not o.deleted
+        ]
+        pods = [
+            copy.deepcopy(o.raw)
+            for (res, _, _), o in self.emulator.objects.items()
+            if res == PODS and not o.deleted
+        ]
         for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
             meta = pod["metadata"]
             if meta.get("deletionTimestamp"):
@@ -163,8 +201,14 @@ class Nodes:
                 if placed is None:
                     continue
                 node, gpu = placed
-                await self._write(meta, {"metadata": {"annotations": {"ghostserve.io/gpu": gpu}},
-                                         "spec": {"nodeName": node}, "status": {"phase": "Pending"}})
+                await self._write(
+                    meta,
+                    {
+                        "metadata": {"annotations": {"ghostserve.io/gpu": gpu}},
+                        "spec": {"nodeName": node},
+                        "status": {"phase": "Pending"},
+                    },
+                )
             elif self.auto_run and pod.get("status", {}).get("phase") == "Pending":
                 await self._write(meta, running_status())
 
@@ -174,9 +218,20 @@ class Nodes:
 
 
 def running_status() -> dict[str, Any]:
-    return {"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}],
-                       "containerStatuses": [{"name": "engine", "ready": True, "restartCount": 0,
-                                              "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}]}}
+    return {
+        "status": {
+            "phase": "Running",
+            "conditions": [{"type": "Ready", "status": "True"}],
+            "containerStatuses": [
+                {
+                    "name": "engine",
+                    "ready": True,
+                    "restartCount": 0,
+                    "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}},
+                }
+            ],
+        }
+    }
 
 
 class Cluster:
@@ -231,7 +286,9 @@ class Cluster:
     def call(self, fn: Callable[[], Coroutine[Any, Any, Any]], timeout: float = 30) -> Any:
         return asyncio.run_coroutine_threadsafe(fn(), self.loop).result(timeout)
 
-    def write(self, action: str, resource: Any, namespace: str | None, name: str | None, data: Any = None) -> None:
+    def write(
+        self, action: str, resource: Any, namespace: str | None, name: str | None, data: Any = None
+    ) -> None:
         self.call(lambda: self.emulator.write(action, resource, namespace, name, data))
 
     def get(self, resource: Any, namespace: str | None, name: str) -> dict[str, Any] | None:
@@ -240,12 +297,17 @@ class Cluster:
             if key not in self.emulator.objects or self.emulator.objects[key].deleted:
                 return None
             return copy.deepcopy(self.emulator.objects[key].raw)
+
         return self.call(read)  # type: ignore[no-any-return]
 
     def list(self, resource: Any, namespace: str | None = None) -> list[dict[str, Any]]:
         async def read() -> list[dict[str, Any]]:
-            return [copy.deepcopy(o.raw) for (res, ns, _), o in self.emulator.objects.items()
-                    if res == resource and not o.deleted and (namespace is None or ns == namespace)]
+            return [
+                copy.deepcopy(o.raw)
+                for (res, ns, _), o in self.emulator.objects.items()
+                if res == resource and not o.deleted and (namespace is None or ns == namespace)
+            ]
+
         return self.call(read)  # type: ignore[no-any-return]
 
     def wait_for(self, check: Callable[[], Any], *, timeout: float = 30.0, what: str = "condition") -> Any:
@@ -261,7 +323,7 @@ class Cluster:
             if left <= 0:
                 raise AssertionError(f"timed out waiting for {what}")
             with self.changed:
-                self.changed.wait_for(lambda: self.version != seen, timeout=min(left, 1.0))
+                self.changed.wait_for(lambda seen=seen: self.version != seen, timeout=min(left, 1.0))  # type: ignore[misc]
 
     def push_health(self, event: sidecar_pb2.HealthEvent) -> None:
         self.loop.call_soon_threadsafe(self.sidecar.health.put_nowait, event)
@@ -271,7 +333,8 @@ class Cluster:
             "apiVersion: v1\nkind: Config\ncurrent-context: emu\n"
             f"clusters: [{{name: emu, cluster: {{server: 'http://127.0.0.1:{self.server.port}'}}}}]\n"
             "users: [{name: emu, user: {token: test-token}}]\n"
-            "contexts: [{name: emu, context: {cluster: emu, user: emu, namespace: test}}]\n")
+            "contexts: [{name: emu, context: {cluster: emu, user: emu, namespace: test}}]\n"
+        )
         return path
 
 
@@ -283,9 +346,26 @@ class OperatorProcess:
         self.log = log
         self._out = log.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ghostserve.cli.main", "operator", "--namespace", "test",
-             "--sidecar-address-template", "127.0.0.1:{port}", "--log-format", "plain", "--resync-seconds", "5",
-             *extra], cwd=REPO, env=env, stdout=self._out, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "ghostserve.cli.main",
+                "operator",
+                "--namespace",
+                "test",
+                "--sidecar-address-template",
+                "127.0.0.1:{port}",
+                "--log-format",
+                "plain",
+                "--resync-seconds",
+                "5",
+                *extra,
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+        )
 
     def kill(self) -> None:
         if self.proc.poll() is None:

@@ -60,8 +60,11 @@ def apply_json_patch(doc: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str
         if kind == "test":
             current = (parent[int(last)] if isinstance(parent, list) else parent.get(last)) if parts else out
             if current != op.get("value"):
-                raise kmock.KubernetesError(status=422, reason="Invalid",
-                                            message=f"test failed at {op['path']}: {current!r} != {op.get('value')!r}")
+                raise kmock.KubernetesError(
+                    status=422,
+                    reason="Invalid",
+                    message=f"test failed at {op['path']}: {current!r} != {op.get('value')!r}",
+                )
         elif kind in {"add", "replace"}:
             if isinstance(parent, list):
                 if last == "-":
@@ -105,15 +108,23 @@ def _now() -> str:
 class Emulator(kmock.KubernetesEmulator):
     rv: int = attrs.field(default=0, init=False)
     log: collections.deque[tuple[int, Any, dict[str, Any]]] = attrs.field(
-        factory=lambda: collections.deque(maxlen=LOG_LIMIT), init=False)
+        factory=lambda: collections.deque(maxlen=LOG_LIMIT), init=False
+    )
     injections: list[Injection] = attrs.field(factory=list, init=False)
     # Test hooks: called (in the server loop) after each successful write, with (action, resource, object).
     listeners: list[Any] = attrs.field(factory=list, init=False)
     namespaces: list[str] = attrs.field(factory=lambda: ["test"])
 
     # ---- fault injection ----------------------------------------------------------------------
-    def inject(self, status: int, count: int = 1, *, method: str | None = None, plural: str | None = None,
-               watch: bool = False) -> Injection:
+    def inject(
+        self,
+        status: int,
+        count: int = 1,
+        *,
+        method: str | None = None,
+        plural: str | None = None,
+        watch: bool = False,
+    ) -> Injection:
         injection = Injection(status, count, method, plural, watch)
         self.injections.append(injection)
         return injection
@@ -133,7 +144,9 @@ class Emulator(kmock.KubernetesEmulator):
             if inj.plural and (request.resource is None or request.resource.plural != inj.plural):
                 continue
             inj.count -= 1
-            reason = {409: "Conflict", 500: "InternalError", 503: "ServiceUnavailable"}.get(inj.status, "Injected")
+            reason = {409: "Conflict", 500: "InternalError", 503: "ServiceUnavailable"}.get(
+                inj.status, "Injected"
+            )
             return kmock.KubernetesError(status=inj.status, reason=reason, message="injected by the test")
         return None
 
@@ -146,14 +159,16 @@ class Emulator(kmock.KubernetesEmulator):
         self.log.append((self.rv, resource, {"type": type_, "object": copy.deepcopy(raw)}))
         await self._buses[resource].put({"type": type_, "object": copy.deepcopy(raw)})
 
-    async def write(self, action: str, resource: Any, namespace: str | None, name: str | None,
-                    data: Any = None) -> None:
+    async def write(
+        self, action: str, resource: Any, namespace: str | None, name: str | None, data: Any = None
+    ) -> None:
         """Apply one write as the API server would; raises kmock.KubernetesError like it does."""
         async with self._lock:
             await self._write_locked(action, resource, namespace, name, data)
 
-    async def _write_locked(self, action: str, resource: Any, namespace: str | None, name: str | None,
-                            data: Any) -> None:
+    async def _write_locked(
+        self, action: str, resource: Any, namespace: str | None, name: str | None, data: Any
+    ) -> None:
         objs = self._objects
         if action == "create":
             meta = data.setdefault("metadata", {})
@@ -163,7 +178,9 @@ class Emulator(kmock.KubernetesEmulator):
             namespace = namespace or meta.get("namespace")
             key = (resource, namespace, name)
             if key in objs and not objs[key].deleted:
-                raise kmock.KubernetesError(status=409, reason="AlreadyExists", message=f"{name} already exists")
+                raise kmock.KubernetesError(
+                    status=409, reason="AlreadyExists", message=f"{name} already exists"
+                )
             if namespace is not None:
                 meta["namespace"] = namespace
             meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1)
@@ -225,8 +242,13 @@ class Emulator(kmock.KubernetesEmulator):
         # kmock 0.8's path parser fails on the cluster-wide namespace listing kopf starts with.
         if raw_request.path == "/api/v1/namespaces":
             if raw_request.query.get("watch") != "true":
-                items = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}} for ns in self.namespaces]
-                return aiohttp.web.json_response({"metadata": {"resourceVersion": str(self.rv)}, "items": items})
+                items = [
+                    {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
+                    for ns in self.namespaces
+                ]
+                return aiohttp.web.json_response(
+                    {"metadata": {"resourceVersion": str(self.rv)}, "items": items}
+                )
             response = aiohttp.web.StreamResponse()
             await response.prepare(raw_request)
             await asyncio.Event().wait()  # namespaces never change here; the client cancels the stream
@@ -237,8 +259,11 @@ class Emulator(kmock.KubernetesEmulator):
         if injected is not None:
             raise injected
         if request.resource is not None:
-            action = {enums.action.CREATE: "create", enums.action.UPDATE: "update",
-                      enums.action.DELETE: "delete"}.get(request.action)  # type: ignore[call-overload]
+            action = {
+                enums.action.CREATE: "create",
+                enums.action.UPDATE: "update",
+                enums.action.DELETE: "delete",
+            }.get(request.action)  # type: ignore[call-overload]
             if action == "delete" and request.name is None:
                 action = None
             if action is not None:
@@ -254,10 +279,14 @@ class Emulator(kmock.KubernetesEmulator):
 
     async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
         async with self._lock:
-            items = [copy.deepcopy(o.raw) for (res, ns, _), o in self._objects.items()
-                     if res == request.resource and not o.deleted
-                     and (request.namespace is None or ns == request.namespace)
-                     and _labels_match(o.raw, request.params.get("labelSelector"))]
+            items = [
+                copy.deepcopy(o.raw)
+                for (res, ns, _), o in self._objects.items()
+                if res == request.resource
+                and not o.deleted
+                and (request.namespace is None or ns == request.namespace)
+                and _labels_match(o.raw, request.params.get("labelSelector"))
+            ]
             return {"metadata": {"resourceVersion": str(self.rv)}, "items": items}
 
     async def _serve_watch(self, request: rendering.Request) -> AsyncIterator[rendering.Payload]:
@@ -268,20 +297,35 @@ class Emulator(kmock.KubernetesEmulator):
 
         def wanted(event: dict[str, Any]) -> bool:
             meta = event["object"].get("metadata") or {}
-            return (request.namespace is None or meta.get("namespace") == request.namespace) \
-                and _labels_match(event["object"], selector)
+            return (
+                request.namespace is None or meta.get("namespace") == request.namespace
+            ) and _labels_match(event["object"], selector)
 
         bus = self._buses[request.resource]
         async with self._lock:
             marker = await bus.mark()
             if since is None:
-                backlog = [{"type": "ADDED", "object": copy.deepcopy(o.raw)}
-                           for (res, _, _), o in self._objects.items() if res == request.resource and not o.deleted]
+                backlog = [
+                    {"type": "ADDED", "object": copy.deepcopy(o.raw)}
+                    for (res, _, _), o in self._objects.items()
+                    if res == request.resource and not o.deleted
+                ]
             elif self.log and since < self.log[0][0] - 1 and len(self.log) == LOG_LIMIT:
-                backlog = [{"type": "ERROR", "object": {"kind": "Status", "code": 410, "reason": "Gone",
-                                                        "message": "too old resource version"}}]
+                backlog = [
+                    {
+                        "type": "ERROR",
+                        "object": {
+                            "kind": "Status",
+                            "code": 410,
+                            "reason": "Gone",
+                            "message": "too old resource version",
+                        },
+                    }
+                ]
             else:
-                backlog = [copy.deepcopy(e) for rv, res, e in self.log if rv > since and res == request.resource]
+                backlog = [
+                    copy.deepcopy(e) for rv, res, e in self.log if rv > since and res == request.resource
+                ]
             last = self.rv
         try:
             for event in backlog:
@@ -300,18 +344,35 @@ class Emulator(kmock.KubernetesEmulator):
 def declare(emulator: Emulator) -> None:
     """The resources kopf and the operator discover."""
     info = kmock.ResourceInfo
-    emulator.resources["v1/pods"] = info(kind="Pod", singular="pod", namespaced=True, subresources=["status"],
-                                         verbs=["list", "watch", "get", "create", "delete", "patch"])
-    emulator.resources["v1/nodes"] = info(kind="Node", singular="node", namespaced=False, subresources=["status"],
-                                          verbs=["list", "watch", "get", "patch"])
-    emulator.resources["v1/services"] = info(kind="Service", singular="service", namespaced=True,
-                                             verbs=["list", "get", "create", "delete"])
+    emulator.resources["v1/pods"] = info(
+        kind="Pod",
+        singular="pod",
+        namespaced=True,
+        subresources=["status"],
+        verbs=["list", "watch", "get", "create", "delete", "patch"],
+    )
+    emulator.resources["v1/nodes"] = info(
+        kind="Node",
+        singular="node",
+        namespaced=False,
+        subresources=["status"],
+        verbs=["list", "watch", "get", "patch"],
+    )
+    emulator.resources["v1/services"] = info(
+        kind="Service", singular="service", namespaced=True, verbs=["list", "get", "create", "delete"]
+    )
     emulator.resources["v1/events"] = info(kind="Event", singular="event", namespaced=True, verbs=["create"])
-    emulator.resources["v1/namespaces"] = info(kind="Namespace", singular="namespace", namespaced=False,
-                                               verbs=["list", "watch", "get"])
+    emulator.resources["v1/namespaces"] = info(
+        kind="Namespace", singular="namespace", namespaced=False, verbs=["list", "watch", "get"]
+    )
     emulator.resources["ghostserve.io/v1alpha1/ghostservedeployments"] = info(
-        kind="GhostServeDeployment", singular="ghostservedeployment", namespaced=True, shortnames=["gsd"],
-        subresources=["status"], verbs=["list", "watch", "get", "create", "delete", "patch", "update"])
+        kind="GhostServeDeployment",
+        singular="ghostservedeployment",
+        namespaced=True,
+        shortnames=["gsd"],
+        subresources=["status"],
+        verbs=["list", "watch", "get", "create", "delete", "patch", "update"],
+    )
 
 
 def resource(spec: str) -> references.resource:

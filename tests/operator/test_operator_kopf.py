@@ -14,13 +14,18 @@ NS, NAME = "test", "llama"
 
 
 def deployment(sidecar_port: int, **recovery: Any) -> dict[str, Any]:
-    return {"apiVersion": "ghostserve.io/v1alpha1", "kind": "GhostServeDeployment",
-            "metadata": {"name": NAME, "namespace": NS},
-            "spec": {"model": {"name": "meta-llama/Llama-3.1-8B-Instruct"},
-                     "engine": {"image": "lmsysorg/sglang:v0.5.3", "tensorParallel": 2},
-                     "protection": {"code": "xor", "parityShards": 1},
-                     "recovery": {"backoffSeconds": 0, **recovery},
-                     "sidecar": {"port": sidecar_port}}}
+    return {
+        "apiVersion": "ghostserve.io/v1alpha1",
+        "kind": "GhostServeDeployment",
+        "metadata": {"name": NAME, "namespace": NS},
+        "spec": {
+            "model": {"name": "meta-llama/Llama-3.1-8B-Instruct"},
+            "engine": {"image": "lmsysorg/sglang:v0.5.3", "tensorParallel": 2},
+            "protection": {"code": "xor", "parityShards": 1},
+            "recovery": {"backoffSeconds": 0, **recovery},
+            "sidecar": {"port": sidecar_port},
+        },
+    }
 
 
 @pytest.fixture
@@ -68,13 +73,37 @@ def test_create_fault_recover_delete(cluster: harness.Cluster, operator: harness
     assert body["status"]["observedGeneration"] == body["metadata"]["generation"]
 
     # Process fault: the engine of rank 0 is OOM-killed (exit 137) -> restart in place, nothing rebuilt.
-    cluster.write("update", harness.PODS, NS, r0["metadata"]["name"], {"status": {"phase": "Failed",
-        "containerStatuses": [{"name": "engine", "restartCount": 0, "ready": False,
-                               "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]}})
-    cluster.wait_for(lambda: (gsd(cluster)["status"].get("recoveries") == 1 and serving(cluster)),
-                     timeout=60, what="process recovery")
+    cluster.write(
+        "update",
+        harness.PODS,
+        NS,
+        r0["metadata"]["name"],
+        {
+            "status": {
+                "phase": "Failed",
+                "containerStatuses": [
+                    {
+                        "name": "engine",
+                        "restartCount": 0,
+                        "ready": False,
+                        "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}},
+                    }
+                ],
+            }
+        },
+    )
+    cluster.wait_for(
+        lambda: gsd(cluster)["status"].get("recoveries") == 1 and serving(cluster),
+        timeout=60,
+        what="process recovery",
+    )
     last = gsd(cluster)["status"]["lastRecovery"]
-    assert (last["kind"], last["reason"], last["rank"], last["outcome"]) == ("process", "OOMKilled", 0, "Succeeded")
+    assert (last["kind"], last["reason"], last["rank"], last["outcome"]) == (
+        "process",
+        "OOMKilled",
+        0,
+        "Succeeded",
+    )
     assert last["bytesRebuilt"] == 0 and last["seconds"] >= 0 and last["recoveredAt"] >= last["detectedAt"]
     new_r0 = pod(cluster, 0, 0)
     assert new_r0 and new_r0["metadata"]["uid"] != r0["metadata"]["uid"]
@@ -84,12 +113,25 @@ def test_create_fault_recover_delete(cluster: harness.Cluster, operator: harness
 
     # Device fault by tainting rank 1's node: only rank 1 moves, off that node; the sidecar rebuilds.
     bad = r1["spec"]["nodeName"]
-    cluster.write("update", harness.NODES, None, bad, {"spec": {"taints": [
-        {"key": "nvidia.com/gpu-unhealthy", "value": "xid79", "effect": "NoSchedule"}]}})
-    cluster.wait_for(lambda: gsd(cluster)["status"].get("recoveries") == 2 and serving(cluster),
-                     timeout=60, what="device recovery")
+    cluster.write(
+        "update",
+        harness.NODES,
+        None,
+        bad,
+        {"spec": {"taints": [{"key": "nvidia.com/gpu-unhealthy", "value": "xid79", "effect": "NoSchedule"}]}},
+    )
+    cluster.wait_for(
+        lambda: gsd(cluster)["status"].get("recoveries") == 2 and serving(cluster),
+        timeout=60,
+        what="device recovery",
+    )
     last = gsd(cluster)["status"]["lastRecovery"]
-    assert (last["kind"], last["reason"], last["rank"], last["outcome"]) == ("device", "GpuTaint", 1, "Succeeded")
+    assert (last["kind"], last["reason"], last["rank"], last["outcome"]) == (
+        "device",
+        "GpuTaint",
+        1,
+        "Succeeded",
+    )
     assert last["bytesRebuilt"] == harness.StandInSidecar.REBUILT_BYTES
     assert last["chunksRebuilt"] == 3 and last["chunksRecomputed"] == 1
     moved = pod(cluster, 0, 1)
@@ -108,3 +150,90 @@ def test_create_fault_recover_delete(cluster: harness.Cluster, operator: harness
     assert cluster.list(harness.PODS, NS) == []
     assert cluster.get(harness.SERVICES, NS, NAME) is None
     assert any(n == "DeleteGroup" and r.group == f"{NS}/{NAME}-g0" for n, r, _ in cluster.sidecar.calls)
+
+
+def test_restart_mid_recovery_and_api_errors(cluster: harness.Cluster, tmp_path: pathlib.Path) -> None:
+    kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig")
+    first = harness.OperatorProcess(kubeconfig, tmp_path / "first.log")
+    try:
+        cluster.write("create", harness.GSD, NS, None, deployment(cluster.sidecar_port))
+        cluster.wait_for(lambda: serving(cluster), timeout=60, what="Serving 2/2")
+        r1 = pod(cluster, 0, 1)
+        assert r1 is not None
+        node, gpu = r1["spec"]["nodeName"], r1["metadata"]["annotations"]["ghostserve.io/gpu"]
+        # Hold replacements in Pending (no kubelet progress) so the recovery stops half-way.
+        cluster.nodes.auto_run = False
+        cluster.push_health(
+            harness.sidecar_pb2.HealthEvent(
+                gpu_index=int(gpu),
+                kind=harness.sidecar_pb2.XID,
+                xid=79,
+                fatal=True,
+                message="fell off the bus",
+                node=node,
+            )
+        )
+        cluster.wait_for(
+            lambda: (
+                (gsd(cluster)["status"].get("recovery") or {}).get("step") == "ReplacementsCreated"
+                and gsd(cluster)["status"]["phase"] == "Recovering"
+            ),
+            timeout=60,
+            what="recovery in flight",
+        )
+    finally:
+        first.kill()
+    assert cluster.sidecar.names().count("MarkLost") == 1 and "Rebuild" not in cluster.sidecar.names()
+
+    # API trouble for the next operator: failed status patches, a conflict, a broken pod watch.
+    cluster.emulator.inject(500, 2, method="PATCH", plural="ghostservedeployments")
+    cluster.emulator.inject(409, 1, method="PATCH", plural="ghostservedeployments")
+    cluster.emulator.inject(500, 1, plural="pods", watch=True)
+    cluster.nodes.auto_run = True
+    cluster.loop.call_soon_threadsafe(cluster.nodes.kick.set)
+    second = harness.OperatorProcess(kubeconfig, tmp_path / "second.log")
+    try:
+        cluster.wait_for(
+            lambda: gsd(cluster)["status"].get("recoveries") == 1 and serving(cluster),
+            timeout=90,
+            what="recovery finished by the restarted operator",
+        )
+        last = gsd(cluster)["status"]["lastRecovery"]
+        assert (last["kind"], last["reason"], last["rank"], last["outcome"]) == (
+            "device",
+            "Xid",
+            1,
+            "Succeeded",
+        )
+        assert last["bytesRebuilt"] == harness.StandInSidecar.REBUILT_BYTES
+        assert cluster.sidecar.names().count("MarkLost") == 1  # not repeated after the restart
+        assert cluster.sidecar.names().count("Rebuild") == 1
+        replacement = pod(cluster, 0, 1)
+        assert replacement is not None and replacement["metadata"]["uid"] != r1["metadata"]["uid"]
+        # Same node, another GPU: the device fault named one GPU, the node itself is fine.
+        assert replacement["spec"]["nodeName"] == node
+        assert replacement["metadata"]["annotations"]["ghostserve.io/gpu"] != gpu
+        assert all(i.count == 0 for i in cluster.emulator.injections)
+
+        # Watches dropped: the operator re-watches from its last resourceVersion and still sees faults.
+        cluster.call(cluster.emulator.drop_watches)
+        r0 = pod(cluster, 0, 0)
+        assert r0 is not None
+        cluster.write(
+            "update",
+            harness.PODS,
+            NS,
+            r0["metadata"]["name"],
+            {"status": {"reason": "Evicted", "phase": "Failed", "message": "node memory pressure"}},
+        )
+        cluster.wait_for(
+            lambda: gsd(cluster)["status"].get("recoveries") == 2 and serving(cluster),
+            timeout=60,
+            what="recovery after dropped watches",
+        )
+        last = gsd(cluster)["status"]["lastRecovery"]
+        assert (last["kind"], last["reason"], last["rank"]) == ("node", "Evicted", 0)
+        assert pod(cluster, 0, 0)["spec"]["nodeName"] != r0["spec"]["nodeName"]  # type: ignore[index]
+    finally:
+        second.stop()
+        print(second.output()[-5000:])

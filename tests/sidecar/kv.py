@@ -12,7 +12,6 @@ import time
 
 import grpc
 import numpy as np
-
 from ghostserve.sidecar import client
 from ghostserve.v1 import sidecar_pb2 as pb
 
@@ -39,7 +38,7 @@ def shard(pool: np.ndarray, slots: list[int], *, layout: pb.KVLayout = LAYOUT) -
     return pool.reshape(2 * layout.layers, layout.pool_slots, rb)[:, slots, :].copy()
 
 
-def wait_until(predicate, *, timeout: float = 20.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+def wait_until(predicate, *, timeout: float = 20.0, what: str = "condition") -> None:
     """Poll real state until `predicate()` is true; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -71,7 +70,12 @@ class Sidecar:
 
 
 def start_sidecar(
-    workdir: pathlib.Path, *args: str, listen: str | None = None, name: str = "sidecar", ready_timeout: float = 30.0,
+    workdir: pathlib.Path,
+    *args: str,
+    prefix: str,
+    listen: str | None = None,
+    name: str = "sidecar",
+    ready_timeout: float = 30.0,
     client_kw: dict[str, object] | None = None,
 ) -> Sidecar:
     """Run `python -m ghostserve.cli.main sidecar` and wait until its health service answers SERVING."""
@@ -81,9 +85,23 @@ def start_sidecar(
     else:
         sock = workdir / "run" / "sidecar.sock"
         where, address = ["--socket", str(sock)], f"unix://{sock}"
-    cmd = [sys.executable, "-m", "ghostserve.cli.main", "sidecar", *where, "--fake-nvml", "2", "--grace", "2", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ghostserve.cli.main",
+        "sidecar",
+        *where,
+        "--fake-nvml",
+        "2",
+        "--grace",
+        "2",
+        "--shm-prefix",
+        prefix,
+        *args,
+    ]
     env = {**os.environ, "GHOSTSERVE_LOG_LEVEL": "INFO"}
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env)
+    with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
     sc = Sidecar(proc, address, log)
 
     def serving() -> bool:

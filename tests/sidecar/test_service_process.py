@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import signal
 import stat
 import subprocess
 import sys
 
-import grpc
+import kv
 import numpy as np
 import pytest
-
-import kv
 from ghostserve.kernels import layout as kvlayout
 from ghostserve.sidecar import pools, transfer
-from ghostserve.v1 import sidecar_pb2 as pb
 
 WORKER = pathlib.Path(__file__).with_name("worker.py")
 KV_LAYOUT = kvlayout.KVLayout(2, 2, 16, "float16", 16, 256)
@@ -26,7 +22,8 @@ KV_LAYOUT = kvlayout.KVLayout(2, 2, 16, "float16", 16, 256)
 def make_plan(seed: int, requests: dict[str, int]) -> dict[str, list[tuple[int, list[int]]]]:
     """Disjoint, shuffled (non-contiguous) slots for each request's chunks."""
     perm = np.random.default_rng(seed).permutation(kv.LAYOUT.pool_slots).tolist()
-    plan, pos = {}, 0
+    plan: dict[str, list[tuple[int, list[int]]]] = {}
+    pos = 0
     for rid, chunks in requests.items():
         plan[rid] = []
         for c in range(chunks):
@@ -35,7 +32,9 @@ def make_plan(seed: int, requests: dict[str, int]) -> dict[str, list[tuple[int, 
     return plan
 
 
-def spawn(sc: kv.Sidecar, group: str, rank: int, world: int, code: str, m: int, mode: str, plan: object = None):  # type: ignore[no-untyped-def]
+def spawn(
+    sc: kv.Sidecar, group: str, rank: int, world: int, code: str, m: int, mode: str, plan: object = None
+):
     args = [sys.executable, str(WORKER), sc.address, group, str(rank), str(world), code, str(m), mode]
     if plan is not None:
         args.append(json.dumps(plan))
@@ -50,9 +49,9 @@ def read_rank(sc: kv.Sidecar, group: str, rank: int, world: int, code: str, m: i
 
 
 @pytest.fixture(params=["unix", "tcp"])
-def sidecar(request: pytest.FixtureRequest, short_tmp: pathlib.Path, no_shm_leak: None):  # type: ignore[no-untyped-def]
+def sidecar(request: pytest.FixtureRequest, short_tmp: pathlib.Path, shm_prefix: str):
     listen = f"127.0.0.1:{kv.free_port()}" if request.param == "tcp" else None
-    sc = kv.start_sidecar(short_tmp, "--budget", "64MiB", listen=listen)
+    sc = kv.start_sidecar(short_tmp, "--budget", "64MiB", listen=listen, prefix=shm_prefix)
     try:
         yield sc
     finally:
@@ -70,7 +69,9 @@ def test_workers_commit_survive_sigkill_and_lost_ranks_are_rebuilt(sidecar: kv.S
             assert c.flush(group, wait=30).drained
             desc = c.describe_group(group=group)
             assert {r.request_id: (r.chunks_committed, r.chunks_protected) for r in desc.requests} == {
-                "req-a": (3, 3), "req-b": (2, 2), "req-c": (4, 4)
+                "req-a": (3, 3),
+                "req-b": (2, 2),
+                "req-c": (4, 4),
             }
             assert all(r.attached and r.pool_valid for r in desc.ranks)
 
@@ -91,7 +92,9 @@ def test_workers_commit_survive_sigkill_and_lost_ranks_are_rebuilt(sidecar: kv.S
 
             # Remote path first (nothing local changes): stream rank 0's shards into a local pool.
             remote = np.zeros(KV_LAYOUT.pool_nbytes, dtype=np.uint8)
-            got = transfer.receive_into_pool(c.stream_rebuild(group=group, lost_ranks=[0, 2], rank=0), remote, KV_LAYOUT)
+            got = transfer.receive_into_pool(
+                c.stream_rebuild(group=group, lost_ranks=[0, 2], rank=0), remote, KV_LAYOUT
+            )
             assert got.failed == {} and {k: sorted(v) for k, v in got.written.items()} == {
                 rid: [i for i, _ in chunks] for rid, chunks in plan.items()
             }
@@ -127,19 +130,23 @@ def test_workers_commit_survive_sigkill_and_lost_ranks_are_rebuilt(sidecar: kv.S
                 w.communicate(timeout=30)
 
 
-@pytest.mark.parametrize(("code", "m", "lost"), [("xor", 1, [3]), ("rdp", 2, [0, 3]), ("rs", 2, [1, 2]),
-                                                 ("replicate", 0, [0, 1, 2])])
+@pytest.mark.parametrize(
+    ("code", "m", "lost"),
+    [("xor", 1, [3]), ("rdp", 2, [0, 3]), ("rs", 2, [1, 2]), ("replicate", 0, [0, 1, 2])],
+)
 def test_rebuild_is_bit_exact_for_every_code(
-    short_tmp: pathlib.Path, no_shm_leak: None, code: str, m: int, lost: list[int]
+    short_tmp: pathlib.Path, shm_prefix: str, code: str, m: int, lost: list[int]
 ) -> None:
-    sc = kv.start_sidecar(short_tmp)
+    sc = kv.start_sidecar(short_tmp, prefix=shm_prefix)
     n, group = 4, f"g-{code}"
     plan = make_plan(7, {"r1": 2, "r2": 3})
     try:
         with sc.client() as c:
             maps = []
             for r in range(n):
-                reply = c.attach(group=group, rank=r, world_size=n, layout=kv.LAYOUT, protection=kv.protection(code, m))
+                reply = c.attach(
+                    group=group, rank=r, world_size=n, layout=kv.LAYOUT, protection=kv.protection(code, m)
+                )
                 mm, pool = pools.map_pool(reply.pool)
                 pool[:] = kv.pool_content(100 + r, pool.size)
                 maps.append((mm, pool))
@@ -166,13 +173,20 @@ def test_rebuild_is_bit_exact_for_every_code(
         assert sc.terminate() == 0
 
 
-def test_socket_permissions_and_graceful_sigterm(short_tmp: pathlib.Path, no_shm_leak: None) -> None:
-    sc = kv.start_sidecar(short_tmp)
+def test_socket_permissions_metrics_and_graceful_sigterm(short_tmp: pathlib.Path, shm_prefix: str) -> None:
+    import urllib.request
+
+    port = kv.free_port()
+    sc = kv.start_sidecar(short_tmp, "--metrics-port", str(port), "--budget", "3MiB", prefix=shm_prefix)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        assert "ghostserve_parity_budget_bytes 3.145728e+06" in resp.read().decode()
     sock = pathlib.Path(sc.address[len("unix://") :])
     assert stat.S_IMODE(sock.stat().st_mode) == 0o660
     assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o750
     with sc.client() as c:
-        reply = c.attach(group="g", rank=0, world_size=1, layout=kv.LAYOUT, protection=kv.protection("xor", 1))
+        reply = c.attach(
+            group="g", rank=0, world_size=1, layout=kv.LAYOUT, protection=kv.protection("xor", 1)
+        )
         assert (pools.SHM_DIR / reply.pool.shm_name).exists()
         assert stat.S_IMODE((pools.SHM_DIR / reply.pool.shm_name).stat().st_mode) == 0o660
     assert sc.terminate() == 0
@@ -183,12 +197,15 @@ def test_socket_permissions_and_graceful_sigterm(short_tmp: pathlib.Path, no_shm
 
 
 def test_cli_rejects_bad_flags() -> None:
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "ghostserve.cli.main", "sidecar", *args],
-                              capture_output=True, text=True, timeout=60, cwd=kv.REPO)
+    import logging
 
-    assert run("--budget", "lots").returncode == 2
-    assert run("--listen", "127.0.0.1:1", "--tls-ca", "/nonexistent").returncode == 2
-    bad = run("--socket", "/proc/forbidden/s.sock", "--fake-nvml", "0")
-    assert bad.returncode != 0
-    assert os.path.exists("/proc/forbidden") is False
+    from ghostserve.sidecar import server
+
+    saved = list(logging.getLogger().handlers)
+    try:
+        assert server.main(["--budget", "lots"]) == 2
+        assert server.main(["--listen", "127.0.0.1:1", "--tls-ca", "/nonexistent"]) == 2
+        assert server.main(["--shm-prefix", "../etc", "--fake-nvml", "0"]) == 2
+        assert server.main(["--socket", "/proc/forbidden/s.sock", "--fake-nvml", "0"]) == 1
+    finally:
+        logging.getLogger().handlers[:] = saved

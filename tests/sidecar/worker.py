@@ -16,27 +16,47 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-import kv  # noqa: E402
-
-from ghostserve.sidecar import client, pools  # noqa: E402
+import kv
+from ghostserve.sidecar import client, pools
 
 
 def main(argv: list[str]) -> int:
     address, group, rank, world, code, m, mode = argv[:7]
     plan = json.loads(argv[7]) if len(argv) > 7 else {}
     with client.SidecarClient(address, timeout=20) as c:
-        reply = c.attach(group=group, rank=int(rank), world_size=int(world), layout=kv.LAYOUT,
-                         protection=kv.protection(code, int(m)), worker_id=f"pid-{rank}")
-        mm, pool = pools.map_pool(reply.pool)
+        reply = c.attach(
+            group=group,
+            rank=int(rank),
+            world_size=int(world),
+            layout=kv.LAYOUT,
+            protection=kv.protection(code, int(m)),
+            worker_id=f"pid-{rank}",
+        )
+        _mm, pool = pools.map_pool(reply.pool)
         if mode == "read":
-            print(json.dumps({"sha": hashlib.sha256(pool).hexdigest(), "generation": reply.pool.generation,
-                              "created": reply.created, "needs_rebuild": reply.needs_rebuild}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "sha": hashlib.sha256(pool.data).hexdigest(),
+                        "generation": reply.pool.generation,
+                        "created": reply.created,
+                        "needs_rebuild": reply.needs_rebuild,
+                    }
+                ),
+                flush=True,
+            )
             return 0
         pool[:] = kv.pool_content(int(rank), pool.size)
         for request_id, chunks in plan.items():
             for index, slots in chunks:
-                c.commit_chunk(group=group, rank=int(rank), request_id=request_id, chunk_index=index,
-                               slots=slots, token_ids=[1000 * index + t for t in range(len(slots))])
+                c.commit_chunk(
+                    group=group,
+                    rank=int(rank),
+                    request_id=request_id,
+                    chunk_index=index,
+                    slots=slots,
+                    token_ids=[1000 * index + t for t in range(len(slots))],
+                )
         print("committed", flush=True)
         sys.stdin.read()  # the test SIGKILLs us or closes stdin
     return 0

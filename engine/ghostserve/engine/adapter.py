@@ -30,6 +30,11 @@ class AdapterError(RuntimeError):
     """The sidecar refused the engine's request (bad layout, mismatched protection, unknown group)."""
 
 
+class PoolChangedError(AdapterError):
+    """After a sidecar restart the rank's pool is a different segment: its KV is gone (treat as a device
+    fault of this rank)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Protection:
     """How a group's KV is protected: code ("none"|"replicate"|"xor"|"rdp"|"rs"), M and T."""
@@ -135,6 +140,8 @@ class SidecarSession:
         self.worker_id = worker_id
         self.commits_sent = 0
         self.commits_failed = 0
+        self.reattaches = 0
+        self.pool: pb.PoolHandle | None = None
 
     def attach(self) -> AttachResult:
         """Attach this rank (creates the group on first attach). Raises AdapterError on refusal."""
@@ -149,22 +156,45 @@ class SidecarSession:
             )
         except grpc.RpcError as exc:
             raise AdapterError(f"attach of rank {self.rank} to {self.group!r} refused: {exc.details()}") from exc
+        self.pool = reply.pool
         return AttachResult(reply.pool, reply.created, reply.needs_rebuild)
+
+    def _reattach(self) -> None:
+        """Attach again after the sidecar restarted (it re-adopts pools but forgets workers).
+
+        Raises PoolChangedError when the pool is no longer the segment this rank maps."""
+        before = self.pool
+        reply = self.client.attach(  # grpc.RpcError propagates: the caller decides if it is transient
+            group=self.group, rank=self.rank, world_size=self.world_size, layout=layout_to_proto(self.layout),
+            protection=self.protection.to_proto(), worker_id=self.worker_id,
+        )
+        self.reattaches += 1
+        self.pool = reply.pool
+        if before is not None and (reply.pool.shm_name, reply.pool.generation) != (
+            before.shm_name, before.generation
+        ):
+            raise PoolChangedError(
+                f"rank {self.rank} of {self.group!r}: pool {before.shm_name} gen {before.generation} became "
+                f"{reply.pool.shm_name} gen {reply.pool.generation}"
+            )
 
     def commit(self, request_id: str, chunk_index: int, slots: Sequence[int], token_ids: Sequence[int]) -> bool:
         """Report one written chunk. Returns False (and counts it) when the sidecar is unreachable.
 
-        Raises AdapterError when the sidecar rejects the commit (a bug in the engine's bookkeeping).
+        A sidecar that restarted forgets attached workers (FAILED_PRECONDITION): the session attaches
+        again and retries once. Raises AdapterError when the sidecar rejects the commit (a bug in the
+        engine's bookkeeping), PoolChangedError when the re-attached pool is not the mapped one.
         """
+        fields = dict(group=self.group, rank=self.rank, request_id=request_id, chunk_index=chunk_index,
+                      slots=list(slots), token_ids=list(token_ids))
         try:
-            self.client.commit_chunk(
-                group=self.group,
-                rank=self.rank,
-                request_id=request_id,
-                chunk_index=chunk_index,
-                slots=list(slots),
-                token_ids=list(token_ids),
-            )
+            try:
+                self.client.commit_chunk(**fields)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+                self._reattach()
+                self.client.commit_chunk(**fields)
         except grpc.RpcError as exc:
             if _transient(exc):
                 self.commits_failed += 1

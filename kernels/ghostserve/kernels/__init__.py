@@ -4,7 +4,7 @@ Only numpy and xxhash are imported here; torch and cupy load with their backends
 so that callers write `ghostserve.kernels.Codec(...)` as the contract in docs/contracts.md says.
 """
 
-from ghostserve.kernels.checksum import checksum
+from ghostserve.kernels.checksums import checksum
 from ghostserve.kernels.codec import BACKENDS, CODES, Codec
 from ghostserve.kernels.errors import (
     CodecError,

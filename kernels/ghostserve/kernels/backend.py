@@ -12,7 +12,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
-
 from ghostserve.kernels import layout as kvlayout
 
 

@@ -22,7 +22,7 @@ MAX_RS_PARITY = 8
 
 
 def make_backend(name: str) -> backend_mod.Backend:
-    """Build the named backend; raises `CodecError` for an unknown name and ImportError without its library."""
+    """Build the named backend. Raises `CodecError` for an unknown name, ImportError without its library."""
     if name == "cpu":
         from ghostserve.kernels import cpu
 
@@ -46,7 +46,9 @@ def _check_counts(code: str, n_data: int, n_parity: int | None) -> int:
     if code in _FIXED_PARITY:
         fixed = _FIXED_PARITY[code]
         if n_parity not in (None, fixed):
-            raise errors.ShardCountError(f"{code} has exactly {fixed} parity shard(s), got n_parity={n_parity}")
+            raise errors.ShardCountError(
+                f"{code} has exactly {fixed} parity shard(s), got n_parity={n_parity}"
+            )
         return fixed
     m = 2 if n_parity is None else n_parity
     if not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= MAX_RS_PARITY:
@@ -83,7 +85,8 @@ class Codec:
 
     def _views(self, bufs: Sequence[Any], *, role: str, first: int, writable: bool) -> list[Any]:
         return [
-            self._be.as_bytes(b, what=f"{role} shard {first + i}", writable=writable) for i, b in enumerate(bufs)
+            self._be.as_bytes(b, what=f"{role} shard {first + i}", writable=writable)
+            for i, b in enumerate(bufs)
         ]
 
     def _check_stripe(self, views: Mapping[int, Any]) -> int:
@@ -98,12 +101,16 @@ class Codec:
                     "must be the same size"
                 )
             if self._be.device(v) != dev:
-                raise errors.ShardTypeError(f"shard {idx} is on {self._be.device(v)} but shard {idx0} on {dev}")
+                raise errors.ShardTypeError(
+                    f"shard {idx} is on {self._be.device(v)} but shard {idx0} on {dev}"
+                )
         return size
 
     def _check_list(self, bufs: Sequence[Any], count: int, role: str) -> None:
         if isinstance(bufs, str | bytes) or not isinstance(bufs, Sequence):
-            raise errors.ShardCountError(f"{role} must be a list of {count} buffers, got {type(bufs).__name__}")
+            raise errors.ShardCountError(
+                f"{role} must be a list of {count} buffers, got {type(bufs).__name__}"
+            )
         if len(bufs) != count:
             raise errors.ShardCountError(f"{role} has {len(bufs)} buffers, this codec needs {count}")
 
@@ -136,9 +143,13 @@ class Codec:
             if not isinstance(i, int) or not 0 <= i < self.n_shards:
                 raise errors.CodecError(f"out index {i!r} is not a shard index in [0, {self.n_shards})")
             if shards[i] is not None:
-                raise errors.CodecError(f"out[{i}] given but shard {i} is present: only lost shards are rebuilt")
+                raise errors.CodecError(
+                    f"out[{i}] given but shard {i} is present: only lost shards are rebuilt"
+                )
         if lost and not out:
-            raise errors.CodecError(f"shards {lost} are lost: pass out={{index: buffer}} for those to rebuild")
+            raise errors.CodecError(
+                f"shards {lost} are lost: pass out={{index: buffer}} for those to rebuild"
+            )
         views: dict[int, Any] = {}
         for i, s in enumerate(shards):
             if s is not None:
@@ -185,15 +196,17 @@ class Codec:
         pool_views = [self._be.as_bytes(p, what=f"pool {i}", writable=False) for i, p in enumerate(pools)]
         for i, v in enumerate(pool_views):
             if int(v.shape[0]) != layout.pool_nbytes:
-                raise errors.ShardSizeError(f"pool {i} has {int(v.shape[0])} bytes, layout needs {layout.pool_nbytes}")
+                raise errors.ShardSizeError(
+                    f"pool {i} has {int(v.shape[0])} bytes, layout needs {layout.pool_nbytes}"
+                )
         parity = self._views(parity_out, role="parity", first=self.n_data, writable=True)
         for i, v in enumerate(parity):
             if int(v.shape[0]) != size:
                 raise errors.ShardSizeError(
-                    f"parity shard {self.n_data + i} has {int(v.shape[0])} bytes, {slot_arr.size} slots need {size}"
+                    f"parity shard {self.n_data + i} has {int(v.shape[0])} bytes, "
+                    f"{slot_arr.size} slots need {size}"
                 )
         devices = {self._be.device(v) for v in [*pool_views, *parity]}
         if len(devices) > 1:
             raise errors.ShardTypeError(f"pools and parity must be on one device, got {sorted(devices)}")
-        rows = kvlayout.pool_rows(layout, slot_arr)
-        codes.encode_gather(self.code, self._be, pool_views, layout, rows, parity, size)
+        codes.encode_gather(self.code, self._be, pool_views, layout, slot_arr, parity, size)

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-
 from ghostserve.kernels import backend as backend_mod
 from ghostserve.kernels import gf256, rdp
 from ghostserve.kernels import layout as kvlayout
@@ -34,8 +33,10 @@ def encode(code: str, be: Backend, data: Sequence[Any], parity: Sequence[Any], s
         _rdp_tail(be, n, (n, n + 1), shards, size)
 
 
-def reconstruct(code: str, be: Backend, shards: Sequence[Any], n: int, lost: Sequence[int], size: int) -> None:
-    """Rebuild `shards[i]` for every `i` in `lost`; `shards` holds views for all N + M (lost ones writable)."""
+def reconstruct(
+    code: str, be: Backend, shards: Sequence[Any], n: int, lost: Sequence[int], size: int
+) -> None:
+    """Rebuild `shards[i]` for every `i` in `lost`; `shards` has views of all N + M (lost ones writable)."""
     if size == 0 or not lost:
         return
     m = len(shards) - n
@@ -72,7 +73,7 @@ def _rdp_run(be: Backend, n: int, lost: tuple[int, ...], view: BlockView, size: 
 
 def _rdp_tail(be: Backend, n: int, lost: tuple[int, ...], shards: Sequence[Any], size: int) -> None:
     # The bytes past the last whole row are too few to split into p - 1 rows: RS(N, 2) covers them.
-    row_bytes, tail = rdp.split(n, size)
+    _, tail = rdp.split(n, size)
     if tail == 0:
         return
     start = size - tail
@@ -88,15 +89,21 @@ def encode_gather(
     be: Backend,
     pools: Sequence[Any],
     layout: kvlayout.KVLayout,
-    rows: npt.NDArray[np.int64],
+    slots: npt.NDArray[np.int64],
     parity: Sequence[Any],
     size: int,
 ) -> None:
-    """Encode the shards at pool rows `rows` of every pool into `parity`, a cache-sized block at a time."""
+    """Encode the shards at `slots` of every pool into `parity`: fused in one kernel where the backend
+    can (`encode_gather_fused`, cuda), else gathering a cache-sized block at a time."""
     if size == 0:
         return
     n = len(pools)
+    rows = kvlayout.pool_rows(layout, slots)
     if code in ("xor", "rs"):
+        fused = getattr(be, "encode_gather_fused", None)
+        matrix = gf256.cauchy_parity(n, len(parity)) if code == "rs" else None
+        if fused is not None and fused(code, matrix, pools, layout, slots, parity):
+            return
         block = min(size, be.gather_block_bytes)
         scratch = [be.empty(block, like=parity[0]) for _ in range(n)]
         for start in range(0, size, block):

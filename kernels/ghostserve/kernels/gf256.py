@@ -93,6 +93,14 @@ def cauchy_parity(n_data: int, n_parity: int) -> npt.NDArray[np.uint8]:
     return out
 
 
+def bit_products(matrix: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """`t[r, j, b] = matrix[r, j] * 2^b`: then `c * x = XOR_b bit_b(x) * t[b]`, the table-free multiply of
+    the CUDA kernels (a byte plane of 0/1 times t[b] cannot carry into the next byte)."""
+    powers = np.array([1 << b for b in range(8)], dtype=np.intp)
+    out: npt.NDArray[np.uint8] = mul_table()[matrix.astype(np.intp)[:, :, None], powers[None, None, :]]
+    return out.astype(np.uint8)
+
+
 @functools.cache
 def decode_matrix(
     n_data: int, n_parity: int, survivors: tuple[int, ...], targets: tuple[int, ...]

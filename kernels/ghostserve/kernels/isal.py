@@ -66,7 +66,7 @@ class Isal:
         self._lib.ec_encode_data(length, len(srcs), len(outs), tbl.ctypes.data, src_ptrs, out_ptrs)
 
     def xor_gen(self, srcs: Sequence[npt.NDArray[np.uint8]], out: npt.NDArray[np.uint8]) -> None:
-        """`out = XOR srcs` with ISA-L; needs 32-byte aligned buffers and a length that is a multiple of 32."""
+        """`out = XOR srcs` with ISA-L; needs 32-byte aligned buffers and a multiple of 32 bytes."""
         vects = [*srcs, out]
         ptrs = (ctypes.c_void_p * len(vects))(*(v.ctypes.data for v in vects))
         if self._lib.xor_gen(len(vects), out.size, ptrs) != 0:

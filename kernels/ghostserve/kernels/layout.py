@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-
 from ghostserve.kernels import errors
 
 ITEMSIZE: dict[str, int] = {"float16": 2, "bfloat16": 2, "float8": 1, "float32": 4}
@@ -106,7 +105,8 @@ def _check_pool(pool: Any, layout: KVLayout, *, writable: bool) -> npt.NDArray[n
 
 
 def _np_take(pool2d: Any, idx: npt.NDArray[np.int64], out2d: Any) -> None:
-    np.take(pool2d, idx, axis=0, out=out2d)
+    # mode="clip": with the default "raise", numpy buffers `out` (an extra copy); slots are validated already.
+    np.take(pool2d, idx, axis=0, out=out2d, mode="clip")
 
 
 def gather_range(

@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-
 from ghostserve.kernels import cpu, errors, gf256
 from ghostserve.kernels import layout as kvlayout
 
@@ -45,7 +44,11 @@ class TorchBackend:
             if not buf.is_contiguous():
                 raise errors.ShardTypeError(f"{what} must be contiguous")
             flat = buf.detach().reshape(-1)
-            return flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8, device=buf.device)
+            return (
+                flat.view(torch.uint8)
+                if flat.numel()
+                else torch.empty(0, dtype=torch.uint8, device=buf.device)
+            )
         if type(buf).__module__.split(".")[0] == "cupy":
             if not buf.flags.c_contiguous:
                 raise errors.ShardTypeError(f"{what} must be C-contiguous")
@@ -74,7 +77,9 @@ class TorchBackend:
         for s in rest[1:]:
             dst.bitwise_xor_(s)
 
-    def gf_combine(self, matrix: npt.NDArray[np.uint8], srcs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor]) -> None:
+    def gf_combine(
+        self, matrix: npt.NDArray[np.uint8], srcs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor]
+    ) -> None:
         n = outs[0].numel()
         if n == 0:
             return
@@ -93,10 +98,17 @@ class TorchBackend:
         return bool(torch.equal(a, b))
 
     def gather(
-        self, pool: torch.Tensor, layout: kvlayout.KVLayout, rows: npt.NDArray[np.int64], start: int, out: torch.Tensor
+        self,
+        pool: torch.Tensor,
+        layout: kvlayout.KVLayout,
+        rows: npt.NDArray[np.int64],
+        start: int,
+        out: torch.Tensor,
     ) -> None:
         def take(pool2d: torch.Tensor, idx: npt.NDArray[np.int64], out2d: torch.Tensor) -> None:
-            torch.index_select(pool2d, 0, torch.from_numpy(np.ascontiguousarray(idx)).to(pool2d.device), out=out2d)
+            torch.index_select(
+                pool2d, 0, torch.from_numpy(np.ascontiguousarray(idx)).to(pool2d.device), out=out2d
+            )
 
         kvlayout.gather_range(pool, layout, rows, start, out, take=take)
 

@@ -149,7 +149,9 @@ def classify_node(
 
 
 def classify_health(event: Mapping[str, Any], *, fallback_node: str | None = None) -> Fault | None:
-    """Device fault from a sidecar health event (dict of ghostserve.v1.HealthEvent, `kind` by name); None if not fatal."""
+    """Device fault from a sidecar health event (a dict of ghostserve.v1.HealthEvent, `kind` by name).
+
+    None when the event is not fatal."""
     reason = _FATAL_HEALTH_REASONS.get(str(event.get("kind")))
     if not event.get("fatal") or reason is None:
         return None

@@ -19,7 +19,7 @@ RANK_PODS = {specs.APP_LABEL: specs.APP_VALUE}
 
 
 @kopf.on.startup()
-async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+async def start(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     config: runtime.Config = memo.get("config") or runtime.Config()
     settings.persistence.finalizer = "ghostserve.io/finalizer"
     settings.posting.level = logging.WARNING  # handler logs; our own Events are posted explicitly
@@ -30,7 +30,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
 
 
 @kopf.on.cleanup()
-async def stop(memo: kopf.Memo, **_: Any) -> None:
+async def stop(memo: Any, **_: Any) -> None:
     if "runtime" in memo:
         await memo["runtime"].close()
 
@@ -39,7 +39,7 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.create(*CR)
 @kopf.on.update(*CR)
 async def reconcile_spec(
-    name: str, namespace: str, spec: kopf.Spec, body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any
+    name: str, namespace: str | None, spec: kopf.Spec, body: kopf.Body, patch: kopf.Patch, memo: Any, **_: Any
 ) -> None:
     """Validate the spec and ensure the Service; the control loop creates and rolls the pods."""
     try:
@@ -58,6 +58,7 @@ async def reconcile_spec(
         kopf.warn(body, reason="InvalidSpec", message=str(exc)[:1000])
         raise kopf.PermanentError(f"invalid spec: {exc}") from exc
     rt: runtime.Runtime = memo["runtime"]
+    assert namespace is not None  # the resource is namespaced
     service = specs.build_service(namespace, name)
     kopf.adopt(service, owner=body)
     await rt.kube.create_service(namespace, service)
@@ -66,7 +67,7 @@ async def reconcile_spec(
 
 @kopf.daemon(*CR, cancellation_timeout=2.0)
 async def control_loop(
-    body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, stopped: kopf.DaemonStopped, **_: Any
+    body: kopf.Body, memo: Any, logger: kopf.Logger, stopped: kopf.DaemonStopped, **_: Any
 ) -> None:
     """Wake on a signal (pod, node, GPU event) or every resync period, and reconcile once."""
     rt: runtime.Runtime = memo["runtime"]
@@ -87,15 +88,16 @@ async def control_loop(
 @kopf.on.delete(*CR, retries=5, backoff=2.0)
 async def release(
     name: str,
-    namespace: str,
+    namespace: str | None,
     spec: kopf.Spec,
     status: kopf.Status,
-    memo: kopf.Memo,
+    memo: Any,
     logger: kopf.Logger,
     **_: Any,
 ) -> None:
     """Delete rank pods and the Service, then free the groups' KV and parity on every sidecar used."""
     rt: runtime.Runtime = memo["runtime"]
+    assert namespace is not None  # the resource is namespaced
     key = (namespace, name)
     nodes: dict[int, set[str]] = {}
     for (group, _rank), pod in rt.view.pods(key).items():
@@ -118,7 +120,7 @@ async def release(
 
 
 @kopf.on.event("pods", labels=RANK_PODS)
-def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+def pod_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
     rt: runtime.Runtime = memo["runtime"]
     pod = event["object"]
     key = rt.view.drop_pod(pod) if event["type"] == "DELETED" else rt.view.put_pod(pod)
@@ -126,7 +128,7 @@ def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.event("nodes")
-def node_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+def node_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
     rt: runtime.Runtime = memo["runtime"]
     node = event["object"]
     name = node["metadata"]["name"]

@@ -95,7 +95,7 @@ class Reconciler:
         for slot, pod in pods.items():
             if slot not in set(wanted):
                 await self.rt.kube.delete_pod(self.namespace, pod["metadata"]["name"], uid=_uid(pod))
-        for slot, pod in pods.items():
+        for pod in pods.values():
             node = (pod.get("spec") or {}).get("nodeName")
             if node:
                 self.rt.ensure_health_watch(node, spec["sidecar"]["port"], self.on_gpu_fault)

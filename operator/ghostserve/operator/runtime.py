@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable
@@ -73,10 +74,8 @@ class Runtime:
             except Exception as exc:  # the sidecar restarts or is not up yet: reconnect with backoff
                 log.debug("health stream %s: %s", address, exc)
             stop = asyncio.Event()
-            try:  # wait out the backoff on an event nobody sets: a bounded, cancellable pause
+            with contextlib.suppress(TimeoutError):  # a bounded, cancellable pause before reconnecting
                 await asyncio.wait_for(stop.wait(), timeout=delay)
-            except TimeoutError:
-                pass
             delay = min(delay * 2, 30.0)
 
     async def close(self) -> None:

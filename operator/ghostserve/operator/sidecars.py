@@ -140,7 +140,7 @@ class GrpcSidecars:
         return GroupFigures(protected, max(0, committed - protected), int(desc.parity_bytes))
 
     async def watch_health(self, address: str) -> AsyncIterator[dict[str, Any]]:
-        """Health events as dicts (`kind` by HealthKind name), current state first; ends when the stream does."""
+        """Health events as dicts (`kind` by HealthKind name), current state first; ends with the stream."""
         call = self._stub(address).WatchHealth(sidecar_pb2.WatchHealthRequest(initial_state=True))
         try:
             async for event in call:

@@ -205,7 +205,7 @@ def engine_args(name: str, spec: Mapping[str, Any], group: int, rank: int) -> li
 
 
 def _engine_env(namespace: str, name: str, spec: Mapping[str, Any], group: int, rank: int) -> list[Any]:
-    ours = [
+    ours: list[dict[str, Any]] = [
         {"name": "SGLANG_PLUGINS", "value": "ghostserve"},
         {"name": "GHOSTSERVE_GROUP", "value": sidecar_group_id(namespace, name, group)},
         {"name": "GHOSTSERVE_RANK", "value": str(rank)},

@@ -44,4 +44,7 @@ class Config:
     queue_depth: int = 4096
     node: str = ""
     fake_gpus: int | None = None
-    max_pool_bytes: int | None = None  # None: what /dev/shm has free at attach time
+    max_pool_bytes: int | None = None
+    shm_prefix: str = (
+        "gs-"  # segment names: prefix + 16 hex digits  # None: what /dev/shm has free at attach time
+    )

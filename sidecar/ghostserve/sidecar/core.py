@@ -52,6 +52,7 @@ class AttachResult:
 
 class Custodian:
     def __init__(self, cfg: config.Config, *, metrics_: metrics.Metrics | None = None) -> None:
+        pools.check_prefix(cfg.shm_prefix)
         self.config = cfg
         self.metrics = metrics_ or metrics.Metrics()
         self.lock = threading.RLock()
@@ -59,6 +60,7 @@ class Custodian:
         self.store = store.ParityStore(cfg.budget_bytes)
         self.queue = workqueue.WorkQueue(workers=cfg.encode_workers, depth=cfg.queue_depth)
         self.spill = persist.Spill(cfg.spill_dir) if cfg.spill_dir else None
+        self.journal = persist.Journal(cfg.state_dir) if cfg.state_dir else None
         self.counters = Counters()
         self.metrics.parity_budget.set(cfg.budget_bytes)
         self._closed = False
@@ -87,7 +89,7 @@ class Custodian:
         settings = group.settings_from_state(data)
         group.check_settings(settings)
         g = group.Group(name, settings, codec=coding.make_codec(settings.protection, settings.world_size))
-        custody = pools.custody_for(settings.kind)
+        custody = self._custody(settings.kind)
         for rp, rank_data in zip(g.ranks, data["ranks"], strict=True):
             rp.generation = int(rank_data["generation"])
             rp.valid = bool(rank_data["valid"])
@@ -102,14 +104,52 @@ class Custodian:
                     )
         self.groups[name] = g
         self.metrics.pool_bytes.inc(g.pool_bytes())
+        self._replay_journal(g)
         if self.spill:
             self._restore_spill(g)
+        if self.journal:
+            self.journal.rewrite(
+                name,
+                [
+                    _chunk_record(rid, c)
+                    for rid, req in g.ledger.requests.items()
+                    for c in req.complete_chunks()
+                ],
+            )
         log.info(json.dumps({"event": "group-restored", "group": name, "requests": len(g.ledger.requests)}))
+
+    def _replay_journal(self, g: group.Group) -> None:
+        """Chunks completed before the restart come back committed and unprotected (their parity is
+        gone unless the spill dir has it)."""
+        if self.journal is None:
+            return
+        for rec in self.journal.load(g.name):
+            rid = str(rec.get("r", ""))
+            if rec.get("op") == "release":
+                g.ledger.requests.pop(rid, None)
+            elif rec.get("op") == "drop":
+                req = g.ledger.requests.get(rid)
+                if req is not None:
+                    req.chunks.pop(int(rec["c"]), None)
+            elif rec.get("op") == "chunk":
+                slots = np.asarray(rec["s"], dtype=np.int64)
+                tokens = np.asarray(rec["t"], dtype=np.int64)
+                try:
+                    for rank in range(g.settings.world_size):
+                        chunk, _ = g.ledger.commit(rank, rid, int(rec["c"]), slots=slots, token_ids=tokens)
+                except errors.SidecarError:
+                    continue
+                chunk.state, chunk.failure = ledger.State.UNPROTECTED, ledger.Failure.NOT_PROTECTED
 
     def _restore_spill(self, g: group.Group) -> None:
         assert self.spill is not None
         for meta, path in self.spill.load_group(g.name):
             rid, idx = str(meta["request_id"]), int(meta["index"])
+            known = g.ledger.requests.get(rid)
+            if self.journal is not None and (known is None or idx not in known.chunks):
+                # The journal is written before any spill: a record it lacks was released or dropped.
+                self.spill.delete_chunk(g.name, rid, idx)
+                continue
             slots = np.asarray(meta["slots"], dtype=np.int64)
             tokens = np.asarray(meta["token_ids"], dtype=np.int64)
             try:
@@ -146,9 +186,17 @@ class Custodian:
                         rp.segment.unlink()
                 if not self.config.keep_pools and self.spill:
                     self.spill.delete_group(g.name)
+                if self.journal:
+                    if self.config.keep_pools:
+                        self.journal.close(g.name)
+                    else:
+                        self.journal.delete(g.name)
             if not self.config.keep_pools and self.config.state_dir is not None:
                 persist.remove_state(self.config.state_dir)
             self.groups.clear()
+
+    def _custody(self, kind: str) -> pools.Custody:
+        return pools.custody_for(kind, prefix=self.config.shm_prefix)
 
     def _save_state(self) -> None:
         if self.config.state_dir is None:
@@ -195,7 +243,7 @@ class Custodian:
             created = rp.segment is None
             if created:
                 self._check_pool_room(g.layout.pool_nbytes)
-                rp.segment = pools.custody_for(settings.kind).create(g.layout.pool_nbytes)
+                rp.segment = self._custody(settings.kind).create(g.layout.pool_nbytes)
             if created_group:
                 self.groups[name] = g
             rp.attached, rp.worker_id = True, worker_id
@@ -238,6 +286,8 @@ class Custodian:
             del self.groups[name]
             if self.spill:
                 self.spill.delete_group(name)
+            if self.journal:
+                self.journal.delete(name)
             self._save_state()
             self._sync_gauges()
             log.info(json.dumps({"event": "group-deleted", "group": name}))
@@ -253,7 +303,7 @@ class Custodian:
                 g.check_rank(r)
             for r in sorted(set(ranks)):
                 rp = g.ranks[r]
-                new = pools.custody_for(g.settings.kind).create(g.layout.pool_nbytes)
+                new = self._custody(g.settings.kind).create(g.layout.pool_nbytes)
                 if rp.segment is not None:
                     rp.segment.unlink()
                 else:
@@ -296,6 +346,8 @@ class Custodian:
                 raise errors.FailedPrecondition(f"rank {rank} of {name!r} has no worker attached")
             chunk, done = g.ledger.commit(rank, request_id, chunk_index, slots=slots, token_ids=token_ids)
             if done:
+                if self.journal:
+                    self.journal.append(name, _chunk_record(request_id, chunk))
                 self._protect(g, request_id, chunk)
             return chunk.state
 
@@ -366,6 +418,8 @@ class Custodian:
         with self.lock:
             g = self.get(name)
             g.ledger.release(request_id)
+            if self.journal:
+                self.journal.append(name, {"op": "release", "r": request_id})
             freed = self.store.release(g.owner(request_id))
             if self.spill:
                 self.spill.delete_request(name, request_id)
@@ -378,6 +432,8 @@ class Custodian:
         if req is None or index not in req.chunks:
             return
         del req.chunks[index]
+        if self.journal:
+            self.journal.append(g.name, {"op": "drop", "r": request_id, "c": index})
         self.store.release(g.owner(request_id), index)
         if self.spill:
             self.spill.delete_chunk(g.name, request_id, index)
@@ -390,6 +446,16 @@ class Custodian:
         tag = name or None
         drained = self.queue.wait_idle(tag, timeout=timeout)
         return drained, self.queue.pending(tag)
+
+
+def _chunk_record(request_id: str, chunk: ledger.Chunk) -> dict[str, Any]:
+    return {
+        "op": "chunk",
+        "r": request_id,
+        "c": chunk.index,
+        "s": chunk.slots.tolist(),
+        "t": chunk.token_ids.tolist(),
+    }
 
 
 class _EncodeJob:

@@ -140,7 +140,8 @@ class NvmlHealthSource:
             while not self._stop.is_set():
                 try:
                     data = nv.nvmlEventSetWait_v2(event_set, int(self._poll_s * 1000))
-                    index = self._handles.index(data.device) if data.device in self._handles else 0
+                    uuid = str(nv.nvmlDeviceGetUUID(data.device))
+                    index = self._uuids.index(uuid) if uuid in self._uuids else 0
                     if data.eventType == nv.nvmlEventTypeDoubleBitEccError:
                         publish(self._event(index, Kind.ECC_DOUBLE_BIT, 0, "double-bit ECC error"))
                     else:

@@ -100,3 +100,57 @@ class Spill:
             bin_path = meta_path.with_suffix(".bin")
             if bin_path.is_file() and bin_path.stat().st_size == meta.get("parity_nbytes"):
                 yield meta, bin_path
+
+
+class Journal:
+    """Append-only ledger journal per group in the state dir (`ledger-<group key>.jsonl`): one line per
+    completed chunk (request, index, slots, token ids), released request and dropped chunk. Replayed at
+    start so that, even without a spill dir, a restarted sidecar knows which chunks exist and reports
+    them unprotected. Request token lists (RecordTokens) are not journaled."""
+
+    def __init__(self, state_dir: pathlib.Path) -> None:
+        self.dir = state_dir
+        self._files: dict[str, Any] = {}
+
+    def _path(self, group: str) -> pathlib.Path:
+        return self.dir / f"ledger-{key_of(group)}.jsonl"
+
+    def append(self, group: str, record: dict[str, Any]) -> None:
+        f = self._files.get(group)
+        if f is None:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+            f = self._files[group] = open(self._path(group), "a", encoding="utf-8")  # noqa: SIM115
+        f.write(json.dumps(record, separators=(",", ":")) + "\n")
+        f.flush()  # a crash of the process (not of the node) keeps what the page cache has
+
+    def load(self, group: str) -> list[dict[str, Any]]:
+        """Records in order; a torn last line (crash mid-write) is ignored."""
+        try:
+            lines = self._path(group).read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+        return out
+
+    def rewrite(self, group: str, records: list[dict[str, Any]]) -> None:
+        self.close(group)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        body = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+        _atomic_write(self._path(group), body.encode())
+
+    def delete(self, group: str) -> None:
+        self.close(group)
+        self._path(group).unlink(missing_ok=True)
+
+    def close(self, group: str | None = None) -> None:
+        for name in [group] if group is not None else list(self._files):
+            f = self._files.pop(name, None) if name is not None else None
+            if f is not None:
+                f.close()

@@ -25,7 +25,7 @@ from ghostserve.sidecar import errors
 
 SHM_DIR = pathlib.Path("/dev/shm")
 PREFIX = "gs-"
-_NAME = re.compile(r"^gs-[A-Za-z0-9._-]{1,200}$")
+_NAME = re.compile(r"^gs[A-Za-z0-9._-]{1,200}$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,16 +74,28 @@ class Custody(Protocol):
     def adopt(self, name: str, nbytes: int) -> Segment: ...
 
 
+def check_prefix(prefix: str) -> str:
+    """Segment-name prefixes start with `gs` (leak checks and operators look for gs*)."""
+    if not re.fullmatch(r"gs[A-Za-z0-9._-]{0,40}", prefix):
+        raise errors.InvalidArgument(
+            f"shared-memory prefix must match gs[A-Za-z0-9._-]{{0,40}}, got {prefix!r}"
+        )
+    return prefix
+
+
 class CpuCustody:
     """POSIX shared memory under /dev/shm, mode 0660 (the socket's group may map pools)."""
 
     kind = "cpu"
 
+    def __init__(self, prefix: str = PREFIX) -> None:
+        self.prefix = check_prefix(prefix)
+
     def create(self, nbytes: int) -> Segment:
         """Create a new zero-filled segment. Raises ResourceExhausted when /dev/shm cannot hold it."""
         if nbytes <= 0:
             raise errors.InvalidArgument(f"pool size must be positive, got {nbytes}")
-        name = PREFIX + secrets.token_hex(8)
+        name = self.prefix + secrets.token_hex(8)
         path = SHM_DIR / name
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o660)
         try:
@@ -136,8 +148,8 @@ def map_pool(handle: Any) -> tuple[mmap.mmap, np.ndarray]:
     return mm, np.frombuffer(mm, dtype=np.uint8, count=nbytes)
 
 
-def custody_for(kind: str) -> Custody:
+def custody_for(kind: str, *, prefix: str = PREFIX) -> Custody:
     """The custody implementation for a pool kind. Raises FailedPrecondition for kinds this build lacks."""
     if kind == CpuCustody.kind:
-        return CpuCustody()
+        return CpuCustody(prefix)
     raise errors.FailedPrecondition(f"pool kind {kind!r} is not available in this build (cpu only)")

@@ -16,12 +16,13 @@ import os
 import pathlib
 import signal
 import socket
+import sys
 from collections.abc import Sequence
 
 import grpc
 import grpc.aio
 import prometheus_client as prom
-from ghostserve.sidecar import client, config, core, health, logs, metrics, service
+from ghostserve.sidecar import client, config, core, errors, health, logs, metrics, service
 from ghostserve.v1 import sidecar_pb2_grpc as pb_grpc
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -208,6 +209,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument(
         "--fake-nvml", type=int, metavar="N", help="fake N GPUs (tests, demos): enables InjectFault"
     )
+    p.add_argument("--shm-prefix", default="gs-", help="prefix of pool segment names in /dev/shm (gs...)")
     p.add_argument("--node", default=os.environ.get("NODE_NAME", socket.gethostname()))
     p.add_argument("--grace", type=float, default=5.0, help="seconds calls in flight get at shutdown")
     p.add_argument("--log-level", default=None)
@@ -220,12 +222,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         budget = config.parse_bytes(args.budget)
     except ValueError as exc:
-        print(f"ghostserve sidecar: {exc}", file=__import__("sys").stderr)
+        print(f"ghostserve sidecar: {exc}", file=sys.stderr)
         return 2
     if (args.tls_cert is None) != (args.tls_key is None) or (args.tls_ca and not args.tls_cert):
         print(
             "ghostserve sidecar: --tls-cert and --tls-key go together (--tls-ca needs both)",
-            file=__import__("sys").stderr,
+            file=sys.stderr,
         )
         return 2
     address = args.listen if args.listen else f"unix://{pathlib.Path(args.socket).resolve()}"
@@ -241,10 +243,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         queue_depth=args.queue_depth,
         node=args.node,
         fake_gpus=args.fake_nvml,
+        shm_prefix=args.shm_prefix,
     )
     tls = Tls(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
     try:
         return asyncio.run(serve(address, cfg=cfg, tls=tls, metrics_port=args.metrics_port, grace=args.grace))
-    except RuntimeError as exc:
+    except errors.SidecarError as exc:
+        print(f"ghostserve sidecar: {exc}", file=sys.stderr)
+        return 2
+    except (RuntimeError, OSError) as exc:
         log.error('{"event": "failed", "error": %s}', _json_str(exc))
         return 1

@@ -66,9 +66,14 @@ class Options:
     pool_slots: int = 2048
     threads_per_rank: int = 1
     record_digests: bool = False
+    # False: ranks commit nothing (no checkpointing at all), the "protection off" side of the overhead
+    # benchmark. The sidecar still holds the pools.
+    protect: bool = True
     # Rebuild bandwidth the planner assumes (bytes/s); None = measured by the sidecar. Tests set a low
     # value to force hybrid plans (r > 0) on a machine where rebuilding tiny shards is nearly free.
     plan_rebuild_bytes_per_s: float | None = None
+    # Prefill speed the planner assumes (tokens/s); None = measured from this engine's prefill steps.
+    plan_prefill_tokens_per_s: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +141,7 @@ class ReferenceEngine:
         store = str(self.workdir / f"gloo-{gen}")
         specs = [
             rank_mod.RankSpec(self.cfg, self.opts.tp, r, store, self.sidecar, self.group, self.shape,
-                              self.protection, self.opts.threads_per_rank)
+                              self.protection, self.opts.threads_per_rank, protect=self.opts.protect)
             for r in range(self.opts.tp)
         ]
         self.cluster = cluster_mod.Cluster(specs)
@@ -233,7 +238,7 @@ class ReferenceEngine:
             req.kv_len = end
             if end == len(req.tokens):
                 req.tokens.append(tok)
-            if schedule.completed_chunks(w.start, end, t):
+            if self.opts.protect and schedule.completed_chunks(w.start, end, t):
                 self.session.record_tokens(req.request_id, req.tokens, prompt_tokens=len(req.prompt))
             if req.done:
                 self._finish(req)
@@ -285,13 +290,15 @@ class ReferenceEngine:
         """Recompute positions of requests exactly as they were first computed; returns tokens computed.
 
         ranges: per request, position ranges [start, end) in order (each starting at a chunk boundary or
-        the prompt end). Every request's pieces run one per step, batched across requests.
+        the prompt end). Prefill pieces are replayed as they ran; runs of decode steps are replayed in one
+        row-wise pass (bit-identical, one set of collectives). Every request's passes run one per step,
+        batched across requests.
         """
         assert self.cluster is not None
-        queues: dict[str, list[tuple[int, int]]] = {}
+        queues: dict[str, list[tuple[int, int, bool]]] = {}
         for rid, spans in ranges.items():
             req = self.requests[rid]
-            queues[rid] = [p for a, b in spans for p in schedule.pieces(
+            queues[rid] = [p for a, b in spans for p in schedule.replay_passes(
                 a, b, prompt_len=len(req.prompt), chunk_tokens=self.opts.chunk_tokens)]
         total = 0
         while any(queues.values()):
@@ -299,10 +306,10 @@ class ReferenceEngine:
             for rid, q in queues.items():
                 if not q:
                     continue
-                a, b = q.pop(0)
+                a, b, rowwise = q.pop(0)
                 req = self.requests[rid]
                 slots = self.alloc.slots(rid)
-                work.append(rank_mod.Work(rid, tuple(req.tokens[a:b]), a, tuple(slots[a:b]), commit))
+                work.append(rank_mod.Work(rid, tuple(req.tokens[a:b]), a, tuple(slots[a:b]), commit, rowwise))
                 total += b - a
             self.cluster.call(rank_mod.Step(tuple(work), want_tokens=False))
         return total
@@ -316,5 +323,8 @@ class ReferenceEngine:
                 self.cluster.call(rank_mod.Resume(req.request_id, tuple(req.tokens), tuple(slots), len(req.prompt)))
 
     def prefill_tokens_per_s(self) -> float:
+        """Measured prefill throughput (or the configured override) for the recovery planner."""
+        if self.opts.plan_prefill_tokens_per_s is not None:
+            return self.opts.plan_prefill_tokens_per_s
         c = self.counters
         return c.prefill_tokens / c.prefill_seconds if c.prefill_seconds else 0.0

@@ -22,7 +22,7 @@ class RunResult:
     counters: engine_mod.Counters
     seconds: float
     rank_pids: list[int]  # every rank process this run started
-    commits_failed: int = 0
+    pool_names: list[str]  # every shared-memory segment the group's pools used (all freed by close)
 
 
 def run(
@@ -42,10 +42,19 @@ def run(
     """
     eng = engine_mod.ReferenceEngine(cfg, opts, sidecar=sidecar.address, group=group, workdir=workdir)
     pids: list[int] = []
+    pools: list[str] = []
+
+    def note_pools() -> None:
+        for r in eng.client.describe_group(group=group).ranks:
+            if r.pool.shm_name and r.pool.shm_name not in pools:
+                pools.append(r.pool.shm_name)
+
     t0 = time.perf_counter()
     try:
         eng.start()
         pids += eng.rank_pids
+        note_pools()
+        eng.on_recovered = lambda _report: note_pools()
 
         def track(e: engine_mod.ReferenceEngine) -> None:
             pids.extend(p for p in e.rank_pids if p not in pids)
@@ -66,6 +75,7 @@ def run(
             counters=eng.counters,
             seconds=seconds,
             rank_pids=pids,
+            pool_names=pools,
         )
     finally:
         eng.close()

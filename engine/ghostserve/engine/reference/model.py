@@ -104,6 +104,16 @@ class Piece:
     tokens: torch.Tensor  # int64 [n]
     start: int
     context_slots: torch.Tensor  # int64 [start+n]
+    # Compute the positions one row at a time, exactly as n decode steps would (replay of decode tokens).
+    rowwise: bool = False
+
+    def rows(self) -> list[Piece]:
+        """This piece as the single-token pieces of the decode steps that first computed it."""
+        if not self.rowwise:
+            return [self]
+        n = self.tokens.shape[0]
+        return [Piece(self.tokens[i:i + 1], self.start + i, self.context_slots[: self.start + i + 1])
+                for i in range(n)]
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -155,6 +165,10 @@ def forward(
     must call this with the same pieces (the collectives pair up layer by layer).
     """
     cfg = w.config
+    # Row-wise pieces become their decode steps; they run in order inside each layer, so every row
+    # attends to the K/V its predecessors wrote at that layer, as in the original decode steps.
+    owners = [i for i, p in enumerate(pieces) for _ in p.rows()]
+    pieces = [r for p in pieces for r in p.rows()]
     hs = [w.embed[p.tokens] for p in pieces]
     sizes = [p.tokens.shape[0] for p in pieces]
     for li, lw in enumerate(w.layers):
@@ -168,7 +182,8 @@ def forward(
             partial.append((torch.nn.functional.silu(x @ lw.w_gate) * (x @ lw.w_up)) @ lw.w_down)
         summed = coll.allreduce(torch.cat(partial)).split(sizes)
         hs = [h + m for h, m in zip(hs, summed, strict=True)]
-    return [_rms_norm(h[-1:], w.final_norm, cfg.norm_eps)[0] for h in hs]
+    last = {owner: h for owner, h in zip(owners, hs, strict=True)}  # the last row of each input piece
+    return [_rms_norm(last[i][-1:], w.final_norm, cfg.norm_eps)[0] for i in sorted(last)]
 
 
 def greedy(w: RankWeights, last_hidden: Sequence[torch.Tensor]) -> list[int]:

@@ -40,6 +40,7 @@ class RankSpec:
     protection: adapter.Protection
     threads: int = 1
     collective_timeout_s: float = 60.0
+    protect: bool = True  # False: never commit chunks (protection off)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +56,7 @@ class Work:
     start: int
     new_slots: tuple[int, ...]
     commit: bool = True
+    rowwise: bool = False  # replay of decode steps (see model.Piece.rowwise)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,11 +159,11 @@ def _run_step(
         table[w.start:end] = w.new_slots
         toks[w.start:end] = w.tokens
         pieces.append(model.Piece(torch.tensor(w.tokens, dtype=torch.int64), w.start,
-                                  torch.tensor(table[:end], dtype=torch.int64)))
+                                  torch.tensor(table[:end], dtype=torch.int64), w.rowwise))
     last = model.forward(weights, pieces, pool, coll)
     t = ad.spec.protection.chunk_tokens
     for w in msg.work:
-        if not w.commit:
+        if not (w.commit and ad.spec.protect):
             continue
         for c in schedule.completed_chunks(w.start, w.start + len(w.tokens), t):
             ad.on_chunk_complete(w.request_id, c, ad.tables[w.request_id][c * t:(c + 1) * t],

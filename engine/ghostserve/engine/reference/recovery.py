@@ -33,7 +33,9 @@ class RecoveryReport:
     lost_ranks: list[int]
     restart_s: float = 0.0
     restore_s: float = 0.0  # rebuild + recompute, after the restart
-    rebuild_s: float = 0.0
+    rebuild_s: float = 0.0  # the sidecar's Rebuild call (overlaps head_s)
+    head_s: float = 0.0  # recompute of the planned first r chunks
+    after_s: float = 0.0  # recompute after the rebuild: unrebuilt chunks and the tail
     total_s: float = 0.0
     bytes_rebuilt: int = 0
     chunks_rebuilt: int = 0
@@ -81,31 +83,34 @@ def _restore(engine: engine_mod.ReferenceEngine, lost: list[int], report: Recove
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         future = pool.submit(_rebuild, engine, lost, first)
         head = {rid: [(0, r * t)] for rid, r in first.items() if r}
+        th = time.perf_counter()
         report.tokens_recomputed += engine.replay(head)
+        report.head_s = time.perf_counter() - th
         report.chunks_recomputed += sum(first.values())
         rebuilt = future.result()
-    failed: dict[str, list[int]] = {rid: [] for rid in first}
+    rebuilt_chunks: dict[str, set[int]] = {rid: set() for rid in first}
     report.rebuild_s = rebuilt.seconds
     report.bytes_rebuilt = rebuilt.bytes_rebuilt
     for rr in rebuilt.requests:
         report.chunks_rebuilt += len(rr.rebuilt_chunks)
-        failed.setdefault(rr.request_id, []).extend(f.chunk_index for f in rr.failed_chunks)
-    # Everything else of the request that holds KV: plan's unprotected chunks, failed rebuilds, the tail.
+        report.failed_chunks += len(rr.failed_chunks)
+        rebuilt_chunks.setdefault(rr.request_id, set()).update(rr.rebuilt_chunks)
+    # Every position past the recomputed head that the rebuild did not restore is recomputed, in
+    # position order: the plan's unprotected chunks, failed rebuilds, chunks the ledger never saw (a
+    # sidecar restart) and the tail after the last committed chunk.
     after: dict[str, list[tuple[int, int]]] = {}
     for req in active:
         rid = req.request_id
-        p = plans.get(rid)
-        committed = p.total_chunks if p is not None else 0
-        chunks = sorted(set(failed.get(rid, [])) | set(p.unprotected_chunks if p is not None else []))
-        chunks = [c for c in chunks if c >= first[rid]]
-        spans = [(c * t, (c + 1) * t) for c in chunks]
-        if req.kv_len > committed * t:
-            spans.append((committed * t, req.kv_len))
-        report.failed_chunks += len(set(failed.get(rid, [])))
-        report.chunks_recomputed += len(chunks)
+        spans = []
+        for c in range(first[rid], -(-req.kv_len // t)):
+            if c not in rebuilt_chunks[rid]:
+                spans.append((c * t, min((c + 1) * t, req.kv_len)))
+        report.chunks_recomputed += sum(1 for a, b in spans if b - a == t)
         if spans:
             after[rid] = _merge(spans)
+    ta = time.perf_counter()
     report.tokens_recomputed += engine.replay(after, commit=True)
+    report.after_s = time.perf_counter() - ta
     # The sidecar dropped the chunks it did not rebuild; commit the recomputed head again (the tail and
     # the other recomputed chunks were committed by the replay itself).
     assert engine.cluster is not None

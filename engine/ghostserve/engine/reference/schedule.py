@@ -39,6 +39,21 @@ def pieces(start: int, end: int, *, prompt_len: int, chunk_tokens: int) -> list[
     return out
 
 
+def replay_passes(start: int, end: int, *, prompt_len: int, chunk_tokens: int) -> list[tuple[int, int, bool]]:
+    """``pieces`` with every run of decode steps merged into one row-wise pass: (start, end, rowwise).
+
+    A row-wise pass computes each position exactly as its decode step did (one row at a time, each
+    attending to the positions before it), in one forward pass instead of one per token.
+    """
+    out: list[tuple[int, int, bool]] = []
+    for a, b in pieces(start, end, prompt_len=prompt_len, chunk_tokens=chunk_tokens):
+        if a >= prompt_len and out and out[-1][2] and out[-1][1] == a:
+            out[-1] = (out[-1][0], b, True)
+        else:
+            out.append((a, b, a >= prompt_len))
+    return out
+
+
 def completed_chunks(start: int, end: int, chunk_tokens: int) -> range:
     """Chunks whose last token lies in [start, end): a pass over those positions completes them."""
     return range(-(-(start + 1) // chunk_tokens) - 1, end // chunk_tokens)

@@ -6,7 +6,6 @@ from typing import Any
 
 import numpy as np
 import xxhash
-
 from ghostserve.kernels import cpu
 
 
@@ -20,4 +19,4 @@ def checksum(buf: Any) -> int:
         host = cpu.host_bytes(buf.detach().cpu(), what="buffer", writable=False)
     else:
         host = cpu.host_bytes(buf, what="buffer", writable=False)
-    return int(xxhash.xxh3_64_intdigest(memoryview(np.ascontiguousarray(host))))
+    return int(xxhash.xxh3_64_intdigest(np.ascontiguousarray(host).data))

@@ -1,0 +1,303 @@
+"""Sidecar benchmark: what the service costs on top of the bare codec, measured side by side on the same
+pools in one run.
+
+  commit->parity: chunks committed by every rank over gRPC (Unix socket) until Flush reports them
+                  protected, vs `Codec.encode_gather` over the same pools and slots in a loop.
+  rebuild:        the Rebuild RPC (gather survivors, reconstruct, verify xxh3, scatter into the pool) vs
+                  the bare `Codec.reconstruct` on pre-gathered shards, and vs reconstruct plus the
+                  gather/scatter any implementation needs.
+  memory:         parity bytes held per protected KV byte (M/N) plus ledger metadata per KV byte.
+
+usage: python bench/sidecar.py [--quick] [--codes xor,rdp,rs] [--ranks 4] [--chunks 12] [--repeat 3]
+Writes bench/results/sidecar-cpu-<machine>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import logging
+import os
+import pathlib
+import platform
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+import tracemalloc
+
+import ghostserve.kernels
+import grpc
+import numpy as np
+from ghostserve.kernels import layout as kvlayout
+from ghostserve.sidecar import client, config, ledger, pools
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests" / "sidecar"))
+import inproc
+from ghostserve.v1 import sidecar_pb2 as pb
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CODES = {"xor": (pb.XOR, 1, 1), "rdp": (pb.RDP, 2, 2), "rs": (pb.RS, 2, 2)}  # code, M, ranks lost
+
+
+def machine() -> str:
+    return f"{platform.machine()}-{os.cpu_count()}c"
+
+
+def best(times: list[float]) -> float:
+    return min(times)
+
+
+def run_code(
+    name: str, args: argparse.Namespace, c: client.SidecarClient, progress: Progress
+) -> dict[str, float]:
+    code, m, lost_n = CODES[name]
+    n, t, chunks = args.ranks, args.chunk_tokens, args.chunks
+    lay = kvlayout.KVLayout(args.layers, args.kv_heads, args.head_dim, "float16", 16, chunks * t)
+    msg_layout = pb.KVLayout(
+        layers=lay.layers,
+        kv_heads=lay.kv_heads,
+        head_dim=lay.head_dim,
+        dtype=pb.FLOAT16,
+        page_size=16,
+        pool_slots=lay.pool_slots,
+    )
+    prot = pb.Protection(code=code, parity_shards=m, chunk_tokens=t)
+    group = f"bench-{name}"
+    maps = []
+    for r in range(n):
+        h = c.attach(group=group, rank=r, world_size=n, layout=msg_layout, protection=prot).pool
+        mm, pool = pools.map_pool(h)
+        pool[:] = np.random.default_rng(r).integers(0, 256, pool.size, dtype=np.uint8)
+        maps.append((mm, pool))
+    arrays = [p for _, p in maps]
+    rng = np.random.default_rng(9)
+    perm = rng.permutation(lay.pool_slots)
+    # Pages of 16 consecutive slots in shuffled page order, as a paged allocator hands them out.
+    pages = perm[perm % 16 == 0]
+    slot_lists = [
+        np.concatenate([np.arange(p, p + 16) for p in pages[i * (t // 16) : (i + 1) * (t // 16)]])
+        for i in range(chunks)
+    ]
+    s = lay.shard_nbytes(t)
+    kv_bytes = chunks * n * s
+    codec = ghostserve.kernels.Codec(name, n, m)
+    parity = [[np.zeros(s, np.uint8) for _ in range(m)] for _ in range(chunks)]
+    task = progress.add_task(f"{name}: encode + rebuild", total=args.repeat * 4)
+
+    svc_encode, bare_encode, svc_rebuild, bare_decode, bare_full = [], [], [], [], []
+    for rep in range(args.repeat):
+        t0 = time.perf_counter()
+        for i, slots in enumerate(slot_lists):
+            kl = slots.tolist()
+            for r in range(n):
+                c.commit_chunk(group=group, rank=r, request_id=f"r{rep}", chunk_index=i, slots=kl)
+        assert c.flush(group, wait=120).drained
+        svc_encode.append(time.perf_counter() - t0)
+        desc = c.describe_group(group=group)
+        assert desc.requests[0].chunks_protected == chunks, "encoder fell behind: raise --queue-depth"
+        progress.advance(task)
+
+        t0 = time.perf_counter()
+        for i, slots in enumerate(slot_lists):
+            codec.encode_gather(arrays, lay, slots, parity[i])
+        bare_encode.append(time.perf_counter() - t0)
+        progress.advance(task)
+
+        lost = list(range(lost_n))
+        c.mark_lost(group=group, ranks=lost, reason="bench")
+        t0 = time.perf_counter()
+        report = c.rebuild(group=group, lost_ranks=lost, timeout=600)
+        svc_rebuild.append(time.perf_counter() - t0)
+        assert report.bytes_rebuilt == chunks * lost_n * s and not any(
+            r.failed_chunks for r in report.requests
+        )
+        progress.advance(task)
+        # Rebuilt pools are the new segments: map them for the bare runs (and check the bytes).
+        desc = c.describe_group(group=group)
+        for r in lost:
+            mm, pool = pools.map_pool(desc.ranks[r].pool)
+            expect = np.random.default_rng(r).integers(0, 256, pool.size, dtype=np.uint8)
+            probe = slot_lists[0]
+            assert np.array_equal(
+                pool.reshape(lay.planes, lay.pool_slots, -1)[:, probe],
+                expect.reshape(lay.planes, lay.pool_slots, -1)[:, probe],
+            )
+            maps[r], arrays[r] = (mm, pool), pool
+
+        gathered = [[np.empty(s, np.uint8) for _ in range(n)] for _ in range(chunks)]
+        for i, slots in enumerate(slot_lists):
+            for r in range(n):
+                kvlayout.gather_shard(arrays[r], lay, slots, gathered[i][r])
+        out = {r: np.empty(s, np.uint8) for r in lost}
+        t0 = time.perf_counter()
+        for i in range(chunks):
+            shards = [None if r in lost else gathered[i][r] for r in range(n)] + list(parity[i])
+            codec.reconstruct(shards, out=out)
+        bare_decode.append(time.perf_counter() - t0)
+        scratch = {r: np.empty(s, np.uint8) for r in range(n)}
+        t0 = time.perf_counter()
+        for i, slots in enumerate(slot_lists):
+            for r in range(n):
+                if r not in lost:
+                    kvlayout.gather_shard(arrays[r], lay, slots, scratch[r])
+            shards = [None if r in lost else scratch[r] for r in range(n)] + list(parity[i])
+            codec.reconstruct(shards, out=out)
+            for r in lost:
+                kvlayout.scatter_shard(out[r], lay, slots, arrays[r])
+        bare_full.append(time.perf_counter() - t0)
+        del gathered
+        progress.advance(task)
+        held = c.get_stats().parity_bytes_held
+        c.release_request(group=group, request_id=f"r{rep}")
+
+    del arrays
+    for mm, _ in maps:
+        with contextlib.suppress(BufferError):
+            mm.close()
+    c.delete_group(group=group)
+    lost_bytes = chunks * lost_n * s
+    return {
+        "kv_bytes_per_run": kv_bytes,
+        "shard_bytes": s,
+        "service_encode_GBps": kv_bytes / best(svc_encode) / 1e9,
+        "codec_encode_gather_GBps": kv_bytes / best(bare_encode) / 1e9,
+        "encode_ratio": best(bare_encode) / best(svc_encode),
+        "service_rebuild_GBps": lost_bytes / best(svc_rebuild) / 1e9,
+        "codec_reconstruct_GBps": lost_bytes / best(bare_decode) / 1e9,
+        "codec_reconstruct_gather_scatter_GBps": lost_bytes / best(bare_full) / 1e9,
+        "rebuild_ratio_vs_reconstruct": best(bare_decode) / best(svc_rebuild),
+        "rebuild_ratio_vs_reconstruct_gather_scatter": best(bare_full) / best(svc_rebuild),
+        "parity_bytes_per_kv_byte": held / kv_bytes,
+        "expected_parity_per_kv_byte": m / n,
+        "encode_seconds_median": statistics.median(svc_encode),
+    }
+
+
+def metadata_per_chunk(args: argparse.Namespace) -> float:
+    """Bytes of ledger metadata (Python objects + slot/token arrays + checksums) per committed chunk."""
+    lg = ledger.Ledger(world_size=args.ranks, chunk_tokens=args.chunk_tokens, pool_slots=1 << 20)
+    k = 200
+    slots = [np.arange(i * args.chunk_tokens, (i + 1) * args.chunk_tokens, dtype=np.int64) for i in range(k)]
+    tokens = np.arange(args.chunk_tokens, dtype=np.int64)
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    for i in range(k):
+        for r in range(args.ranks):
+            chunk, _ = lg.commit(r, f"req-{i % 8}", i, slots=slots[i], token_ids=tokens)
+        chunk.checksums = tuple(range(2**63, 2**63 + args.ranks))
+    used = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    return used / k
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes, 2 repeats (< 60 s)")
+    p.add_argument("--codes", default="xor,rdp,rs")
+    p.add_argument("--ranks", type=int, default=4)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--chunk-tokens", type=int, default=256)
+    p.add_argument("--chunks", type=int, default=16)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--encode-workers", type=int, default=2)
+    p.add_argument(
+        "--out", type=pathlib.Path, default=ROOT / "bench" / "results" / f"sidecar-cpu-{machine()}.json"
+    )
+    args = p.parse_args(argv)
+    if args.quick:
+        args.layers, args.chunks, args.repeat = 4, 8, 2
+    console = Console(stderr=True)
+    logging.getLogger("ghostserve").setLevel(logging.ERROR)  # the table is the output
+    d = pathlib.Path(tempfile.mkdtemp(prefix="gs-bench-", dir="/tmp"))
+    prefix = f"gs-b{secrets.token_hex(3)}-"
+    cfg = config.Config(
+        budget_bytes=8 << 30, fake_gpus=0, encode_workers=args.encode_workers, shm_prefix=prefix
+    )
+    bg = inproc.Background(inproc.unix_address(d), cfg)
+    results: dict[str, dict[str, float]] = {}
+    try:
+        with (
+            client.SidecarClient(inproc.unix_address(d), timeout=120) as c,
+            Progress(console=console) as progress,
+        ):
+            for name in args.codes.split(","):
+                results[name] = run_code(name, args, c, progress)
+    except grpc.RpcError as exc:
+        console.print(f"[red]sidecar call failed: {exc.code()} {exc.details()}")
+        return 1
+    finally:
+        bg.stop()
+        for f in d.iterdir():
+            f.unlink()
+        d.rmdir()
+    meta = metadata_per_chunk(args)
+    s = args.layers * 2 * args.chunk_tokens * args.kv_heads * args.head_dim * 2
+    metadata_ratio = meta / (args.ranks * s)
+
+    table = Table(title=f"sidecar vs bare codec ({args.ranks} ranks, shard {s / 2**20:.1f} MiB, {machine()})")
+    for col in (
+        "code",
+        "commit->parity GB/s",
+        "encode_gather GB/s",
+        "ratio",
+        "Rebuild RPC GB/s",
+        "reconstruct GB/s",
+        "ratio",
+        "+gather/scatter GB/s",
+        "ratio",
+        "parity/KV",
+    ):
+        table.add_column(col)
+    for name, r in results.items():
+        table.add_row(
+            name,
+            f"{r['service_encode_GBps']:.2f}",
+            f"{r['codec_encode_gather_GBps']:.2f}",
+            f"{r['encode_ratio']:.2f}",
+            f"{r['service_rebuild_GBps']:.2f}",
+            f"{r['codec_reconstruct_GBps']:.2f}",
+            f"{r['rebuild_ratio_vs_reconstruct']:.2f}",
+            f"{r['codec_reconstruct_gather_scatter_GBps']:.2f}",
+            f"{r['rebuild_ratio_vs_reconstruct_gather_scatter']:.2f}",
+            f"{r['parity_bytes_per_kv_byte']:.3f} (M/N {r['expected_parity_per_kv_byte']:.3f})",
+        )
+    console.print(table)
+    console.print(f"ledger metadata: {meta:.0f} B per chunk = {100 * metadata_ratio:.4f}% of the chunk's KV")
+    report = {
+        "benchmark": "sidecar",
+        "backend": "cpu",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "name": machine(),
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "note": "shared development machine: other jobs were running",
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "grpcio": grpc.__version__,
+        },
+        "params": {k: v for k, v in vars(args).items() if k != "out"},
+        "metadata_bytes_per_chunk": meta,
+        "metadata_per_kv_byte": metadata_ratio,
+        "codes": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    console.print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

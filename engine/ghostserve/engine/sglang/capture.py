@@ -1,0 +1,89 @@
+"""Chunk capture after each forward pass: which tokens a batch wrote, and commits of complete chunks.
+
+Reads only what sglang's ScheduleBatch already holds on the CPU side (requests, forward mode, prefix
+and extend lengths, seq_lens_cpu) plus `out_cache_loc`, the slots the pass wrote. That works with CUDA
+graphs and every attention backend, unlike hooking `set_kv_buffer`, which graph replays skip.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ghostserve.engine.sglang import chunks
+
+log = logging.getLogger(__name__)
+
+
+class SpeculativeDecodingError(RuntimeError):
+    """Speculative decoding writes draft KV that may be rejected; GhostServe does not protect it yet."""
+
+
+def written_spans(batch: Any) -> list[tuple[Any, int, list[int]]]:
+    """(request, first written token index, slots) for every request of a forward batch.
+
+    Extend and mixed batches wrote `extend_lens[i]` tokens after `prefix_lens[i]`; decode batches wrote
+    one token at index seq_len - 1. Idle and other modes wrote nothing. Raises SpeculativeDecodingError
+    for batches of a speculative algorithm and ValueError when `out_cache_loc` does not cover the batch.
+    """
+    spec = getattr(batch, "spec_algorithm", None)
+    if spec is not None and not spec.is_none():
+        raise SpeculativeDecodingError(
+            f"speculative decoding ({spec}) is not supported by GhostServe: draft KV written for rejected "
+            "tokens would be committed as protected. Serve without --speculative-algorithm."
+        )
+    mode = batch.forward_mode
+    reqs = list(batch.reqs)
+    if batch.out_cache_loc is None or not reqs:
+        return []
+    if mode.is_extend():
+        starts = [int(x) for x in batch.prefix_lens]
+        lengths = [int(x) for x in batch.extend_lens]
+    elif mode.is_decode():
+        starts = [int(x) - 1 for x in batch.seq_lens_cpu.tolist()]
+        lengths = [1] * len(reqs)
+    else:
+        return []
+    locs = [int(x) for x in batch.out_cache_loc.tolist()]
+    if len(locs) != sum(lengths):
+        raise ValueError(f"out_cache_loc holds {len(locs)} slots, the batch wrote {sum(lengths)} tokens")
+    spans = []
+    offset = 0
+    for req, start, n in zip(reqs, starts, lengths, strict=True):
+        spans.append((req, start, locs[offset : offset + n]))
+        offset += n
+    return spans
+
+
+def request_tokens(req: Any) -> list[int]:
+    """Token ids of a request known on the CPU: prompt then generated."""
+    return [int(x) for x in req.origin_input_ids] + [int(x) for x in req.output_ids]
+
+
+def capture_batch(
+    batch: Any,
+    *,
+    tracker: chunks.ChunkTracker,
+    req_to_token: Any,
+    commit: Callable[[chunks.Chunk, Sequence[int], int], None],
+) -> int:
+    """Feed one finished forward pass to `tracker` and `commit` every chunk it completed.
+
+    `req_to_token` is sglang's ReqToTokenPool.req_to_token ([rows][max_context] slot table), read for
+    prefixes the tracker did not see written. `commit(chunk, tokens_so_far, prompt_len)` is called
+    once per complete chunk in index order. Mutates the tracker. Returns the number of chunks committed.
+    """
+    committed = 0
+    for req, start, slots in written_spans(batch):
+        row = req.kv.req_pool_idx
+
+        def prefix(begin: int, end: int, row: int = row) -> list[int]:
+            return [int(x) for x in req_to_token[row, begin:end].tolist()]
+
+        tracker.observe(req.rid, start=start, new_slots=slots, prefix_slots=prefix)
+        tokens = request_tokens(req)
+        for chunk in tracker.ready(req.rid, tokens):
+            commit(chunk, tokens, len(req.origin_input_ids))
+            committed += 1
+    return committed

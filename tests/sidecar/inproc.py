@@ -1,0 +1,37 @@
+"""A real sidecar server (grpc.aio, real sockets, real shared memory) running in a background thread of
+the test process: for tests that make thousands of calls (fuzzing), where a process per test is slow."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import threading
+from typing import Any
+
+from ghostserve.sidecar import config, server
+
+
+class Background:
+    def __init__(self, address: str, cfg: config.Config) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="sidecar-loop", daemon=True)
+        self.thread.start()
+        self.server, self.port = self.run(self._start(address, cfg))
+
+    def run(self, coro: Any, timeout: float = 60.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def _start(self, address: str, cfg: config.Config) -> tuple[server.SidecarServer, int]:
+        srv, port = server.create_server(address, config=cfg)
+        await srv.start()
+        return srv, port
+
+    def stop(self) -> None:
+        self.run(self.server.stop(1.0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+        self.loop.close()
+
+
+def unix_address(d: pathlib.Path) -> str:
+    return f"unix://{d / 'sidecar.sock'}"

@@ -1,0 +1,107 @@
+"""TCP with mutual TLS: a client with a certificate from the CA gets in, others do not."""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import subprocess
+
+import grpc
+import kv
+import pytest
+from ghostserve.sidecar import client
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+
+
+def openssl(*args: str, cwd: pathlib.Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_pki(d: pathlib.Path) -> None:
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=ghostserve-test-ca",
+        cwd=d,
+    )
+    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        openssl(
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+            cwd=d,
+        )
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            cwd=d,
+        )
+
+
+def test_mutual_tls(short_tmp: pathlib.Path, shm_prefix: str) -> None:
+    make_pki(short_tmp)
+    address = f"127.0.0.1:{kv.free_port()}"
+    good = client.channel_credentials(
+        ca=str(short_tmp / "ca.pem"), cert=str(short_tmp / "client.pem"), key=str(short_tmp / "client.key")
+    )
+    sc = kv.start_sidecar(
+        short_tmp,
+        "--tls-cert",
+        str(short_tmp / "server.pem"),
+        "--tls-key",
+        str(short_tmp / "server.key"),
+        "--tls-ca",
+        str(short_tmp / "ca.pem"),
+        listen=address,
+        prefix=shm_prefix,
+        client_kw={"credentials": good},
+    )
+    try:
+        with client.SidecarClient(address, credentials=good) as c:
+            assert c.list_groups().groups == []
+        no_cert = client.channel_credentials(ca=str(short_tmp / "ca.pem"))
+        for creds in (no_cert, None):
+            with (
+                client.SidecarClient(address, credentials=creds, timeout=5) as c,
+                pytest.raises(grpc.RpcError) as err,
+            ):
+                c.list_groups()
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        assert sc.terminate() == 0

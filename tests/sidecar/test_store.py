@@ -1,0 +1,70 @@
+"""The parity store (pure): budget, reuse, eviction order, reservations."""
+
+from __future__ import annotations
+
+import pytest
+from ghostserve.sidecar import errors, store
+
+
+class Owners:
+    def __init__(self, tokens: dict[str, int]) -> None:
+        self.tokens = tokens
+        self.evicted: list[tuple[str, list[int]]] = []
+
+    def tokens_of(self, owner: object) -> int:
+        return self.tokens[str(owner)]
+
+    def on_evict(self, owner: object, keys: list[object]) -> None:
+        self.evicted.append((str(owner), sorted(int(k) for k in keys)))  # type: ignore[call-overload]
+
+
+def put(s: store.ParityStore, o: Owners, owner: str, key: int, nbytes: int = 100) -> store.Item:
+    item = s.reserve(owner, key, nbytes, tokens_of=o.tokens_of, on_evict=o.on_evict)
+    s.commit(item)
+    return item
+
+
+def test_short_requests_are_evicted_first_and_reported() -> None:
+    s = store.ParityStore(400)
+    o = Owners({"long": 4000, "short": 300, "mid": 1000, "new": 100})
+    for owner, n in (("long", 2), ("short", 1), ("mid", 1)):
+        for k in range(n):
+            put(s, o, owner, k)
+    assert s.held_bytes == 400
+    put(s, o, "new", 0)
+    assert o.evicted == [("short", [0])]
+    put(s, o, "new", 1)
+    assert o.evicted == [("short", [0]), ("mid", [0])]
+    assert s.evictions == 2 and s.held_bytes == 400
+    assert s.get("long", 0) is not None and s.get("short", 0) is None
+
+
+def test_reserved_items_are_never_evicted_and_full_budget_raises() -> None:
+    s = store.ParityStore(200)
+    o = Owners({"a": 10, "b": 10})
+    s.reserve("a", 0, 100, tokens_of=o.tokens_of, on_evict=o.on_evict)
+    s.reserve("a", 1, 100, tokens_of=o.tokens_of, on_evict=o.on_evict)
+    with pytest.raises(errors.ResourceExhausted):
+        s.reserve("b", 0, 100, tokens_of=o.tokens_of, on_evict=o.on_evict)
+    with pytest.raises(errors.ResourceExhausted, match="exceeds the budget"):
+        s.reserve("b", 0, 201, tokens_of=o.tokens_of, on_evict=o.on_evict)
+    assert o.evicted == [] and s.held_bytes == 200
+
+
+def test_buffers_are_recycled_but_not_while_an_encode_may_write_them() -> None:
+    s = store.ParityStore(1000)
+    o = Owners({"a": 10, "b": 10})
+    done = put(s, o, "a", 0)
+    assert s.release("a") == 100
+    again = put(s, o, "b", 0)
+    assert again.buf is done.buf  # reused, no new page faults
+    inflight = s.reserve("b", 1, 100, tokens_of=o.tokens_of, on_evict=o.on_evict)
+    s.release("b", 1)
+    fresh = s.reserve("b", 2, 100, tokens_of=o.tokens_of, on_evict=o.on_evict)
+    assert fresh.buf is not inflight.buf
+    with pytest.raises(errors.AlreadyExists):
+        s.reserve("b", 2, 100, tokens_of=o.tokens_of, on_evict=o.on_evict)
+
+
+def test_score_prefers_keeping_long_requests() -> None:
+    assert store.recompute_score(256, 1000) < store.recompute_score(8192, 32000)
