@@ -10,7 +10,6 @@ import tempfile
 from collections.abc import Callable, Iterator
 
 import pytest
-
 from ghostserve.engine import sidecar_process
 from ghostserve.engine.reference import config, engine, harness, workload
 
@@ -50,8 +49,14 @@ def baseline(
 
     def get(tp: int) -> harness.RunResult:
         if tp not in cache:
-            cache[tp] = harness.run(CFG, options(tp), requests(), sidecar=sidecar, group=f"base-tp{tp}",
-                                    workdir=workdir / f"base-tp{tp}")
+            cache[tp] = harness.run(
+                CFG,
+                options(tp),
+                requests(),
+                sidecar=sidecar,
+                group=f"base-tp{tp}",
+                workdir=workdir / f"base-tp{tp}",
+            )
         return cache[tp]
 
     return get

@@ -4,14 +4,21 @@ fault-free run, and leaks no process or shared memory."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import CFG, assert_no_live_ranks, assert_pools_freed, options, requests
 from ghostserve.engine.reference import engine, harness
 
 
 def _run(sidecar, workdir, name, opts, faults, on_step=None):
-    return harness.run(CFG, opts, requests(), sidecar=sidecar, group=name, workdir=workdir / name,
-                       faults=faults, on_step=on_step)
+    return harness.run(
+        CFG,
+        opts,
+        requests(),
+        sidecar=sidecar,
+        group=name,
+        workdir=workdir / name,
+        faults=faults,
+        on_step=on_step,
+    )
 
 
 def _assert_identical(res, base):
@@ -77,19 +84,28 @@ def test_two_losses_with_xor_fall_back_to_recompute(sidecar, workdir, baseline, 
 
 
 def test_sidecar_restart_during_serving_then_device_fault(sidecar, workdir, baseline, no_shm_leak):
-    restarted = []
+    events = []
 
     def crash_sidecar(eng):
-        if eng.counters.steps == 10 and not restarted:
+        # Down for steps 10..13: serving goes on, those steps' commits fail and stay unprotected.
+        if eng.counters.steps == 10 and not events:
             sidecar.kill()
+            events.append(("killed", eng.counters.steps))
+        elif eng.counters.steps == 14 and len(events) == 1:
             sidecar.start()
-            restarted.append(eng.counters.steps)
+            events.append(("started", eng.counters.steps))
 
-    res = _run(sidecar, workdir, "sidecar-restart", options(2), [engine.Fault(30, "device", (1,))],
-               on_step=crash_sidecar)
+    res = _run(
+        sidecar,
+        workdir,
+        "sidecar-restart",
+        options(2),
+        [engine.Fault(30, "device", (1,))],
+        on_step=crash_sidecar,
+    )
     _assert_identical(res, baseline(2))
-    assert restarted == [10]
+    assert events == [("killed", 10), ("started", 14)]
     [rec] = res.recoveries
-    # Parity held in the crashed sidecar's memory is gone: those chunks were recomputed; chunks
-    # committed after the restart were protected again and rebuilt.
+    # Parity held in the crashed sidecar's memory is gone and chunks completed while it was down were
+    # never encoded: those were recomputed; chunks committed after the restart were rebuilt.
     assert rec.chunks_recomputed > 0 and rec.chunks_rebuilt > 0

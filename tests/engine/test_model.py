@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from ghostserve.engine.reference import config, kvpool, model, schedule
 
 CFG = config.ModelConfig()
@@ -18,7 +17,9 @@ def _pool(slots: int = 256) -> tuple[np.ndarray, kvpool.PoolShape, torch.Tensor]
     return buf, shape, kvpool.as_tensor(buf, shape)
 
 
-def _generate(w, pool, prompts: dict[str, list[int]], slot_base: dict[str, int], new: int) -> dict[str, list[int]]:
+def _generate(
+    w, pool, prompts: dict[str, list[int]], slot_base: dict[str, int], new: int
+) -> dict[str, list[int]]:
     """Chunked prefill + batched greedy decode of several requests, the engine's schedule."""
     toks = {k: list(v) for k, v in prompts.items()}
     kv = dict.fromkeys(prompts, 0)
@@ -62,13 +63,16 @@ def test_replay_rewrites_identical_kv():
     before = kvpool.shard_bytes(buf, shape, list(range(kv_len)))
     pool.zero_()
     for a, b in schedule.pieces(0, kv_len, prompt_len=len(prompt), chunk_tokens=T):
-        model.forward(w, [model.Piece(torch.tensor(toks["r"][a:b]), a, torch.arange(b))], pool,
-                      model.LocalCollective())
+        model.forward(
+            w, [model.Piece(torch.tensor(toks["r"][a:b]), a, torch.arange(b))], pool, model.LocalCollective()
+        )
     assert kvpool.shard_bytes(buf, shape, list(range(kv_len))) == before
 
 
-@pytest.mark.parametrize(("tp", "kv_per_rank", "first"), [(1, 4, [0]), (2, 2, [0, 2]), (4, 1, [0, 1, 2, 3]),
-                                                         (8, 1, [0, 0, 1, 1, 2, 2, 3, 3])])
+@pytest.mark.parametrize(
+    ("tp", "kv_per_rank", "first"),
+    [(1, 4, [0]), (2, 2, [0, 2]), (4, 1, [0, 1, 2, 3]), (8, 1, [0, 0, 1, 1, 2, 2, 3, 3])],
+)
 def test_kv_head_split(tp, kv_per_rank, first):
     cfg = config.ModelConfig(heads=8, kv_heads=4, ffn=256)
     assert cfg.kv_heads_per_rank(tp) == kv_per_rank
@@ -85,7 +89,13 @@ def test_bad_shapes_rejected():
 
 
 def test_schedule_pieces_and_chunks():
-    assert schedule.pieces(0, 20, prompt_len=18, chunk_tokens=8) == [(0, 8), (8, 16), (16, 18), (18, 19), (19, 20)]
+    assert schedule.pieces(0, 20, prompt_len=18, chunk_tokens=8) == [
+        (0, 8),
+        (8, 16),
+        (16, 18),
+        (18, 19),
+        (19, 20),
+    ]
     assert schedule.pieces(16, 19, prompt_len=18, chunk_tokens=8) == [(16, 18), (18, 19)]
     with pytest.raises(schedule.ScheduleError):
         schedule.pieces(4, 16, prompt_len=18, chunk_tokens=8)

@@ -7,10 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from ghostserve.engine import planner
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from ghostserve.engine import planner
 
 T = 16
 
@@ -55,10 +54,12 @@ def test_position_dependent_cost_recomputes_fewer_chunks():
     flat = cal(per_token=1 / T)
     rising = cal(per_token=1 / T, per_pair=1e-4)
     ledger = planner.RequestLedger("a", 40)
-    r_flat, _ = planner.choose_recompute_chunks(ledger, chunk_tokens=T, rebuild_chunk_bytes=10**6,
-                                                calibration=flat)
-    r_rising, _ = planner.choose_recompute_chunks(ledger, chunk_tokens=T, rebuild_chunk_bytes=10**6,
-                                                  calibration=rising)
+    r_flat, _ = planner.choose_recompute_chunks(
+        ledger, chunk_tokens=T, rebuild_chunk_bytes=10**6, calibration=flat
+    )
+    r_rising, _ = planner.choose_recompute_chunks(
+        ledger, chunk_tokens=T, rebuild_chunk_bytes=10**6, calibration=rising
+    )
     assert r_rising < r_flat
 
 
@@ -75,10 +76,13 @@ def test_position_dependent_cost_recomputes_fewer_chunks():
 def test_matches_brute_force(n, unprotected, tail, per_token, per_pair, bw, chunk_bytes):
     ledger = planner.RequestLedger("x", n, frozenset(c for c in unprotected if c < n), tail)
     c = cal(per_token, per_pair, bw)
-    r, seconds = planner.choose_recompute_chunks(ledger, chunk_tokens=T, rebuild_chunk_bytes=chunk_bytes,
-                                                 calibration=c)
-    costs = [planner.request_cost(ledger, k, chunk_tokens=T, rebuild_chunk_bytes=chunk_bytes, calibration=c)
-             for k in range(n + 1)]
+    r, seconds = planner.choose_recompute_chunks(
+        ledger, chunk_tokens=T, rebuild_chunk_bytes=chunk_bytes, calibration=c
+    )
+    costs = [
+        planner.request_cost(ledger, k, chunk_tokens=T, rebuild_chunk_bytes=chunk_bytes, calibration=c)
+        for k in range(n + 1)
+    ]
     best = min(costs)
     assert math.isclose(seconds, best, rel_tol=1e-9, abs_tol=1e-12)
     assert math.isclose(costs[r], best, rel_tol=1e-9, abs_tol=1e-12)
@@ -101,8 +105,13 @@ def test_plan_group_codes_and_losses():
         assert all(p.rebuild_chunks == () for p in plan.requests)
     # rs with M=2 covers two losses; replicate covers any.
     for lost, code, m in (([1, 2], "rs", 2), ([0, 1, 2], "replicate", 0)):
-        plan = planner.plan_group(ledgers, lost_ranks=lost, parity_shards=m, code=code,
-                                  **{**kw, "calibration": cal(per_token=1 / T, bw=1e8)})
+        plan = planner.plan_group(
+            ledgers,
+            lost_ranks=lost,
+            parity_shards=m,
+            code=code,
+            **{**kw, "calibration": cal(per_token=1 / T, bw=1e8)},
+        )
         assert [p.recompute_chunks for p in plan.requests] == [0, 0]
         assert plan.requests[1].rebuild_chunks == (0, 1)
 
@@ -124,8 +133,12 @@ def test_plan_group_rejects_bad_input(kwargs):
 
 def test_rejects_out_of_range_unprotected_and_negative_rates():
     with pytest.raises(planner.PlanError):
-        planner.choose_recompute_chunks(planner.RequestLedger("a", 2, frozenset({2})), chunk_tokens=T,
-                                        rebuild_chunk_bytes=1, calibration=cal())
+        planner.choose_recompute_chunks(
+            planner.RequestLedger("a", 2, frozenset({2})),
+            chunk_tokens=T,
+            rebuild_chunk_bytes=1,
+            calibration=cal(),
+        )
     with pytest.raises(planner.PlanError):
         cal(bw=-1.0)
 
@@ -141,6 +154,6 @@ def test_fit_recovers_coefficients():
 
 
 def test_planner_is_import_light():
-    code = "import sys, ghostserve.engine.planner; bad = {'torch', 'numpy', 'grpc'} & set(sys.modules); print(bad)"
+    code = "import sys, ghostserve.engine.planner; print({'torch', 'numpy', 'grpc'} & set(sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "set()"

@@ -62,3 +62,32 @@ def typed(raw: np.ndarray, dtype: str, backend: str) -> object:
         "float32": np.float32,
     }
     return raw.copy().view(ndt2[dtype])
+
+
+def to_backend(arr: np.ndarray, backend: str) -> object:
+    """A copy of `arr` in the memory the backend works on (host numpy / torch CPU / cupy on the GPU)."""
+    if backend == "cuda":
+        import cupy  # type: ignore[import-not-found]
+
+        return cupy.asarray(arr)
+    if backend == "torch":
+        import torch
+
+        return torch.from_numpy(arr.copy())
+    return arr.copy()
+
+
+def to_host(buf: object) -> np.ndarray:
+    """Raw bytes of any buffer as a flat uint8 numpy array."""
+    module = type(buf).__module__.split(".")[0]
+    if module == "cupy":
+        return buf.reshape(-1).view("uint8").get()  # type: ignore[attr-defined,no-any-return]
+    if module == "torch":
+        import torch
+
+        return buf.detach().cpu().reshape(-1).view(torch.uint8).numpy().copy()  # type: ignore[attr-defined,no-any-return]
+    return np.asarray(buf).reshape(-1).view(np.uint8).copy()
+
+
+def empty_like_backend(nbytes: int, backend: str, fill: int = 0xA5) -> object:
+    return to_backend(np.full(nbytes, fill, dtype=np.uint8), backend)

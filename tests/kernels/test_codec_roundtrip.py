@@ -10,9 +10,9 @@ import ghostserve.kernels as gk
 import kv_testdata
 import numpy as np
 import pytest
-from conftest import empty_like_backend, to_backend, to_host
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kv_testdata import empty_like_backend, to_backend, to_host
 
 
 def erasure_patterns(
@@ -106,13 +106,17 @@ def test_torch_tensors_of_every_dtype_on_the_cpu_backend() -> None:
         assert out.dtype == data[1].dtype and np.array_equal(to_host(out), raw[1])
 
 
-def test_reconstruct_only_what_is_asked() -> None:
-    codec = gk.Codec("rdp", 4)
+@pytest.mark.parametrize("code", ["xor", "rdp", "rs"])
+def test_reconstruct_only_what_is_asked(code: str) -> None:
+    codec = gk.Codec(code, 4, 3 if code == "rs" else None)
+    m = codec.n_parity
     rng = np.random.default_rng(2)
     data = [rng.integers(0, 256, 1000, dtype=np.uint8) for _ in range(4)]
-    parity = oracle_parity("rdp", 4, 2, data)
+    parity = oracle_parity(code, 4, m, data)
+    lost = [1, 4 + m - 1] if m > 1 else [1]  # a data shard and (where M allows) the last parity shard
+    shards = [None if i in lost else s for i, s in enumerate([*data, *parity])]
     out = np.zeros(1000, np.uint8)
-    codec.reconstruct([data[0], None, data[2], data[3], parity[0], None], out={1: out})
+    codec.reconstruct(shards, out={1: out})
     assert np.array_equal(out, data[1])
 
 
@@ -131,3 +135,26 @@ def test_verify_detects_a_flipped_bit(backend: str) -> None:
     parity[1][777] ^= 0x10
     data = [to_backend(r, backend) for r in raw]
     assert not codec.verify(data, [to_backend(p, backend) for p in parity])
+
+
+@pytest.mark.parametrize("offset", [0, 1, 16, 32])
+@pytest.mark.parametrize("code", ["xor", "rdp", "rs"])
+def test_isal_fast_paths_match_numpy_at_any_alignment(code: str, offset: int) -> None:
+    # ISA-L takes 32-byte aligned prefixes (xor_gen) and any buffer (ec_encode_data); NumPy the rest.
+    if gk.Codec("xor", 1).backend != "cpu":
+        pytest.skip("libisal is not installed here")
+    rng = np.random.default_rng(offset)
+    for nbytes in (31, 32, 33, 4096, 4096 * 9 + 5):
+        backing = [np.zeros(nbytes + 128, np.uint8) for _ in range(8)]
+        views = [b[(-b.ctypes.data) % 64 + offset :][:nbytes] for b in backing]
+        data = views[:4]
+        for d in data:
+            d[:] = rng.integers(0, 256, nbytes, dtype=np.uint8)
+        fast = gk.Codec(code, 4, 2 if code == "rs" else None)
+        parity = views[4 : 4 + fast.n_parity]
+        fast.encode(data, parity)
+        want = oracle_parity(code, 4, fast.n_parity, [d.copy() for d in data])
+        assert all(np.array_equal(p, w) for p, w in zip(parity, want, strict=True)), nbytes
+        out = {0: views[7]}
+        fast.reconstruct([None, *data[1:], *parity], out=out)
+        assert np.array_equal(out[0], data[0])

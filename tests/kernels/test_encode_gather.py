@@ -5,10 +5,10 @@ from __future__ import annotations
 import ghostserve.kernels as gk
 import numpy as np
 import pytest
-from conftest import empty_like_backend, to_backend, to_host
 from ghostserve.kernels import cpu
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kv_testdata import empty_like_backend, to_backend, to_host
 
 LAYOUTS = [
     gk.KVLayout(layers=2, kv_heads=2, head_dim=8, dtype="bfloat16", page_size=16, pool_slots=64),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import json
 import os
 import pathlib
 import signal
@@ -321,9 +322,27 @@ class Cluster:
                 return result
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"timed out waiting for {what}")
+                raise AssertionError(f"timed out waiting for {what}; cluster state:\n{self.dump()}")
             with self.changed:
                 self.changed.wait_for(lambda seen=seen: self.version != seen, timeout=min(left, 1.0))  # type: ignore[misc]
+
+    def dump(self) -> str:
+        """Deployments and pods, compactly: what a failed wait needs to explain itself."""
+        lines = []
+        for obj in self.list(GSD):
+            lines.append(json.dumps({"meta": obj["metadata"], "status": obj.get("status")}, sort_keys=True))
+        lines.append("requests: " + " | ".join(
+            f"#{r.id} {r.method.value} {r.url.path} {str(r.data)[:150]}" for r in list(self.emulator._requests)
+            if r.resource == GSD and r.method.value in {"PATCH", "PUT", "POST"}))
+        lines.append("keys: " + " | ".join(
+            f"{k!r} versions={len(o.history)} rvs={[((v or {}).get('metadata', {}).get('resourceVersion'), ((v or {}).get('status') or {}).get('phase'), (((v or {}).get('status') or {}).get('recovery') or {}).get('step'), ((v or {}).get('status') or {}).get('recoveries')) for v in o.history]}"
+            for k, o in list(self.emulator.objects.items()) if "ghostserve" in repr(k[0])))
+        lines.append("errors: " + " | ".join(repr(e)[:200] for e in self.emulator.errors))
+        for obj in self.list(PODS):
+            lines.append(json.dumps({"name": obj["metadata"]["name"], "uid": obj["metadata"]["uid"],
+                                     "node": obj["spec"].get("nodeName"), "status": obj.get("status"),
+                                     "annotations": obj["metadata"].get("annotations")}, sort_keys=True))
+        return "\n".join(lines)
 
     def push_health(self, event: sidecar_pb2.HealthEvent) -> None:
         self.loop.call_soon_threadsafe(self.sidecar.health.put_nowait, event)

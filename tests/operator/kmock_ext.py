@@ -205,7 +205,7 @@ class Emulator(kmock.KubernetesEmulator):
             if raw.get("spec") != before.get("spec"):
                 raw["metadata"]["generation"] = int(before["metadata"].get("generation", 1)) + 1
             self._bump(raw)
-            obj.history.append(kmock.ObjectVersion(raw))
+            obj.history.append(raw)
             meta = raw["metadata"]
             if meta.get("deletionTimestamp") and not meta.get("finalizers"):
                 await self._delete_now(resource, key)

@@ -57,6 +57,11 @@ def test_crash_then_restart_readopts_pools(short_tmp: pathlib.Path, shm_prefix: 
             desc = c.describe_group(group=GROUP)
             assert [r.pool.shm_name for r in desc.ranks] == names
             assert all(r.pool_valid and not r.attached for r in desc.ranks)
+            # A worker re-attaches with the same settings and gets its old pool back.
+            again = c.attach(
+                group=GROUP, rank=0, world_size=N, layout=kv.LAYOUT, protection=kv.protection(CODE, M)
+            )
+            assert again.pool.shm_name == names[0] and not again.created and not again.needs_rebuild
             for r in range(N):
                 check_pool(desc, r)
             c.mark_lost(group=GROUP, ranks=[1], reason="test")

@@ -13,7 +13,6 @@ from typing import Protocol
 
 import grpc
 import numpy as np
-
 from ghostserve.kernels import layout as layout_mod
 from ghostserve.sidecar import client as client_mod
 from ghostserve.v1 import sidecar_pb2 as pb
@@ -83,9 +82,9 @@ class EngineAdapter(Protocol):
     def allocate_pool(self) -> tuple[np.ndarray, bool]:
         """Attach to the sidecar and map this rank's pool, which the sidecar creates or keeps.
 
-        Returns (pool as a writable uint8 array, needs_rebuild): the pool is the engine's KV memory from now on; needs_rebuild
-        is True after a device fault, until GhostServe rebuilt and recomputed it. Raises AdapterError when
-        the sidecar refuses the layout or protection.
+        Returns (pool as a writable uint8 array, needs_rebuild): the pool is the engine's KV memory from
+        now on; needs_rebuild is True after a device fault, until GhostServe rebuilt and recomputed it.
+        Raises AdapterError when the sidecar refuses the layout or protection.
         """
         ...
 
@@ -99,7 +98,9 @@ class EngineAdapter(Protocol):
         (the chunk stays unprotected and is counted)."""
         ...
 
-    def resume(self, request_id: str, tokens: Sequence[int], *, prompt_tokens: int, slots: Sequence[int]) -> None:
+    def resume(
+        self, request_id: str, tokens: Sequence[int], *, prompt_tokens: int, slots: Sequence[int]
+    ) -> None:
         """Re-admit a request whose KV for positions [0, len(tokens)-1) is in place at ``slots``
         (restored by rebuild and recompute); decoding continues from ``tokens[-1]``. Mutates the
         engine's scheduler state only."""
@@ -155,7 +156,9 @@ class SidecarSession:
                 worker_id=self.worker_id,
             )
         except grpc.RpcError as exc:
-            raise AdapterError(f"attach of rank {self.rank} to {self.group!r} refused: {exc.details()}") from exc
+            raise AdapterError(
+                f"attach of rank {self.rank} to {self.group!r} refused: {exc.details()}"
+            ) from exc
         self.pool = reply.pool
         return AttachResult(reply.pool, reply.created, reply.needs_rebuild)
 
@@ -165,42 +168,57 @@ class SidecarSession:
         Raises PoolChangedError when the pool is no longer the segment this rank maps."""
         before = self.pool
         reply = self.client.attach(  # grpc.RpcError propagates: the caller decides if it is transient
-            group=self.group, rank=self.rank, world_size=self.world_size, layout=layout_to_proto(self.layout),
-            protection=self.protection.to_proto(), worker_id=self.worker_id,
+            group=self.group,
+            rank=self.rank,
+            world_size=self.world_size,
+            layout=layout_to_proto(self.layout),
+            protection=self.protection.to_proto(),
+            worker_id=self.worker_id,
         )
         self.reattaches += 1
         self.pool = reply.pool
         if before is not None and (reply.pool.shm_name, reply.pool.generation) != (
-            before.shm_name, before.generation
+            before.shm_name,
+            before.generation,
         ):
             raise PoolChangedError(
                 f"rank {self.rank} of {self.group!r}: pool {before.shm_name} gen {before.generation} became "
                 f"{reply.pool.shm_name} gen {reply.pool.generation}"
             )
 
-    def commit(self, request_id: str, chunk_index: int, slots: Sequence[int], token_ids: Sequence[int]) -> bool:
+    def commit(
+        self, request_id: str, chunk_index: int, slots: Sequence[int], token_ids: Sequence[int]
+    ) -> bool:
         """Report one written chunk. Returns False (and counts it) when the sidecar is unreachable.
 
         A sidecar that restarted forgets attached workers (FAILED_PRECONDITION): the session attaches
         again and retries once. Raises AdapterError when the sidecar rejects the commit (a bug in the
         engine's bookkeeping), PoolChangedError when the re-attached pool is not the mapped one.
         """
-        fields = dict(group=self.group, rank=self.rank, request_id=request_id, chunk_index=chunk_index,
-                      slots=list(slots), token_ids=list(token_ids))
+        msg = pb.CommitChunkRequest(
+            group=self.group,
+            rank=self.rank,
+            request_id=request_id,
+            chunk_index=chunk_index,
+            slots=list(slots),
+            token_ids=list(token_ids),
+        )
         try:
             try:
-                self.client.commit_chunk(**fields)
+                self.client.commit_chunk(msg)
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
                     raise
                 self._reattach()
-                self.client.commit_chunk(**fields)
+                self.client.commit_chunk(msg)
         except grpc.RpcError as exc:
             if _transient(exc):
                 self.commits_failed += 1
                 log.warning("chunk %d of %s left unprotected: %s", chunk_index, request_id, exc.code())
                 return False
-            raise AdapterError(f"commit of chunk {chunk_index} of {request_id!r} rejected: {exc.details()}") from exc
+            raise AdapterError(
+                f"commit of chunk {chunk_index} of {request_id!r} rejected: {exc.details()}"
+            ) from exc
         self.commits_sent += 1
         return True
 
@@ -217,7 +235,7 @@ class SidecarSession:
         return True
 
     def release(self, request_id: str) -> int:
-        """Free a finished request's parity and ledger entry; returns bytes freed (0 if unknown/unreachable)."""
+        """Free a finished request's parity and ledger entry; returns bytes freed (0: unknown/unreachable)."""
         try:
             return int(self.client.release_request(group=self.group, request_id=request_id).freed_bytes)
         except grpc.RpcError as exc:

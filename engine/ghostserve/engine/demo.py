@@ -17,12 +17,11 @@ import tempfile
 import time
 from collections.abc import Sequence
 
+from ghostserve.engine import sidecar_process
+from ghostserve.engine.reference import config, engine, harness, recovery, workload
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-
-from ghostserve.engine import sidecar_process
-from ghostserve.engine.reference import config, engine, harness, recovery, workload
 
 DEMO_MODEL = config.ModelConfig(vocab=1024, hidden=256, layers=4, heads=8, kv_heads=4, head_dim=32, ffn=512)
 
@@ -43,16 +42,32 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def _options(args: argparse.Namespace) -> engine.Options:
     need = args.requests * (args.prompt + args.tokens)
     slots = math.ceil(need * 1.25 / args.chunk + args.requests) * args.chunk
-    return engine.Options(tp=args.tp, code=args.code, chunk_tokens=args.chunk, page_size=args.chunk,
-                          pool_slots=slots, record_digests=True)
+    return engine.Options(
+        tp=args.tp,
+        code=args.code,
+        chunk_tokens=args.chunk,
+        page_size=args.chunk,
+        pool_slots=slots,
+        record_digests=True,
+    )
 
 
 def _serve(
-    label: str, args: argparse.Namespace, sc: sidecar_process.SidecarProcess, workdir: pathlib.Path,
-    faults: Sequence[engine.Fault], progress: Progress, measured: dict[str, float],
+    label: str,
+    args: argparse.Namespace,
+    sc: sidecar_process.SidecarProcess,
+    workdir: pathlib.Path,
+    faults: Sequence[engine.Fault],
+    progress: Progress,
+    measured: dict[str, float],
 ) -> harness.RunResult:
-    reqs = workload.make_requests(args.requests, prompt_tokens=args.prompt, new_tokens=args.tokens,
-                                  vocab=DEMO_MODEL.vocab, seed=args.seed)
+    reqs = workload.make_requests(
+        args.requests,
+        prompt_tokens=args.prompt,
+        new_tokens=args.tokens,
+        vocab=DEMO_MODEL.vocab,
+        seed=args.seed,
+    )
     task = progress.add_task(label, total=args.requests * args.tokens)
 
     def tick(eng: engine.ReferenceEngine) -> None:
@@ -69,17 +84,34 @@ def _serve(
             measured["from_scratch_tokens"] = sum(b for spans in ranges.values() for _, b in spans)
             progress.update(task, description=label)
 
-    res = harness.run(DEMO_MODEL, _options(args), reqs, sidecar=sc, group=f"demo-{label.split()[0]}",
-                      workdir=workdir / label.split()[0], faults=faults, on_step=tick)
+    res = harness.run(
+        DEMO_MODEL,
+        _options(args),
+        reqs,
+        sidecar=sc,
+        group=f"demo-{label.split()[0]}",
+        workdir=workdir / label.split()[0],
+        faults=faults,
+        on_step=tick,
+    )
     progress.update(task, completed=args.requests * args.tokens)
     return res
 
 
-def _report(console: Console, args: argparse.Namespace, base: harness.RunResult, res: harness.RunResult,
-            measured: dict[str, float], identical: bool, kv_identical: bool) -> None:
+def _report(
+    console: Console,
+    args: argparse.Namespace,
+    base: harness.RunResult,
+    res: harness.RunResult,
+    measured: dict[str, float],
+    identical: bool,
+    kv_identical: bool,
+) -> None:
     rec: recovery.RecoveryReport = res.recoveries[0]
-    t = Table(title=f"GhostServe demo — TP={args.tp}, code={args.code}, {args.requests} requests x "
-                    f"{args.prompt}+{args.tokens} tokens, device fault on rank(s) {rec.lost_ranks}")
+    t = Table(
+        title=f"GhostServe demo — TP={args.tp}, code={args.code}, {args.requests} requests x "
+        f"{args.prompt}+{args.tokens} tokens, device fault on rank(s) {rec.lost_ranks}"
+    )
     t.add_column("what")
     t.add_column("value", justify="right")
     t.add_row("bytes rebuilt from survivors + parity", f"{rec.bytes_rebuilt:,}")
@@ -89,20 +121,30 @@ def _report(console: Console, args: argparse.Namespace, base: harness.RunResult,
     t.add_row("hybrid plan (first r chunks recomputed)", ", ".join(f"{k}: {v}" for k, v in rec.plan.items()))
     t.add_row("restart ranks + re-attach pools", f"{rec.restart_s:.3f} s")
     t.add_row("restore KV (rebuild ‖ recompute head, then tail)", f"{rec.restore_s:.3f} s")
-    t.add_row("  of which: sidecar rebuild / head recompute / after-rebuild recompute",
-              f"{rec.rebuild_s:.3f} / {rec.head_s:.3f} / {rec.after_s:.3f} s")
+    t.add_row(
+        "  of which: sidecar rebuild / head recompute / after-rebuild recompute",
+        f"{rec.rebuild_s:.3f} / {rec.head_s:.3f} / {rec.after_s:.3f} s",
+    )
     scratch = measured.get("from_scratch_s", float("nan"))
-    t.add_row(f"recompute from scratch ({int(measured.get('from_scratch_tokens', 0)):,} tokens, same run)",
-              f"{scratch:.3f} s")
+    t.add_row(
+        f"recompute from scratch ({int(measured.get('from_scratch_tokens', 0)):,} tokens, same run)",
+        f"{scratch:.3f} s",
+    )
     if rec.restore_s > 0:
         t.add_row("restore speed-up vs recompute from scratch", f"{scratch / rec.restore_s:.1f}x")
-    t.add_row("recovery incl. restart vs restart + recompute",
-              f"{(rec.restart_s + scratch) / rec.total_s:.1f}x" if rec.total_s else "n/a")
+    t.add_row(
+        "recovery incl. restart vs restart + recompute",
+        f"{(rec.restart_s + scratch) / rec.total_s:.1f}x" if rec.total_s else "n/a",
+    )
     t.add_row("output tokens identical to fault-free run", "[green]yes[/]" if identical else "[red]NO[/]")
-    t.add_row("KV bytes identical (every rank, every chunk)", "[green]yes[/]" if kv_identical else "[red]NO[/]")
+    t.add_row(
+        "KV bytes identical (every rank, every chunk)", "[green]yes[/]" if kv_identical else "[red]NO[/]"
+    )
     console.print(t)
-    console.print("Times are measured on this machine (shared CPU); ratios compare runs of the same "
-                  "ranks in the same process tree.")
+    console.print(
+        "Times are measured on this machine (shared CPU); ratios compare runs of the same "
+        "ranks in the same process tree."
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -199,7 +199,7 @@ def choose_recompute_chunks(
         rebuild = calibration.rebuild_seconds(protected_from[r] * rebuild_chunk_bytes)
         cost = max(recompute, rebuild) + after_from[r] + tail
         # A larger r must win clearly: near-ties (float rounding) keep the smaller recompute.
-        if cost < best - 1e-9 * abs(best) - 1e-15 or best == math.inf and cost < best:
+        if cost < best - 1e-9 * abs(best) - 1e-15 or (best == math.inf and cost < best):
             best_r, best = r, cost
     return best_r, best
 
@@ -249,8 +249,9 @@ def plan_group(
         rebuild = tuple(c for c in range(r, ledger.total_chunks) if c not in ledger.unprotected)
         unprotected = tuple(sorted(c for c in ledger.unprotected if c >= r))
         plans.append(
-            RequestPlan(ledger.request_id, ledger.total_chunks, r, rebuild, unprotected,
-                        ledger.tail_tokens, seconds)
+            RequestPlan(
+                ledger.request_id, ledger.total_chunks, r, rebuild, unprotected, ledger.tail_tokens, seconds
+            )
         )
         t = chunk_tokens
         total_recompute += calibration.prefill_seconds(0, r * t)

@@ -10,7 +10,6 @@ import sys
 import time
 
 import grpc
-
 from ghostserve.sidecar import client as client_mod
 
 
@@ -18,7 +17,9 @@ class SidecarProcess:
     """A sidecar child process. ``start`` waits until it serves; ``kill`` is a crash (SIGKILL);
     ``stop`` a graceful shutdown that frees its pools. Mutates only the child and its directory."""
 
-    def __init__(self, workdir: pathlib.Path, *, budget: str = "1GiB", extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, workdir: pathlib.Path, *, budget: str = "1GiB", extra_args: tuple[str, ...] = ()
+    ) -> None:
         self.workdir = workdir
         self.socket = workdir / "sidecar.sock"
         self.address = f"unix://{self.socket}"
@@ -30,8 +31,19 @@ class SidecarProcess:
     def start(self, *, timeout_s: float = 60.0) -> None:
         """Start the sidecar and wait until its health check answers. Raises RuntimeError if it exits."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "ghostserve.cli.main", "sidecar", "--socket", str(self.socket),
-               "--state-dir", str(self.workdir / "state"), "--budget", self.budget, *self.extra_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "ghostserve.cli.main",
+            "sidecar",
+            "--socket",
+            str(self.socket),
+            "--state-dir",
+            str(self.workdir / "state"),
+            "--budget",
+            self.budget,
+            *self.extra_args,
+        ]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s
@@ -46,7 +58,9 @@ class SidecarProcess:
                 except (grpc.FutureTimeoutError, grpc.RpcError):
                     if time.monotonic() > deadline:
                         self.kill()
-                        raise RuntimeError(f"sidecar did not come up in {timeout_s}s: {self.log_tail()}") from None
+                        raise RuntimeError(
+                            f"sidecar did not come up in {timeout_s}s: {self.log_tail()}"
+                        ) from None
 
     def kill(self) -> None:
         """Crash the sidecar (SIGKILL): pools stay in /dev/shm, parity in its memory is gone."""

@@ -160,12 +160,14 @@ class Codec:
         size = self._check_stripe(views)
         if not lost:
             return
-        # Lost shards nobody asked for still take part in some codes (RDP peels through them): scratch.
+        wanted = sorted(out)
+        # RDP peels through every lost shard, so the ones nobody asked for get scratch; xor and rs build
+        # only the wanted ones and never look at those placeholders.
         for i in lost:
             if i not in views:
-                views[i] = self._be.empty(size, like=next(iter(views.values())))
+                views[i] = self._be.empty(size if self.code == "rdp" else 0, like=next(iter(views.values())))
         full = [views[i] for i in range(self.n_shards)]
-        codes.reconstruct(self.code, self._be, full, self.n_data, lost, size)
+        codes.reconstruct(self.code, self._be, full, self.n_data, lost, size, wanted=wanted)
 
     def verify(self, data_shards: Sequence[Any], parity_shards: Sequence[Any]) -> bool:
         """True if `parity_shards` is the encoding of `data_shards`. Mutates nothing (uses scratch)."""

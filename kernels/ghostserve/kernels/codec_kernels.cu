@@ -15,7 +15,13 @@
 // Every pointer array and table is a small device array prepared by the host. Output buffers never alias
 // inputs within one launch.
 
+#if defined(__CUDACC_RTC__)
+// NVRTC (CuPy's RawModule) does not always ship the C++ standard headers.
+typedef unsigned char uint8_t;
+typedef unsigned int uint32_t;
+#else
 #include <cstdint>
+#endif
 
 namespace {
 

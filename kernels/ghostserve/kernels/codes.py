@@ -34,10 +34,19 @@ def encode(code: str, be: Backend, data: Sequence[Any], parity: Sequence[Any], s
 
 
 def reconstruct(
-    code: str, be: Backend, shards: Sequence[Any], n: int, lost: Sequence[int], size: int
+    code: str,
+    be: Backend,
+    shards: Sequence[Any],
+    n: int,
+    lost: Sequence[int],
+    size: int,
+    *,
+    wanted: Sequence[int] | None = None,
 ) -> None:
-    """Rebuild `shards[i]` for every `i` in `lost`; `shards` has views of all N + M (lost ones writable)."""
-    if size == 0 or not lost:
+    """Rebuild `shards[i]` for every `i` in `wanted` (default: all of `lost`); `shards` has views of all
+    N + M. xor and rs touch only the wanted views; rdp peels through every lost one (all writable)."""
+    targets = list(lost if wanted is None else wanted)
+    if size == 0 or not targets:
         return
     m = len(shards) - n
     if code == "xor":
@@ -45,8 +54,8 @@ def reconstruct(
     elif code == "rs":
         lost_set = set(lost)
         survivors = tuple(i for i in range(n + m) if i not in lost_set)[:n]
-        matrix = gf256.decode_matrix(n, m, survivors, tuple(lost))
-        be.gf_combine(matrix, [shards[i] for i in survivors], [shards[i] for i in lost])
+        matrix = gf256.decode_matrix(n, m, survivors, tuple(targets))
+        be.gf_combine(matrix, [shards[i] for i in survivors], [shards[i] for i in targets])
     else:
         _rdp_run(be, n, tuple(sorted(lost)), _whole_rows(shards, n, size), size)
         _rdp_tail(be, n, tuple(sorted(lost)), shards, size)
@@ -127,8 +136,8 @@ def _rdp_encode_gather(
     n = len(pools)
     row_bytes, tail = rdp.split(n, size)
     nrows = rdp.prime_for(n) - 1
-    chunk = min(be.rdp_chunk_bytes, max(row_bytes, 1))
-    # One scratch per rank holding the current column chunk of each of its p - 1 rows.
+    # One scratch per rank holding the current column chunk of each of its p - 1 rows: a gather block.
+    chunk = max(1, min(be.rdp_chunk_bytes, be.gather_block_bytes // nrows, row_bytes))
     scratch = [be.empty(nrows * chunk, like=parity[0]) for _ in range(n)]
     steps = rdp.schedule(n, (n, n + 1))
     for a in range(0, row_bytes, chunk):

@@ -125,7 +125,8 @@ def _gf_combine_numpy(matrix: U8, srcs: Sequence[U8], outs: Sequence[U8]) -> Non
 class CpuBackend:
     """Host memory. `use_isal=None` picks ISA-L when it loads; False forces the NumPy path."""
 
-    rdp_chunk_bytes = 64 * 1024
+    # Measured on a shared 2-core EPYC: per-call overhead dominates below ~256 KiB per row chunk.
+    rdp_chunk_bytes = 1024 * 1024
     gather_block_bytes = 256 * 1024
 
     def __init__(self, *, use_isal: bool | None = None) -> None:

@@ -129,28 +129,26 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     return p.parse_args(list(argv))
 
 
+def human_bytes(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv or [])
-    console = Console()
+    console = Console(width=max(100, Console().width))
     table = Table(
         title=f"GhostServe codec demo — TP={args.tp}, {args.tokens}-token chunk, backend={args.backend}"
     )
-    for col in (
-        "dtype",
-        "code",
-        "shard",
-        "lost ranks",
-        "encode GB/s",
-        "rebuild GB/s",
-        "memcpy GB/s",
-        "bytes equal",
-    ):
-        table.add_column(col, justify="right")
+    columns = ("dtype", "code", "shard", "lost", "encode GB/s", "rebuild GB/s", "memcpy GB/s", "equal")
+    for col in columns:
+        table.add_column(col, justify="right", no_wrap=True)
     ok = True
-    cases = [("xor", None), ("rdp", None), ("rs", 2), ("rs", 3)]
     for dtype in ("float16", "bfloat16"):
         kv = layout.KVLayout(args.layers, args.kv_heads, args.head_dim, dtype, 16, max(2 * args.tokens, 64))
-        for code, m in cases:
+        for code, m in (("xor", None), ("rdp", None), ("rs", 2), ("rs", 3)):
             r = run_case(
                 kv,
                 code,
@@ -165,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             table.add_row(
                 r.dtype,
                 r.code,
-                f"{r.shard_bytes / 2**20:.2f} MiB",
+                human_bytes(r.shard_bytes),
                 ",".join(map(str, r.lost)),
                 f"{r.encode_gbps:.2f}",
                 f"{r.rebuild_gbps:.2f}",
@@ -177,9 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Throughput counts data bytes (N shards) per second; memcpy copies the same bytes in the same run. "
         "Shared machines make absolute numbers noisy; compare columns within a row."
     )
-    console.print(
+    verdict = (
         "[green]all rebuilt shards are bit-identical[/]"
         if ok
         else "[red]MISMATCH: a rebuilt shard differs[/]"
     )
+    console.print(verdict)
     return 0 if ok else 1

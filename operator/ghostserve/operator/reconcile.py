@@ -276,6 +276,7 @@ class Reconciler:
             record["step"] = step
             record.pop("attempts", None)
             await self.persist(recovery=record)
+            self.log.info(f"recovery {record['id']} of group {group} ranks {ranks}: {step}")
 
     async def _sidecar_step(self, record: dict[str, Any], what: str, call: Any) -> tuple[bool, Any]:
         """(done, result): not done means retry later; done with None result when skipped after failures."""

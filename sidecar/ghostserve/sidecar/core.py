@@ -67,107 +67,6 @@ class Custodian:
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
-    def restore(self) -> int:
-        """Re-adopt the groups of a previous run from the state dir (pools) and spill dir (parity,
-        ledger). A segment that is gone leaves its rank with a fresh pool marked for rebuild. Returns the
-        number of groups restored."""
-        if self.config.state_dir is None:
-            return 0
-        state = persist.load_state(self.config.state_dir)
-        if not state:
-            return 0
-        with self.lock:
-            for name, data in state.get("groups", {}).items():
-                try:
-                    self._restore_group(name, data)
-                except (errors.SidecarError, KeyError, TypeError, ValueError) as exc:
-                    log.warning(json.dumps({"event": "restore-failed", "group": name, "error": str(exc)}))
-            self._save_state()
-            return len(self.groups)
-
-    def _restore_group(self, name: str, data: dict[str, Any]) -> None:
-        settings = group.settings_from_state(data)
-        group.check_settings(settings)
-        g = group.Group(name, settings, codec=coding.make_codec(settings.protection, settings.world_size))
-        custody = self._custody(settings.kind)
-        for rp, rank_data in zip(g.ranks, data["ranks"], strict=True):
-            rp.generation = int(rank_data["generation"])
-            rp.valid = bool(rank_data["valid"])
-            if rank_data["shm_name"]:
-                try:
-                    rp.segment = custody.adopt(rank_data["shm_name"], g.layout.pool_nbytes)
-                except errors.NotFound:
-                    rp.segment, rp.generation, rp.valid = (
-                        custody.create(g.layout.pool_nbytes),
-                        rp.generation + 1,
-                        False,
-                    )
-        self.groups[name] = g
-        self.metrics.pool_bytes.inc(g.pool_bytes())
-        self._replay_journal(g)
-        if self.spill:
-            self._restore_spill(g)
-        if self.journal:
-            self.journal.rewrite(
-                name,
-                [
-                    _chunk_record(rid, c)
-                    for rid, req in g.ledger.requests.items()
-                    for c in req.complete_chunks()
-                ],
-            )
-        log.info(json.dumps({"event": "group-restored", "group": name, "requests": len(g.ledger.requests)}))
-
-    def _replay_journal(self, g: group.Group) -> None:
-        """Chunks completed before the restart come back committed and unprotected (their parity is
-        gone unless the spill dir has it)."""
-        if self.journal is None:
-            return
-        for rec in self.journal.load(g.name):
-            rid = str(rec.get("r", ""))
-            if rec.get("op") == "release":
-                g.ledger.requests.pop(rid, None)
-            elif rec.get("op") == "drop":
-                req = g.ledger.requests.get(rid)
-                if req is not None:
-                    req.chunks.pop(int(rec["c"]), None)
-            elif rec.get("op") == "chunk":
-                slots = np.asarray(rec["s"], dtype=np.int64)
-                tokens = np.asarray(rec["t"], dtype=np.int64)
-                try:
-                    for rank in range(g.settings.world_size):
-                        chunk, _ = g.ledger.commit(rank, rid, int(rec["c"]), slots=slots, token_ids=tokens)
-                except errors.SidecarError:
-                    continue
-                chunk.state, chunk.failure = ledger.State.UNPROTECTED, ledger.Failure.NOT_PROTECTED
-
-    def _restore_spill(self, g: group.Group) -> None:
-        assert self.spill is not None
-        for meta, path in self.spill.load_group(g.name):
-            rid, idx = str(meta["request_id"]), int(meta["index"])
-            known = g.ledger.requests.get(rid)
-            if self.journal is not None and (known is None or idx not in known.chunks):
-                # The journal is written before any spill: a record it lacks was released or dropped.
-                self.spill.delete_chunk(g.name, rid, idx)
-                continue
-            slots = np.asarray(meta["slots"], dtype=np.int64)
-            tokens = np.asarray(meta["token_ids"], dtype=np.int64)
-            try:
-                for rank in range(g.settings.world_size):
-                    g.ledger.commit(rank, rid, idx, slots=slots, token_ids=tokens)
-                chunk = g.ledger.requests[rid].chunks[idx]
-                item = self.store.reserve(
-                    g.owner(rid), idx, g.parity_nbytes, tokens_of=self._tokens_of, on_evict=self._on_evict
-                )
-            except errors.SidecarError:
-                self.spill.delete_chunk(g.name, rid, idx)
-                continue
-            with open(path, "rb") as f:
-                f.readinto(item.buf.data)
-            self.store.commit(item)
-            chunk.state, chunk.checksums = ledger.State.PROTECTED, tuple(int(s) for s in meta["checksums"])
-            chunk.parity_bytes = g.parity_nbytes
-
     def close(self) -> None:
         """Stop encoding; free pools, state and spill unless keep_pools (then the next start adopts them)."""
         with self.lock:
@@ -195,10 +94,10 @@ class Custodian:
                 persist.remove_state(self.config.state_dir)
             self.groups.clear()
 
-    def _custody(self, kind: str) -> pools.Custody:
+    def custody(self, kind: str) -> pools.Custody:
         return pools.custody_for(kind, prefix=self.config.shm_prefix)
 
-    def _save_state(self) -> None:
+    def save_state(self) -> None:
         if self.config.state_dir is None:
             return
         persist.save_state(
@@ -243,12 +142,12 @@ class Custodian:
             created = rp.segment is None
             if created:
                 self._check_pool_room(g.layout.pool_nbytes)
-                rp.segment = self._custody(settings.kind).create(g.layout.pool_nbytes)
+                rp.segment = self.custody(settings.kind).create(g.layout.pool_nbytes)
             if created_group:
                 self.groups[name] = g
             rp.attached, rp.worker_id = True, worker_id
             if created:
-                self._save_state()
+                self.save_state()
                 self.metrics.pool_bytes.inc(g.layout.pool_nbytes)
             info = g.pool_info(rank)
             assert info is not None
@@ -288,7 +187,7 @@ class Custodian:
                 self.spill.delete_group(name)
             if self.journal:
                 self.journal.delete(name)
-            self._save_state()
+            self.save_state()
             self._sync_gauges()
             log.info(json.dumps({"event": "group-deleted", "group": name}))
 
@@ -303,14 +202,14 @@ class Custodian:
                 g.check_rank(r)
             for r in sorted(set(ranks)):
                 rp = g.ranks[r]
-                new = self._custody(g.settings.kind).create(g.layout.pool_nbytes)
+                new = self.custody(g.settings.kind).create(g.layout.pool_nbytes)
                 if rp.segment is not None:
                     rp.segment.unlink()
                 else:
                     self.metrics.pool_bytes.inc(new.nbytes)
                 rp.segment, rp.generation, rp.valid = new, rp.generation + 1, False
             g.ledger.drop_rank_commits(set(ranks))
-            self._save_state()
+            self.save_state()
             log.warning(
                 json.dumps(
                     {
@@ -347,7 +246,7 @@ class Custodian:
             chunk, done = g.ledger.commit(rank, request_id, chunk_index, slots=slots, token_ids=token_ids)
             if done:
                 if self.journal:
-                    self.journal.append(name, _chunk_record(request_id, chunk))
+                    self.journal.append(name, chunk_record(request_id, chunk))
                 self._protect(g, request_id, chunk)
             return chunk.state
 
@@ -448,7 +347,7 @@ class Custodian:
         return drained, self.queue.pending(tag)
 
 
-def _chunk_record(request_id: str, chunk: ledger.Chunk) -> dict[str, Any]:
+def chunk_record(request_id: str, chunk: ledger.Chunk) -> dict[str, Any]:
     return {
         "op": "chunk",
         "r": request_id,

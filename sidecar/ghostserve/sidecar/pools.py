@@ -107,7 +107,9 @@ class CpuCustody:
                 raise errors.ResourceExhausted(
                     f"cannot allocate a {nbytes}-byte pool in {SHM_DIR}: {exc}"
                 ) from exc
-            mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            # MAP_POPULATE: pay the page-table faults now (attach, MarkLost), not during a rebuild.
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            mm = mmap.mmap(fd, nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
         return Segment(name, mm, nbytes)

@@ -153,7 +153,7 @@ def rebuild(
                 c.drop_chunk(g, rid, idx)
             for r in lost:
                 g.ranks[r].valid = True
-            c._save_state()
+            c.save_state()
         total = sum(r.bytes_rebuilt for r in results.values())
         seconds = time.perf_counter() - start
         c.counters.rebuild_bytes += total

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import grpc
 import grpc.aio
 import prometheus_client as prom
-from ghostserve.sidecar import client, config, core, errors, health, logs, metrics, service
+from ghostserve.sidecar import client, config, core, errors, health, logs, metrics, restore, service
 from ghostserve.v1 import sidecar_pb2_grpc as pb_grpc
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -117,7 +117,7 @@ def create_server(
     Returns (server, bound port; 0 for a Unix socket). Restores state from config.state_dir. Raises
     RuntimeError when the address cannot be bound."""
     custodian = core.Custodian(config, metrics_=metrics_)
-    custodian.restore()
+    restore.restore(custodian)
     source: health.GpuHealthSource
     if config.fake_gpus is not None:
         source = health.FakeHealthSource(config.fake_gpus)

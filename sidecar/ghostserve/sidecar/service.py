@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 from ghostserve.kernels import errors as codec_errors
-from ghostserve.sidecar import convert, core, errors, health, recovery
+from ghostserve.sidecar import convert, core, errors, health, ledger, recovery
 from ghostserve.v1 import sidecar_pb2 as pb
 from ghostserve.v1 import sidecar_pb2_grpc as pb_grpc
 
@@ -248,8 +248,8 @@ class Servicer(pb_grpc.SidecarServicer):
             chunks = [
                 ch for g in c.groups.values() for r in g.ledger.requests.values() for ch in r.chunks.values()
             ]
-            protected = sum(1 for ch in chunks if ch.state == 3)
-            unprotected = sum(1 for ch in chunks if ch.state == 4)
+            protected = sum(1 for ch in chunks if ch.state == ledger.State.PROTECTED)
+            unprotected = sum(1 for ch in chunks if ch.state == ledger.State.UNPROTECTED)
             return pb.Stats(
                 parity_bytes_held=c.store.held_bytes,
                 parity_budget_bytes=c.store.budget,

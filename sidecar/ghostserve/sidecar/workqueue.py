@@ -77,9 +77,14 @@ class WorkQueue:
                     self._cond.notify_all()
 
     def close(self, *, timeout: float = 10.0) -> None:
-        """Finish queued jobs, then stop the workers."""
+        """Drop queued jobs (their chunks stay unprotected), let running ones finish, stop the workers."""
         with self._cond:
             self._closed = True
+            while self._jobs:
+                tag, _ = self._jobs.popleft()
+                self._pending[tag] -= 1
+                if self._pending[tag] <= 0:
+                    del self._pending[tag]
             self._cond.notify_all()
         for t in self._threads:
             t.join(timeout)

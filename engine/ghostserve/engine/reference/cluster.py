@@ -14,7 +14,8 @@ import os
 import pathlib
 import signal
 import time
-from collections.abc import Callable, Sequence
+import typing
+from collections.abc import Sequence
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -59,7 +60,9 @@ class Cluster:
             pathlib.Path(spec.store_path).unlink(missing_ok=True)
         for spec in self.specs:
             parent, child = _CTX.Pipe()
-            proc = _CTX.Process(target=rank_mod.main, args=(spec, child), name=f"gs-rank{spec.rank}", daemon=True)
+            proc = _CTX.Process(
+                target=rank_mod.main, args=(spec, child), name=f"gs-rank{spec.rank}", daemon=True
+            )
             proc.start()
             child.close()
             self.procs.append(proc)
@@ -111,9 +114,10 @@ class Cluster:
                 if isinstance(obj, int):
                     dead.append(by_sentinel[obj])
                     continue
-                i = by_conn[id(obj)]
+                conn = typing.cast(multiprocessing.connection.Connection, obj)
+                i = by_conn[id(conn)]
                 try:
-                    replies[i] = obj.recv()
+                    replies[i] = conn.recv()
                 except (EOFError, ConnectionResetError, OSError):
                     dead.append(i)
             if dead:
@@ -151,12 +155,3 @@ class Cluster:
         for c in self.conns:
             c.close()
         self.procs, self.conns = [], []
-
-
-def wait_for(predicate: Callable[[], bool], *, timeout_s: float, what: str) -> None:
-    """Poll real state until ``predicate()`` holds. Raises TimeoutError naming ``what``."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.01)

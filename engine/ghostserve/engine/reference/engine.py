@@ -14,14 +14,17 @@ import pathlib
 import time
 from collections.abc import Callable, Iterable, Sequence
 
+import grpc
 from ghostserve.engine import adapter
 from ghostserve.engine.reference import cluster as cluster_mod
 from ghostserve.engine.reference import config as config_mod
-from ghostserve.engine.reference import kvpool, schedule
+from ghostserve.engine.reference import kvpool, recovery, schedule
 from ghostserve.engine.reference import rank as rank_mod
-from ghostserve.engine.reference import recovery
 from ghostserve.kernels import layout as layout_mod
 from ghostserve.sidecar import client as client_mod
+
+# A step that kills its ranks this many times in a row is a bug, not a fault.
+MAX_ATTEMPTS = 3
 
 
 class EngineError(RuntimeError):
@@ -49,7 +52,7 @@ class Request:
 
     @property
     def output(self) -> list[int]:
-        return self.tokens[len(self.prompt):]
+        return self.tokens[len(self.prompt) :]
 
     @property
     def done(self) -> bool:
@@ -87,6 +90,12 @@ class Fault:
     # Wait for the sidecar's encode queue first, so every committed chunk is protected when the fault hits.
     flush: bool = True
 
+    def __post_init__(self) -> None:
+        if self.kind not in ("process", "device"):
+            raise EngineError(f"fault kind must be 'process' or 'device', got {self.kind!r}")
+        if not self.ranks or self.at_step < 0:
+            raise EngineError("a fault needs at least one rank and a step >= 0")
+
 
 @dataclasses.dataclass
 class Counters:
@@ -95,6 +104,8 @@ class Counters:
     prefill_seconds: float = 0.0
     decode_tokens: int = 0
     decode_seconds: float = 0.0
+    step_tokens: int = 0  # every step, mixed prefill/decode included
+    step_seconds: float = 0.0
     generations: int = 0
 
 
@@ -114,13 +125,27 @@ class ReferenceEngine:
         self.cfg, self.opts, self.group, self.workdir = cfg, opts, group, workdir
         self.sidecar = sidecar
         self.protection = adapter.Protection(opts.code, opts.parity_shards, opts.chunk_tokens)
-        self.shape = kvpool.PoolShape.for_model(cfg, tp=opts.tp, pool_slots=opts.pool_slots,
-                                                page_size=opts.page_size)
-        self.layout = layout_mod.KVLayout(self.shape.layers, self.shape.kv_heads, self.shape.head_dim,
-                                          kvpool.DTYPE, opts.page_size, opts.pool_slots)
+        self.shape = kvpool.PoolShape.for_model(
+            cfg, tp=opts.tp, pool_slots=opts.pool_slots, page_size=opts.page_size
+        )
+        self.layout = layout_mod.KVLayout(
+            self.shape.layers,
+            self.shape.kv_heads,
+            self.shape.head_dim,
+            kvpool.DTYPE,
+            opts.page_size,
+            opts.pool_slots,
+        )
         self.client = client_mod.SidecarClient(sidecar)
-        self.session = adapter.SidecarSession(self.client, group, rank=0, world_size=opts.tp, layout=self.layout,
-                                              protection=self.protection, worker_id=f"driver-{os.getpid()}")
+        self.session = adapter.SidecarSession(
+            self.client,
+            group,
+            rank=0,
+            world_size=opts.tp,
+            layout=self.layout,
+            protection=self.protection,
+            worker_id=f"driver-{os.getpid()}",
+        )
         self.alloc = kvpool.PageAllocator(opts.pool_slots, opts.page_size)
         self.requests: dict[str, Request] = {}
         self.finished: dict[str, Request] = {}
@@ -140,8 +165,18 @@ class ReferenceEngine:
         gen = self.counters.generations
         store = str(self.workdir / f"gloo-{gen}")
         specs = [
-            rank_mod.RankSpec(self.cfg, self.opts.tp, r, store, self.sidecar, self.group, self.shape,
-                              self.protection, self.opts.threads_per_rank, protect=self.opts.protect)
+            rank_mod.RankSpec(
+                self.cfg,
+                self.opts.tp,
+                r,
+                store,
+                self.sidecar,
+                self.group,
+                self.shape,
+                self.protection,
+                self.opts.threads_per_rank,
+                protect=self.opts.protect,
+            )
             for r in range(self.opts.tp)
         ]
         self.cluster = cluster_mod.Cluster(specs)
@@ -159,8 +194,10 @@ class ReferenceEngine:
         if delete_group:
             try:
                 self.client.delete_group(group=self.group)
-            except Exception:  # noqa: BLE001 - best effort: the group may never have been created
-                pass
+            except grpc.RpcError as exc:
+                # NOT_FOUND: the group was never created (the ranks failed to attach); nothing to free.
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
         self.client.close()
 
     @property
@@ -177,8 +214,9 @@ class ReferenceEngine:
             raise EngineError(f"request {request.request_id!r} has token ids outside [0, {self.cfg.vocab})")
         need = len(request.prompt) + request.max_new_tokens
         if -(-need // self.opts.page_size) > self.opts.pool_slots // self.opts.page_size:
-            raise EngineError(f"request {request.request_id!r} needs {need} slots, the pool has "
-                              f"{self.opts.pool_slots}")
+            raise EngineError(
+                f"request {request.request_id!r} needs {need} slots, the pool has {self.opts.pool_slots}"
+            )
         self.requests[request.request_id] = request
 
     def active(self) -> list[Request]:
@@ -206,7 +244,7 @@ class ReferenceEngine:
         work = [self._piece(r) for r in batch]
         prefill = all(w.start < len(self.requests[w.request_id].prompt) for w in work)
         t0 = time.perf_counter()
-        while True:
+        for attempt in range(MAX_ATTEMPTS + 1):
             assert self.cluster is not None
             try:
                 self.cluster.broadcast(rank_mod.Step(tuple(work)))
@@ -214,24 +252,34 @@ class ReferenceEngine:
                 replies = self.cluster.collect()
                 break
             except cluster_mod.RankFault as fault:
+                if attempt == MAX_ATTEMPTS:
+                    raise EngineError(
+                        f"step {self.counters.steps} failed {attempt + 1} times in a row"
+                    ) from fault
                 report = recovery.recover(self, fault.ranks)
                 self.recoveries.append(report)
                 if self.on_recovered:
                     self.on_recovered(report)
                 t0 = time.perf_counter()
-        seconds = time.perf_counter() - t0
-        self.counters.steps += 1
-        ntok = sum(len(w.tokens) for w in work)
-        if prefill:
-            self.counters.prefill_tokens += ntok
-            self.counters.prefill_seconds += seconds
-        elif all(len(w.tokens) == 1 for w in work):
-            self.counters.decode_tokens += ntok
-            self.counters.decode_seconds += seconds
         self._advance(batch, work, replies[0])
+        # Step time includes the driver's bookkeeping (token records, releases): part of the overhead.
+        seconds = time.perf_counter() - t0
+        c = self.counters
+        c.steps += 1
+        ntok = sum(len(w.tokens) for w in work)
+        c.step_tokens += ntok
+        c.step_seconds += seconds
+        if prefill:
+            c.prefill_tokens += ntok
+            c.prefill_seconds += seconds
+        elif all(len(w.tokens) == 1 for w in work):
+            c.decode_tokens += ntok
+            c.decode_seconds += seconds
         return len(batch)
 
-    def _advance(self, batch: Sequence[Request], work: Sequence[rank_mod.Work], next_tokens: list[int]) -> None:
+    def _advance(
+        self, batch: Sequence[Request], work: Sequence[rank_mod.Work], next_tokens: list[int]
+    ) -> None:
         t = self.opts.chunk_tokens
         for req, w, tok in zip(batch, work, next_tokens, strict=True):
             end = w.start + len(w.tokens)
@@ -253,7 +301,9 @@ class ReferenceEngine:
         req.finished_s = time.monotonic() - self._t0
         self.finished[req.request_id] = self.requests.pop(req.request_id)
 
-    def run(self, *, on_step: Callable[[ReferenceEngine], None] | None = None, max_steps: int = 10**7) -> None:
+    def run(
+        self, *, on_step: Callable[[ReferenceEngine], None] | None = None, max_steps: int = 10**7
+    ) -> None:
         """Step until every submitted request finished. Waits for arrivals by polling the clock."""
         for _ in range(max_steps):
             if not self.requests:
@@ -272,6 +322,9 @@ class ReferenceEngine:
 
     def _maybe_inject(self) -> None:
         due = [f for f in self.faults if f.at_step == self.counters.steps]
+        if due:
+            # The sidecar may have restarted: wait out the channel's reconnect backoff.
+            self.client.wait_ready(timeout=60.0)
         for f in due:
             self.faults.remove(f)
             assert self.cluster is not None
@@ -298,8 +351,13 @@ class ReferenceEngine:
         queues: dict[str, list[tuple[int, int, bool]]] = {}
         for rid, spans in ranges.items():
             req = self.requests[rid]
-            queues[rid] = [p for a, b in spans for p in schedule.replay_passes(
-                a, b, prompt_len=len(req.prompt), chunk_tokens=self.opts.chunk_tokens)]
+            queues[rid] = [
+                p
+                for a, b in spans
+                for p in schedule.replay_passes(
+                    a, b, prompt_len=len(req.prompt), chunk_tokens=self.opts.chunk_tokens
+                )
+            ]
         total = 0
         while any(queues.values()):
             work = []
@@ -320,7 +378,9 @@ class ReferenceEngine:
         for req in self.requests.values():
             if req.kv_len:
                 slots = self.alloc.slots(req.request_id)[: req.kv_len]
-                self.cluster.call(rank_mod.Resume(req.request_id, tuple(req.tokens), tuple(slots), len(req.prompt)))
+                self.cluster.call(
+                    rank_mod.Resume(req.request_id, tuple(req.tokens), tuple(slots), len(req.prompt))
+                )
 
     def prefill_tokens_per_s(self) -> float:
         """Measured prefill throughput (or the configured override) for the recovery planner."""

@@ -11,7 +11,6 @@ import hashlib
 
 import numpy as np
 import torch
-
 from ghostserve.engine.reference import config as config_mod
 
 DTYPE = "float32"
@@ -35,7 +34,9 @@ class PoolShape:
     @classmethod
     def for_model(cls, cfg: config_mod.ModelConfig, *, tp: int, pool_slots: int, page_size: int) -> PoolShape:
         if pool_slots % page_size:
-            raise config_mod.ConfigError(f"pool_slots {pool_slots} must be a multiple of page_size {page_size}")
+            raise config_mod.ConfigError(
+                f"pool_slots {pool_slots} must be a multiple of page_size {page_size}"
+            )
         return cls(cfg.layers, cfg.kv_heads_per_rank(tp), cfg.head_dim, pool_slots, page_size)
 
     @property
@@ -67,7 +68,7 @@ def shard_bytes(buf: np.ndarray, shape: PoolShape, slots: list[int]) -> bytes:
 def chunk_digests(buf: np.ndarray, shape: PoolShape, slots: list[int], chunk_tokens: int) -> list[str]:
     """sha256 of each chunk's shard (the last entry covers a partial tail, if any)."""
     return [
-        hashlib.sha256(shard_bytes(buf, shape, slots[i:i + chunk_tokens])).hexdigest()
+        hashlib.sha256(shard_bytes(buf, shape, slots[i : i + chunk_tokens])).hexdigest()
         for i in range(0, len(slots), chunk_tokens)
     ]
 
@@ -84,7 +85,9 @@ class PageAllocator:
         self._pages: dict[str, list[int]] = {}
 
     def slots(self, request_id: str) -> list[int]:
-        return [p * self.page_size + i for p in self._pages.get(request_id, []) for i in range(self.page_size)]
+        return [
+            p * self.page_size + i for p in self._pages.get(request_id, []) for i in range(self.page_size)
+        ]
 
     def ensure(self, request_id: str, tokens: int) -> list[int]:
         """Grow ``request_id`` to hold ``tokens`` slots; returns its full slot list."""

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import torch
-
 from ghostserve.engine.reference import config as config_mod
 
 
@@ -70,23 +69,28 @@ def build_weights(cfg: config_mod.ModelConfig, *, tp: int, rank: int) -> RankWei
     embed = torch.randn(cfg.vocab, cfg.hidden, generator=gen)
     layers = []
     for _ in range(cfg.layers):
-        wq, wk, wv = rand(cfg.hidden, cfg.heads * d), rand(cfg.hidden, cfg.kv_heads * d), rand(
-            cfg.hidden, cfg.kv_heads * d)
+        wq, wk, wv = (
+            rand(cfg.hidden, cfg.heads * d),
+            rand(cfg.hidden, cfg.kv_heads * d),
+            rand(cfg.hidden, cfg.kv_heads * d),
+        )
         wo = rand(cfg.heads * d, cfg.hidden)
         gate, up, down = rand(cfg.hidden, cfg.ffn), rand(cfg.hidden, cfg.ffn), rand(cfg.ffn, cfg.hidden)
         norm1 = 1.0 + 0.1 * torch.randn(cfg.hidden, generator=gen)
         norm2 = 1.0 + 0.1 * torch.randn(cfg.hidden, generator=gen)
-        layers.append(LayerWeights(
-            attn_norm=norm1,
-            wq=wq[:, q0:q0 + hq * d].contiguous(),
-            wk=wk[:, k0:k0 + hkv * d].contiguous(),
-            wv=wv[:, k0:k0 + hkv * d].contiguous(),
-            wo=wo[q0:q0 + hq * d].contiguous(),
-            mlp_norm=norm2,
-            w_gate=gate[:, rank * f:(rank + 1) * f].contiguous(),
-            w_up=up[:, rank * f:(rank + 1) * f].contiguous(),
-            w_down=down[rank * f:(rank + 1) * f].contiguous(),
-        ))
+        layers.append(
+            LayerWeights(
+                attn_norm=norm1,
+                wq=wq[:, q0 : q0 + hq * d].contiguous(),
+                wk=wk[:, k0 : k0 + hkv * d].contiguous(),
+                wv=wv[:, k0 : k0 + hkv * d].contiguous(),
+                wo=wo[q0 : q0 + hq * d].contiguous(),
+                mlp_norm=norm2,
+                w_gate=gate[:, rank * f : (rank + 1) * f].contiguous(),
+                w_up=up[:, rank * f : (rank + 1) * f].contiguous(),
+                w_down=down[rank * f : (rank + 1) * f].contiguous(),
+            )
+        )
     final_norm = 1.0 + 0.1 * torch.randn(cfg.hidden, generator=gen)
     lm_head = rand(cfg.hidden, cfg.vocab)
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
@@ -112,8 +116,10 @@ class Piece:
         if not self.rowwise:
             return [self]
         n = self.tokens.shape[0]
-        return [Piece(self.tokens[i:i + 1], self.start + i, self.context_slots[: self.start + i + 1])
-                for i in range(n)]
+        return [
+            Piece(self.tokens[i : i + 1], self.start + i, self.context_slots[: self.start + i + 1])
+            for i in range(n)
+        ]
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -140,20 +146,22 @@ def _attention(
     q = _rope((h @ lw.wq).view(n, hq, d), positions, w.inv_freq)
     k = _rope((h @ lw.wk).view(n, hkv, d), positions, w.inv_freq)
     v = (h @ lw.wv).view(n, hkv, d)
-    new_slots = piece.context_slots[piece.start:]
+    new_slots = piece.context_slots[piece.start :]
     pool_layer[0].index_copy_(0, new_slots, k)
     pool_layer[1].index_copy_(0, new_slots, v)
     keys = pool_layer[0].index_select(0, piece.context_slots)  # [S, hkv, D]
     values = pool_layer[1].index_select(0, piece.context_slots)
     rep = hq // hkv
-    keys = keys.repeat_interleave(rep, dim=1).transpose(0, 1)  # [hq, S, D]
-    values = values.repeat_interleave(rep, dim=1).transpose(0, 1)
-    scores = q.transpose(0, 1) @ keys.transpose(1, 2) / d**0.5  # [hq, n, S]
-    s = piece.context_slots.shape[0]
-    mask = torch.arange(s)[None, :] > positions[:, None]
-    scores = scores.masked_fill(mask[None], float("-inf"))
-    out = torch.softmax(scores, dim=-1) @ values  # [hq, n, D]
-    return out.transpose(0, 1).reshape(n, hq * d) @ lw.wo
+    # GQA without copying K/V: the rep query heads of a KV head form one [rep*n, D] matrix.
+    qg = q.view(n, hkv, rep, d).permute(1, 2, 0, 3).reshape(hkv, rep * n, d)
+    scores = (qg @ keys.permute(1, 2, 0)).view(hkv, rep, n, -1) / d**0.5  # [hkv, rep, n, S]
+    if n > 1:
+        s = piece.context_slots.shape[0]
+        mask = torch.arange(s)[None, :] > positions[:, None]
+        scores = scores.masked_fill(mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).view(hkv, rep * n, -1)
+    out = (probs @ values.transpose(0, 1)).view(hkv, rep, n, d)  # [hkv, rep, n, D]
+    return out.permute(2, 0, 1, 3).reshape(n, hq * d) @ lw.wo
 
 
 def forward(
@@ -172,8 +180,10 @@ def forward(
     hs = [w.embed[p.tokens] for p in pieces]
     sizes = [p.tokens.shape[0] for p in pieces]
     for li, lw in enumerate(w.layers):
-        partial = [_attention(w, lw, _rms_norm(h, lw.attn_norm, cfg.norm_eps), p, pool[li])
-                   for h, p in zip(hs, pieces, strict=True)]
+        partial = [
+            _attention(w, lw, _rms_norm(h, lw.attn_norm, cfg.norm_eps), p, pool[li])
+            for h, p in zip(hs, pieces, strict=True)
+        ]
         summed = coll.allreduce(torch.cat(partial)).split(sizes)
         hs = [h + a for h, a in zip(hs, summed, strict=True)]
         partial = []

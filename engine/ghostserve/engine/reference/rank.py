@@ -11,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import sys
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 
 import numpy as np
 import torch
 import torch.distributed as dist
-
 from ghostserve.engine import adapter
 from ghostserve.engine.reference import config as config_mod
 from ghostserve.engine.reference import kvpool, model, schedule
@@ -140,7 +140,9 @@ class RankAdapter:
     ) -> None:
         self.session.commit(request_id, chunk_index, slots, token_ids)
 
-    def resume(self, request_id: str, tokens: Sequence[int], *, prompt_tokens: int, slots: Sequence[int]) -> None:
+    def resume(
+        self, request_id: str, tokens: Sequence[int], *, prompt_tokens: int, slots: Sequence[int]
+    ) -> None:
         self.tables[request_id] = list(slots)
         self.tokens[request_id] = list(tokens)
         self.prompt[request_id] = prompt_tokens
@@ -156,18 +158,28 @@ def _run_step(
         if w.start > len(table):
             raise ValueError(f"{w.request_id}: step starts at {w.start}, only {len(table)} positions known")
         # Replays overwrite positions in place (the slots are the same); new positions append.
-        table[w.start:end] = w.new_slots
-        toks[w.start:end] = w.tokens
-        pieces.append(model.Piece(torch.tensor(w.tokens, dtype=torch.int64), w.start,
-                                  torch.tensor(table[:end], dtype=torch.int64), w.rowwise))
+        table[w.start : end] = w.new_slots
+        toks[w.start : end] = w.tokens
+        pieces.append(
+            model.Piece(
+                torch.tensor(w.tokens, dtype=torch.int64),
+                w.start,
+                torch.tensor(table[:end], dtype=torch.int64),
+                w.rowwise,
+            )
+        )
     last = model.forward(weights, pieces, pool, coll)
     t = ad.spec.protection.chunk_tokens
     for w in msg.work:
         if not (w.commit and ad.spec.protect):
             continue
         for c in schedule.completed_chunks(w.start, w.start + len(w.tokens), t):
-            ad.on_chunk_complete(w.request_id, c, ad.tables[w.request_id][c * t:(c + 1) * t],
-                                 ad.tokens[w.request_id][c * t:(c + 1) * t])
+            ad.on_chunk_complete(
+                w.request_id,
+                c,
+                ad.tables[w.request_id][c * t : (c + 1) * t],
+                ad.tokens[w.request_id][c * t : (c + 1) * t],
+            )
     return model.greedy(weights, last) if msg.want_tokens and ad.spec.rank == 0 else None
 
 
@@ -175,15 +187,28 @@ def main(spec: RankSpec, conn: Connection) -> None:
     """Process entry point. Replies ("ready", needs_rebuild) then one reply per message."""
     torch.set_num_threads(spec.threads)
     dist.init_process_group(
-        "gloo", init_method=f"file://{spec.store_path}", rank=spec.rank, world_size=spec.tp,
+        "gloo",
+        init_method=f"file://{spec.store_path}",
+        rank=spec.rank,
+        world_size=spec.tp,
         timeout=datetime.timedelta(seconds=spec.collective_timeout_s),
     )
     client = client_mod.SidecarClient(spec.sidecar)
     session = adapter.SidecarSession(
-        client, spec.group, rank=spec.rank, world_size=spec.tp, layout=layout_mod.KVLayout(
-            spec.shape.layers, spec.shape.kv_heads, spec.shape.head_dim, kvpool.DTYPE, spec.shape.page_size,
-            spec.shape.pool_slots),
-        protection=spec.protection, worker_id=f"rank{spec.rank}-pid{os.getpid()}",
+        client,
+        spec.group,
+        rank=spec.rank,
+        world_size=spec.tp,
+        layout=layout_mod.KVLayout(
+            spec.shape.layers,
+            spec.shape.kv_heads,
+            spec.shape.head_dim,
+            kvpool.DTYPE,
+            spec.shape.page_size,
+            spec.shape.pool_slots,
+        ),
+        protection=spec.protection,
+        worker_id=f"rank{spec.rank}-pid{os.getpid()}",
     )
     ad = RankAdapter(spec, session)
     buf, needs_rebuild = ad.allocate_pool()
@@ -201,13 +226,25 @@ def main(spec: RankSpec, conn: Connection) -> None:
         except (ValueError, KeyError, adapter.AdapterError) as exc:
             # Bad driver input is the same on every rank, so every rank reports it; nothing hangs.
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        except RuntimeError as exc:
+            # A peer died mid-collective (gloo "connection reset"): this generation is over. Exit without
+            # a traceback; the driver sees the exit, kills the rest and starts a new generation. Anything
+            # else is a bug: say so (the driver gives up after repeated faults on the same step).
+            if "gloo" not in str(exc) and "Connection" not in str(exc):
+                sys.stderr.write(f"ghostserve rank {spec.rank}: {type(exc).__name__}: {exc}\n")
+            os._exit(3)
     session.client.close()
     dist.destroy_process_group()
 
 
 def _dispatch(
-    msg: object, conn: Connection, ad: RankAdapter, weights: model.RankWeights, pool: torch.Tensor,
-    coll: GlooCollective, buf: np.ndarray,
+    msg: object,
+    conn: Connection,
+    ad: RankAdapter,
+    weights: model.RankWeights,
+    pool: torch.Tensor,
+    coll: GlooCollective,
+    buf: np.ndarray,
 ) -> None:
     spec = ad.spec
     if isinstance(msg, Step):
@@ -222,11 +259,19 @@ def _dispatch(
     elif isinstance(msg, Commit):
         t = spec.protection.chunk_tokens
         for c in msg.chunks:
-            ad.on_chunk_complete(msg.request_id, c, ad.tables[msg.request_id][c * t:(c + 1) * t],
-                                 ad.tokens[msg.request_id][c * t:(c + 1) * t])
+            ad.on_chunk_complete(
+                msg.request_id,
+                c,
+                ad.tables[msg.request_id][c * t : (c + 1) * t],
+                ad.tokens[msg.request_id][c * t : (c + 1) * t],
+            )
         conn.send(("ok", None))
     elif isinstance(msg, Digest):
         slots = ad.tables[msg.request_id][: msg.kv_len]
         conn.send(("ok", kvpool.chunk_digests(buf, spec.shape, slots, spec.protection.chunk_tokens)))
     else:
         conn.send(("error", f"unknown message {type(msg).__name__}"))
+
+
+# Type-checked: the reference rank implements the EngineAdapter protocol.
+_CONFORMS: type[adapter.EngineAdapter] = RankAdapter

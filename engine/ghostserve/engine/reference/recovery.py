@@ -68,15 +68,20 @@ def recover(engine: engine_mod.ReferenceEngine, dead: Sequence[int]) -> Recovery
 def _restore(engine: engine_mod.ReferenceEngine, lost: list[int], report: RecoveryReport) -> None:
     t = engine.opts.chunk_tokens
     active = [r for r in engine.requests.values() if r.kv_len]
+    engine.client.wait_ready(timeout=60.0)
     for req in active:
         engine.session.record_tokens(req.request_id, req.tokens, prompt_tokens=len(req.prompt))
     plan = engine.client.plan_recovery(
-        group=engine.group, lost_ranks=lost, prefill_tokens_per_s=engine.prefill_tokens_per_s(),
+        group=engine.group,
+        lost_ranks=lost,
+        prefill_tokens_per_s=engine.prefill_tokens_per_s(),
         rebuild_bytes_per_s=_rebuild_rate(engine),
     )
     plans = {p.request_id: p for p in plan.requests}
-    first = {req.request_id: plans[req.request_id].recompute_chunks if req.request_id in plans else 0
-             for req in active}
+    first = {
+        req.request_id: plans[req.request_id].recompute_chunks if req.request_id in plans else 0
+        for req in active
+    }
     report.plan = dict(first)
     # Rebuild (sidecar) and recompute of the first r chunks (ranks) run at the same time. The rebuild
     # also runs when it has nothing to do (r = n everywhere): it is what marks the lost pools valid again.
@@ -124,7 +129,9 @@ def _rebuild(engine: engine_mod.ReferenceEngine, lost: list[int], first: dict[st
     from ghostserve.sidecar import client as client_mod
 
     with client_mod.SidecarClient(engine.sidecar, timeout=600.0) as client:
-        return client.rebuild(group=engine.group, lost_ranks=lost, request_ids=sorted(first), first_chunk=first)
+        return client.rebuild(
+            group=engine.group, lost_ranks=lost, request_ids=sorted(first), first_chunk=first
+        )
 
 
 def _rebuild_rate(engine: engine_mod.ReferenceEngine) -> float:

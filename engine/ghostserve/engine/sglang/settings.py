@@ -40,7 +40,9 @@ class PluginSettings:
     sidecar: str = "unix:///run/ghostserve/sidecar.sock"
     group: str = "default"
     protection: adapter.Protection = dataclasses.field(default_factory=adapter.Protection)
-    custody: bool = True
+    # Tensor-parallel rank and size; None = ask sglang's parallel state (set in serving processes).
+    rank: int | None = None
+    world_size: int | None = None
     survivor_policy: SurvivorPolicy = SurvivorPolicy.DETACH_EXIT
     rpc_timeout: float = 5.0
     worker_id: str = ""
@@ -82,7 +84,8 @@ class PluginSettings:
             sidecar=get("SIDECAR", cls.sidecar),
             group=group,
             protection=protection,
-            custody=_flag(get("CUSTODY", "1"), "GHOSTSERVE_CUSTODY"),
+            rank=_int(get("RANK", ""), "GHOSTSERVE_RANK", low=0) if get("RANK", "") else None,
+            world_size=_int(get("WORLD_SIZE", ""), "GHOSTSERVE_WORLD_SIZE", low=1) if get("WORLD_SIZE", "") else None,
             survivor_policy=policy,
             rpc_timeout=timeout,
             worker_id=get("WORKER_ID", ""),

@@ -1,0 +1,148 @@
+"""Per-process state of the plugin and the hook bodies that use it.
+
+One Runtime lives in each sglang process that loaded the plugin (the entry point runs in every
+scheduler process). Hook bodies are plain functions of the runtime so that tests can call them on
+sglang's real objects; plugin.py only registers them with sglang's HookRegistry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from ghostserve.engine import adapter
+from ghostserve.engine.sglang import capture, chunks, pools, survivors
+from ghostserve.engine.sglang import settings as settings_mod
+from ghostserve.sidecar import client as client_mod
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """The plugin's state in one process: settings, the rank's sidecar session, the chunk tracker.
+
+    `session` is None until a supported KV pool was placed in custody; while it is None every hook
+    leaves sglang alone. `skipped` says why protection is off (an MLA pool, for instance).
+    """
+
+    def __init__(self, settings: settings_mod.PluginSettings) -> None:
+        self.settings = settings
+        self.tracker = chunks.ChunkTracker(settings.protection.chunk_tokens)
+        self.session: adapter.SidecarSession | None = None
+        self.skipped: str | None = None
+        self.chunks_committed = 0
+
+    def rank_and_size(self) -> tuple[int, int]:
+        """This process's TP rank and size: from settings when given, else sglang's parallel state."""
+        if self.settings.rank is not None and self.settings.world_size is not None:
+            return self.settings.rank, self.settings.world_size
+        from sglang.srt.distributed import parallel_state
+
+        if not parallel_state.model_parallel_is_initialized():
+            raise pools.CustodyError(
+                "sglang's tensor-parallel state is not initialized; set GHOSTSERVE_RANK and GHOSTSERVE_WORLD_SIZE"
+            )
+        return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+
+    def open_session(self, layout: pools.layout_mod.KVLayout) -> adapter.SidecarSession:
+        """Create (not yet attach) this rank's sidecar session for `layout`. Raises SettingsError."""
+        settings_mod.check_page_size(self.settings, layout.page_size)
+        rank, world = self.rank_and_size()
+        client = client_mod.SidecarClient(self.settings.sidecar, timeout=self.settings.rpc_timeout)
+        worker = self.settings.worker_id or f"{os.uname().nodename}/{os.getpid()}"
+        return adapter.SidecarSession(
+            client,
+            self.settings.group,
+            rank=rank,
+            world_size=world,
+            layout=layout,
+            protection=self.settings.protection,
+            worker_id=worker,
+        )
+
+    # -- hook bodies ---------------------------------------------------------------------------------
+
+    def create_buffers(self, original: Any, pool: Any, *args: Any, **kwargs: Any) -> Any:
+        """AROUND MHATokenToKVPool._create_buffers_normal: allocate the pool in sidecar custody.
+
+        Unsupported pools get sglang's own allocation and a logged reason. Raises CustodyError (GPU
+        pools), SettingsError and adapter.AdapterError: a deployment that asked for protection and
+        cannot get it fails at start rather than serve unprotected.
+        """
+        try:
+            layout = pools.describe(pool)
+        except pools.UnsupportedPoolError as exc:
+            self.skip(str(exc))
+            return original(pool, *args, **kwargs)
+        session = self.open_session(layout)
+        result = pools.take_custody(pool, session)
+        self.session = session
+        log.info(
+            "KV pool of rank %d in sidecar custody (%s, %d bytes, created=%s, needs_rebuild=%s)",
+            session.rank, result.pool.shm_name, result.pool.nbytes, result.created, result.needs_rebuild,
+        )
+        return None
+
+    def skip(self, reason: str) -> None:
+        """Turn protection off in this process, logging why once."""
+        if self.skipped is None:
+            log.warning("GhostServe protection is off in this process: %s", reason)
+        self.skipped = reason
+
+    def after_scheduler_init(self, result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
+        """AFTER Scheduler.__init__: refuse speculative decoding; log why an MLA pool is unprotected."""
+        spec = getattr(scheduler.server_args, "speculative_algorithm", None)
+        if spec:
+            raise capture.SpeculativeDecodingError(
+                f"speculative decoding ({spec}) is not supported by GhostServe; serve without "
+                "--speculative-algorithm or unset GHOSTSERVE_SGLANG"
+            )
+        if self.session is None and self.skipped is None:
+            kv = scheduler.token_to_kv_pool_allocator.get_kvcache()
+            try:
+                pools.describe(kv)
+                self.skip("the KV pool was not allocated through the plugin's custody hook")
+            except pools.UnsupportedPoolError as exc:
+                self.skip(str(exc))
+
+    def after_forward(self, result: Any, worker: Any, batch: Any = None, *args: Any, **kwargs: Any) -> None:
+        """AFTER TpModelWorker.forward_batch_generation: commit the chunks the pass completed."""
+        batch = kwargs.get("batch", batch)
+        if self.session is None or batch is None:
+            return
+        req_to_token = worker.model_runner.req_to_token_pool.req_to_token
+        self.chunks_committed += capture.capture_batch(
+            batch, tracker=self.tracker, req_to_token=req_to_token, commit=self.commit
+        )
+
+    def commit(self, chunk: chunks.Chunk, tokens: Sequence[int], prompt_len: int) -> None:
+        """Send one chunk to the sidecar; rank 0 also records the request's tokens for resume."""
+        session = self.session
+        if session is None:
+            return
+        session.commit(chunk.request_id, chunk.index, chunk.slots, chunk.token_ids)
+        if session.rank == 0:
+            session.record_tokens(chunk.request_id, tokens, prompt_tokens=prompt_len)
+
+    def after_release(self, result: Any, req: Any, *args: Any, **kwargs: Any) -> None:
+        """AFTER mem_cache.common.release_kv_cache: a finished or retracted request leaves the ledger."""
+        if self.tracker.forget(req.rid) and self.session is not None and self.session.rank == 0:
+            self.session.release(req.rid)
+
+    def guard_event_loop(self, original: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:
+        """AROUND Scheduler.run_event_loop: GhostServe's reaction to a peer failure (survivors.py)."""
+        return survivors.guard_event_loop(
+            original,
+            scheduler,
+            *args,
+            policy=lambda: self.settings.survivor_policy,
+            detach=self.detach,
+            **kwargs,
+        )
+
+    def detach(self) -> None:
+        """Leave the group; the sidecar keeps the pool. No-op without a session."""
+        if self.session is not None:
+            self.session.client.detach(group=self.session.group, rank=self.session.rank)

@@ -1,0 +1,124 @@
+"""Helpers of the sglang plugin tests: a real sidecar process and real rank processes.
+
+Tests that need sglang skip when it is not importable (the main .venv has no sglang: it needs torch
+2.14.1, see scripts/setup-sglang.sh); run them with `.venv-sglang/bin/python -m pytest tests/sglang`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+import grpc
+
+from ghostserve.sidecar import client as client_mod
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+WORKER = pathlib.Path(__file__).with_name("rank_worker.py")
+GROUP = "test/sglang-g0"
+
+
+def wait_until(predicate, *, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    """Poll real state until `predicate()` holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@dataclasses.dataclass
+class Sidecar:
+    proc: subprocess.Popen[bytes]
+    address: str
+    log: pathlib.Path
+    workdir: pathlib.Path
+
+    def client(self) -> client_mod.SidecarClient:
+        return client_mod.SidecarClient(self.address, timeout=30.0)
+
+
+@contextlib.contextmanager
+def run_sidecar() -> Iterator[Sidecar]:
+    """A real `ghostserve sidecar` process on a Unix socket in a short temporary directory."""
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="gs-sgl-", dir="/tmp"))
+    sock = workdir / "sidecar.sock"
+    log = workdir / "sidecar.log"
+    cmd = [sys.executable, "-m", "ghostserve.cli.main", "sidecar", "--socket", str(sock), "--grace", "2",
+           "--shm-prefix", "gs-sgl", "--budget", "64MiB"]
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    sc = Sidecar(proc, f"unix://{sock}", log, workdir)
+
+    def serving() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"sidecar exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with client_mod.SidecarClient(sc.address, timeout=1.0) as c:
+                return c.health() == 1
+        except grpc.RpcError:
+            return False
+
+    try:
+        wait_until(serving, timeout=60, what="the sidecar to serve")
+        yield sc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(30)
+        for p in sorted(workdir.rglob("*"), reverse=True):
+            p.unlink() if not p.is_dir() else p.rmdir()
+        workdir.rmdir()
+    leaked = sorted(p.name for p in pathlib.Path("/dev/shm").glob("gs-sgl*"))
+    assert not leaked, f"the sidecar left pool segments behind: {leaked}"
+
+
+def plugin_env(sidecar: Sidecar, *, rank: int, world: int, **extra: str) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "SGLANG_PLUGINS": "ghostserve",
+        "GHOSTSERVE_SGLANG": "1",
+        "GHOSTSERVE_SIDECAR": sidecar.address,
+        "GHOSTSERVE_GROUP": GROUP,
+        "GHOSTSERVE_CODE": "xor",
+        "GHOSTSERVE_CHUNK_TOKENS": "16",
+        "GHOSTSERVE_RANK": str(rank),
+        "GHOSTSERVE_WORLD_SIZE": str(world),
+        "PYTHONWARNINGS": "ignore",
+    }
+    env.update(extra)
+    return env
+
+
+def start_rank(sidecar: Sidecar, mode: str, *, rank: int, world: int, args: list[str] | None = None,
+               env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start tests/sglang/rank_worker.py as a real process for one rank."""
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), mode, "--rank", str(rank), *(args or [])],
+        cwd=REPO,
+        env=env or plugin_env(sidecar, rank=rank, world=world),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen[str], *, timeout: float = 170) -> tuple[int, dict[str, object], str]:
+    """Wait for a rank process; returns (exit code, its JSON report, its stderr)."""
+    out, err = proc.communicate(timeout=timeout)
+    reports = [line[len("REPORT ") :] for line in out.splitlines() if line.startswith("REPORT ")]
+    report = json.loads(reports[-1]) if reports else {}
+    return proc.returncode, report, err

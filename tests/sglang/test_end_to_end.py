@@ -1,0 +1,127 @@
+"""Capture, commit, loss of a rank, rebuild and resume with sglang's real classes and real processes.
+
+Two rank processes load the plugin through sglang's loader, get their KV pools from a real sidecar,
+serve two requests (chunked prefill, then decode) writing KV with `set_kv_buffer`, and commit chunks.
+Rank 1 then fails its event loop with a collective error and must detach and exit with
+EXIT_PEER_FAULT. Rank 1's pool is declared lost, rebuilt from rank 0 + parity, and fresh processes of
+both ranks insert the restored KV into sglang's radix cache and plan the re-admission.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from ghostserve.sidecar import pools as sidecar_pools
+
+import sgl_procs
+
+if importlib.util.find_spec("sglang") is None:
+    pytest.skip("sglang is not installed (run scripts/setup-sglang.sh)", allow_module_level=True)
+
+import torch  # noqa: E402  (after the skip: the main .venv's torch is not sglang's)
+
+import rank_worker  # noqa: E402
+
+pytestmark = pytest.mark.sglang
+T = 16
+
+
+def expected_shard(rank: int, rid: str, positions: list[int]) -> np.ndarray:
+    """Canonical shard bytes [layer][k|v][token][row] of tokens at `positions`, as the worker wrote them."""
+    planes = []
+    for layer in range(rank_worker.LAYERS):
+        k, v = rank_worker.kv_values(rank, rid, layer, positions)
+        planes += [k.view(torch.uint8).reshape(len(positions), -1), v.view(torch.uint8).reshape(len(positions), -1)]
+    return torch.stack(planes).numpy()
+
+
+def pool_rows(desc, rank: int, slots: list[int]) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Rank's pool rows at `slots` in canonical shard order, read through the sidecar's pool handle."""
+    layout = desc.layout
+    row = layout.kv_heads * layout.head_dim * 2  # bf16
+    mm, arr = sidecar_pools.map_pool(desc.ranks[rank].pool)
+    try:
+        return arr.reshape(2 * layout.layers, layout.pool_slots, row)[:, slots, :].copy()
+    finally:
+        del arr
+        mm.close()
+
+
+def test_capture_loss_rebuild_resume(sidecar: sgl_procs.Sidecar) -> None:
+    env1 = sgl_procs.plugin_env(sidecar, rank=1, world=2)
+    procs = [
+        sgl_procs.start_rank(sidecar, "serve", rank=0, world=2),
+        sgl_procs.start_rank(sidecar, "serve-then-peer-fault", rank=1, world=2, env=env1),
+    ]
+    results = [sgl_procs.finish(p) for p in procs]
+    (rc0, rep0, err0), (rc1, rep1, err1) = results
+    assert rc0 == 0, err0
+    assert rc1 == 75, err1  # survivors.EXIT_PEER_FAULT, not sglang's SIGQUIT to the parent
+    assert "peer rank failure" in err1
+
+    # Both ranks made the same scheduling decisions: identical slots, every complete chunk committed.
+    reqs0, reqs1 = rep0["requests"], rep1["requests"]
+    assert reqs0 == reqs1
+    for rid, prompt, _, steps, _ in rank_worker.REQUESTS:
+        written = prompt + steps  # KV of the prompt and of every decode input token
+        assert reqs0[rid]["committed"] == written // T
+    total = sum(r["committed"] for r in reqs0.values())
+    assert rep0["chunks_committed"] == rep1["chunks_committed"] == total == 6
+
+    with sidecar.client() as c:
+        assert c.flush(sgl_procs.GROUP, wait=60).drained
+        desc = c.describe_group(group=sgl_procs.GROUP)
+        ranks = {r.rank: r for r in desc.ranks}
+        assert not ranks[1].attached  # the failed rank detached; its pool stays in custody
+        by_id = {r.request_id: r for r in desc.requests}
+        for rid, info in reqs0.items():
+            assert by_id[rid].chunks_committed == info["committed"]
+            assert by_id[rid].chunks_protected == info["committed"]
+            assert by_id[rid].tokens == len(info["tokens"])
+
+        # What set_kv_buffer wrote is in the custody pool, at the committed slots, in contract layout.
+        before = {}
+        for rid, info in reqs0.items():
+            n = info["committed"] * T
+            before[rid] = pool_rows(desc, 1, info["slots"][:n])
+            np.testing.assert_array_equal(before[rid], expected_shard(1, rid, list(range(n))))
+
+        c.mark_lost(group=sgl_procs.GROUP, ranks=[1], reason="test: Xid 79")
+        desc = c.describe_group(group=sgl_procs.GROUP)
+        for rid, info in reqs0.items():
+            assert not pool_rows(desc, 1, info["slots"][: info["committed"] * T]).any()
+        report = c.rebuild(group=sgl_procs.GROUP, lost_ranks=[1])
+        assert report.bytes_rebuilt > 0
+        assert all(not r.failed_chunks for r in report.requests)
+        desc = c.describe_group(group=sgl_procs.GROUP)
+        for rid, info in reqs0.items():
+            np.testing.assert_array_equal(pool_rows(desc, 1, info["slots"][: info["committed"] * T]), before[rid])
+
+    # Resume on every rank: fresh scheduler-side state, pools mapped again through the custody hook.
+    restored = [
+        {"rid": rid, "tokens": info["tokens"], "prompt": info["prompt"], "max_new_tokens": info["max_new_tokens"],
+         "slots": info["slots"][: info["committed"] * T]}
+        for rid, info in reqs0.items()
+    ]
+    arg = ["--restored", json.dumps(restored)]
+    procs = [sgl_procs.start_rank(sidecar, "resume", rank=r, world=2, args=arg) for r in (0, 1)]
+    for rank, proc in enumerate(procs):
+        rc, rep, err = sgl_procs.finish(proc)
+        assert rc == 0, err
+        claimed = 0
+        for item in restored:
+            got = rep["requests"][item["rid"]]
+            restored_len = len(item["slots"])
+            assert got["inserted"] == got["cached_tokens"] == restored_len
+            assert got["matched"] == restored_len  # sglang's match_prefix finds the whole restored prefix
+            assert got["matched_slots"] == item["slots"]  # at the recorded slots
+            assert got["kv_equal"], f"rank {rank} {item['rid']}: KV at the restored slots differs"
+            generated = len(item["tokens"]) - item["prompt"]
+            assert got["max_new_tokens"] == got["gen_max_new_tokens"] == item["max_new_tokens"] - generated
+            assert got["gen_rid"] == item["rid"] and got["gen_input_len"] == len(item["tokens"])
+            claimed += restored_len
+        assert rep["claimed"] == claimed  # the restored slots left the allocator's free list
