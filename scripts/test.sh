@@ -6,6 +6,6 @@ bash scripts/setup.sh
 V=.venv/bin
 echo "== ruff"; "$V/ruff" check .
 echo "== mypy"; "$V/mypy" -p ghostserve.kernels -p ghostserve.sidecar -p ghostserve.engine -p ghostserve.operator -p ghostserve.cli
-echo "== import contracts"; "$V/lint-imports"
+echo "== import contracts"; PYTHONPATH=kernels:protos:sidecar:engine:operator:cli "$V/lint-imports"
 echo "== nvcc"; bash scripts/compile_cuda.sh
 echo "== pytest"; "$V/python" -m pytest "$@"

@@ -58,7 +58,7 @@ def test_sidecar_accepts_every_rendered_flag_but_listen(render_script: ModuleTyp
     """Every flag the DaemonSet passes exists and parses; --listen is left to the test below."""
     values = None if variant == "default" else chart_support.VARIANTS[variant]
     rendered = _sidecar_args(render_script, values)
-    args = sidecar_server.parse_args([a for a in rendered if not a.startswith("--listen=")])
+    args = sidecar_server.parse_args(rendered)
     assert args.socket == "/run/ghostserve/sidecar.sock"
     budget = (values or {}).get("sidecar", {}).get("hostMemoryBudget", "64Gi")
     assert sidecar_config.parse_bytes(args.budget) == 64 << 30 == sidecar_config.parse_bytes(budget)
@@ -67,12 +67,6 @@ def test_sidecar_accepts_every_rendered_flag_but_listen(render_script: ModuleTyp
     assert (args.spill_dir is not None) is (variant == "tls-spill-extras")
 
 
-@pytest.mark.xfail(
-    raises=SystemExit,
-    strict=True,
-    reason="ghostserve sidecar makes --socket and --listen mutually exclusive, but one sidecar must serve "
-    "rank pods on the Unix socket and the operator on TCP at once (change asked of the sidecar owner)",
-)
 def test_sidecar_serves_socket_and_tcp_together(render_script: ModuleType) -> None:
     args = sidecar_server.parse_args(_sidecar_args(render_script, None))
     assert args.listen == "0.0.0.0:7443" and args.socket == "/run/ghostserve/sidecar.sock"

@@ -74,8 +74,10 @@ def make_pki(d: pathlib.Path) -> None:
         )
 
 
-def test_mutual_tls(short_tmp: pathlib.Path, shm_prefix: str) -> None:
+def test_mutual_tls_on_tcp_beside_a_plain_unix_socket(short_tmp: pathlib.Path, shm_prefix: str) -> None:
+    """One sidecar serves rank pods on its socket and the operator on mTLS TCP: both see one state."""
     make_pki(short_tmp)
+    sock = short_tmp / "run" / "sidecar.sock"
     address = f"127.0.0.1:{kv.free_port()}"
     good = client.channel_credentials(
         ca=str(short_tmp / "ca.pem"), cert=str(short_tmp / "client.pem"), key=str(short_tmp / "client.key")
@@ -88,6 +90,8 @@ def test_mutual_tls(short_tmp: pathlib.Path, shm_prefix: str) -> None:
         str(short_tmp / "server.key"),
         "--tls-ca",
         str(short_tmp / "ca.pem"),
+        "--socket",
+        str(sock),
         listen=address,
         prefix=shm_prefix,
         client_kw={"credentials": good},
@@ -95,6 +99,8 @@ def test_mutual_tls(short_tmp: pathlib.Path, shm_prefix: str) -> None:
     try:
         with client.SidecarClient(address, credentials=good) as c:
             assert c.list_groups().groups == []
+        with client.SidecarClient(f"unix://{sock}", timeout=5) as local:
+            assert local.health() == 1 and local.list_groups().groups == []
         no_cert = client.channel_credentials(ca=str(short_tmp / "ca.pem"))
         for creds in (no_cert, None):
             with (

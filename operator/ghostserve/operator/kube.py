@@ -73,6 +73,11 @@ class Kube:
             if exc.status in ok:
                 return None
             raise KubeError(int(exc.status or 0), str(exc.reason)) from exc
+        # Without preloading, kubernetes_asyncio does not check the status: every non-2xx is ours to judge.
+        if not 200 <= response.status < 300:
+            if response.status in ok:
+                return None
+            raise KubeError(int(response.status), raw.decode(errors="replace")[:300])
         parsed: dict[str, Any] = json.loads(raw) if raw else {}
         return parsed
 

@@ -48,6 +48,9 @@ class Tls:
         )
 
 
+DEFAULT_SOCKET = "/run/ghostserve/sidecar.sock"
+
+
 class SidecarServer:
     """A grpc.aio server with the sidecar and health services, and what they serve from."""
 
@@ -110,12 +113,20 @@ def _prepare_socket(path: pathlib.Path) -> None:
 
 
 def create_server(
-    address: str, *, config: config.Config, tls: Tls | None = None, metrics_: metrics.Metrics | None = None
+    address: str,
+    *,
+    config: config.Config,
+    tls: Tls | None = None,
+    metrics_: metrics.Metrics | None = None,
+    also_listen: str | None = None,
 ) -> tuple[SidecarServer, int]:
-    """Build (not start) a sidecar on `address` (unix:///abs/path.sock or host:port, port 0 = any).
+    """Build (not start) a sidecar on `address` (unix:///abs/path.sock or host:port, port 0 = any), and
+    also on the TCP address `also_listen` when given: on a node, rank pods dial the socket while the
+    operator dials TCP, so one process serves both. `tls` applies to TCP addresses only; a socket's
+    protection is its directory's permissions.
 
-    Returns (server, bound port; 0 for a Unix socket). Restores state from config.state_dir. Raises
-    RuntimeError when the address cannot be bound."""
+    Returns (server, bound TCP port; 0 when only a Unix socket is served). Restores state from
+    config.state_dir. Raises RuntimeError when an address cannot be bound."""
     custodian = core.Custodian(config, metrics_=metrics_)
     restore.restore(custodian)
     source: health.GpuHealthSource
@@ -135,17 +146,27 @@ def create_server(
     path = _socket_path(address)
     if path is not None:
         if not path.is_absolute():
+            custodian.close()
             raise RuntimeError(f"unix socket path must be absolute: {path}")
         _prepare_socket(path)
         address = f"unix://{path}"
-    try:
-        port = (
-            server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
-        )
-    except RuntimeError as exc:
-        custodian.close()
-        raise RuntimeError(f"cannot bind {address}: {exc}") from exc
-    return SidecarServer(server, custodian, hub, socket_path=path), (0 if path else port)
+    port = 0
+    for where in (address, also_listen):
+        if where is None:
+            continue
+        secure = tls is not None and _socket_path(where) is None
+        try:
+            bound = (
+                server.add_secure_port(where, tls.credentials())
+                if secure and tls
+                else (server.add_insecure_port(where))
+            )
+        except RuntimeError as exc:
+            custodian.close()
+            raise RuntimeError(f"cannot bind {where}: {exc}") from exc
+        if _socket_path(where) is None:
+            port = bound
+    return SidecarServer(server, custodian, hub, socket_path=path), port
 
 
 def _json_str(exc: BaseException) -> str:
@@ -161,10 +182,11 @@ async def serve(
     tls: Tls | None = None,
     metrics_port: int | None = None,
     grace: float = 5.0,
+    also_listen: str | None = None,
 ) -> int:
     """Run a sidecar until SIGTERM or SIGINT; returns the exit status."""
     m = metrics.Metrics()
-    server, port = create_server(address, config=cfg, tls=tls, metrics_=m)
+    server, port = create_server(address, config=cfg, tls=tls, metrics_=m, also_listen=also_listen)
     if metrics_port is not None:
         prom.start_http_server(metrics_port, registry=m.registry)
     stop = asyncio.Event()
@@ -183,9 +205,15 @@ async def serve(
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ghostserve sidecar", description="node-local GhostServe sidecar (gRPC)")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--socket", default="/run/ghostserve/sidecar.sock", help="Unix socket path (default)")
-    where.add_argument("--listen", metavar="HOST:PORT", help="listen on TCP instead of a Unix socket")
+    p.add_argument(
+        "--socket",
+        help=f"Unix socket path for rank pods (default {DEFAULT_SOCKET} unless only --listen is given)",
+    )
+    p.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="also (or, without --socket, only) listen on TCP, for the operator",
+    )
     p.add_argument("--tls-cert", type=pathlib.Path, help="server certificate (PEM), TCP only")
     p.add_argument("--tls-key", type=pathlib.Path, help="server private key (PEM)")
     p.add_argument("--tls-ca", type=pathlib.Path, help="CA for client certificates: enables mutual TLS")
@@ -230,10 +258,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    address = args.listen if args.listen else f"unix://{pathlib.Path(args.socket).resolve()}"
+    socket_path = args.socket if args.socket or args.listen else DEFAULT_SOCKET
+    address = f"unix://{pathlib.Path(socket_path).resolve()}" if socket_path else args.listen
+    also_listen = args.listen if socket_path else None
     state_dir = args.state_dir
-    if state_dir is None and not args.listen:
-        state_dir = pathlib.Path(args.socket).resolve().parent
+    if state_dir is None and socket_path:
+        state_dir = pathlib.Path(socket_path).resolve().parent
     cfg = config.Config(
         budget_bytes=budget,
         state_dir=state_dir,
@@ -247,7 +277,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     tls = Tls(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
     try:
-        return asyncio.run(serve(address, cfg=cfg, tls=tls, metrics_port=args.metrics_port, grace=args.grace))
+        return asyncio.run(
+            serve(
+                address,
+                cfg=cfg,
+                tls=tls,
+                metrics_port=args.metrics_port,
+                grace=args.grace,
+                also_listen=also_listen,
+            )
+        )
     except errors.SidecarError as exc:
         print(f"ghostserve sidecar: {exc}", file=sys.stderr)
         return 2
