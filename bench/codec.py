@@ -337,6 +337,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console()
     rounds = args.rounds or (3 if args.quick else 5)
     info = machine()
+    if args.backend == "cuda":
+        import cupy
+
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        gpu = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+        info["gpu"] = gpu
+        info["gpu_memory_bytes"] = int(props["totalGlobalMem"])
+        info["slug"] = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")[:40]
     with Progress(console=console, transient=True) as progress:
         if args.backend == "cuda":
             cases = gpu_cases(args, rounds, progress)

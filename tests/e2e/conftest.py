@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 import shutil
@@ -10,19 +9,9 @@ import tempfile
 from collections.abc import Callable, Iterator
 
 import pytest
+from e2e_support import CFG, options, requests
 from ghostserve.engine import sidecar_process
-from ghostserve.engine.reference import config, engine, harness, workload
-
-CFG = config.ModelConfig()
-CHUNK = 16
-
-
-def requests(n: int = 3, prompt: int = 70, new: int = 40) -> list[engine.Request]:
-    return workload.make_requests(n, prompt_tokens=prompt, new_tokens=new, vocab=CFG.vocab, seed=7)
-
-
-def options(tp: int, code: str = "xor", **kw: object) -> engine.Options:
-    return engine.Options(tp=tp, code=code, chunk_tokens=CHUNK, page_size=CHUNK, record_digests=True, **kw)
+from ghostserve.engine.reference import harness
 
 
 @pytest.fixture(scope="module")
@@ -75,20 +64,3 @@ def no_shm_leak() -> Iterator[None]:
     yield None
     leaked = ours() - before
     assert not leaked, f"leaked shared memory segments: {sorted(leaked)}"
-
-
-def assert_pools_freed(names: list[str]) -> None:
-    assert names, "the run recorded no pools"
-    left = [n for n in names if (pathlib.Path("/dev/shm") / n).exists()]
-    assert not left, f"pool segments left in /dev/shm: {left}"
-
-
-def assert_no_live_ranks(pids: list[int]) -> None:
-    alive = []
-    for pid in pids:
-        try:
-            os.kill(pid, 0)
-            alive.append(pid)
-        except ProcessLookupError:
-            pass
-    assert not alive, f"rank processes still alive: {alive}"

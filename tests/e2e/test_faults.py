@@ -4,7 +4,7 @@ fault-free run, and leaks no process or shared memory."""
 from __future__ import annotations
 
 import pytest
-from conftest import CFG, assert_no_live_ranks, assert_pools_freed, options, requests
+from e2e_support import CFG, assert_no_live_ranks, assert_pools_freed, options, requests
 from ghostserve.engine.reference import engine, harness
 
 

@@ -136,3 +136,12 @@ def test_cpu_backend_refuses_device_memory_clearly() -> None:
     ):
         codec.encode([FakeCupy()], parity)
     assert untouched(parity)
+
+
+def test_missing_backend_library_is_a_clear_error() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("cupy") is not None:
+        pytest.skip("cupy is installed here")
+    with pytest.raises(gk.BackendUnavailableError, match="backend 'cuda' needs cupy"):
+        gk.Codec("rs", 4, 2, backend="cuda")

@@ -158,3 +158,12 @@ def test_isal_fast_paths_match_numpy_at_any_alignment(code: str, offset: int) ->
         out = {0: views[7]}
         fast.reconstruct([None, *data[1:], *parity], out=out)
         assert np.array_equal(out[0], data[0])
+
+
+def test_out_accepts_numpy_integer_indices() -> None:
+    codec = gk.Codec("rs", 3, 2)
+    data = [np.arange(40, dtype=np.uint8) * (i + 1) for i in range(3)]
+    parity = oracle_parity("rs", 3, 2, data)
+    out = np.zeros(40, np.uint8)
+    codec.reconstruct([data[0], None, data[2], *parity], out={np.int64(1): out})
+    assert np.array_equal(out, data[1])

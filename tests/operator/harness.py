@@ -15,7 +15,9 @@ import copy
 import json
 import os
 import pathlib
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -137,6 +139,7 @@ class Nodes:
         self.emulator = emulator
         self.kick = asyncio.Event()
         self.auto_run = True  # False: bound pods stay Pending (to hold a recovery mid-way)
+        self.todo: set[tuple[str, str]] = set()
 
     def _used(self) -> dict[str, set[str]]:
         used: dict[str, set[str]] = {}
@@ -182,26 +185,35 @@ class Nodes:
             self.kick.clear()
             await self.step()
 
+    def note(self, action: str, resource: Any, raw: dict[str, Any]) -> None:
+        """Remember pods that may need binding or starting (called on every emulator write)."""
+        if resource == PODS and action != "delete":
+            if not raw["spec"].get("nodeName") or (raw.get("status") or {}).get("phase") == "Pending":
+                self.todo.add((raw["metadata"]["namespace"], raw["metadata"]["name"]))
+        if resource in (PODS, NODES):
+            self.kick.set()
+
     async def step(self) -> None:
-        nodes = [
-            copy.deepcopy(o.raw)
-            for (res, _, _), o in self.emulator.objects.items()
-            if res == NODES and not o.deleted
-        ]
-        pods = [
-            copy.deepcopy(o.raw)
-            for (res, _, _), o in self.emulator.objects.items()
-            if res == PODS and not o.deleted
-        ]
-        for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
-            meta = pod["metadata"]
-            if meta.get("deletionTimestamp"):
+        objects = self.emulator.objects
+        nodes = [copy.deepcopy(o.raw) for (res, _, _), o in objects.items() if res == NODES and not o.deleted]
+        used = self._used()
+        for ns, name in sorted(self.todo):
+            key = (PODS, ns, name)
+            if (
+                key not in objects
+                or objects[key].deleted
+                or objects[key].raw["metadata"].get("deletionTimestamp")
+            ):
+                self.todo.discard((ns, name))
                 continue
+            pod = copy.deepcopy(objects[key].raw)
+            meta = pod["metadata"]
             if not pod["spec"].get("nodeName"):
-                placed = self._place(pod, nodes, self._used())
+                placed = self._place(pod, nodes, used)
                 if placed is None:
-                    continue
+                    continue  # retried when nodes or pods change
                 node, gpu = placed
+                used.setdefault(node, set()).add(gpu)
                 await self._write(
                     meta,
                     {
@@ -210,8 +222,10 @@ class Nodes:
                         "status": {"phase": "Pending"},
                     },
                 )
-            elif self.auto_run and pod.get("status", {}).get("phase") == "Pending":
-                await self._write(meta, running_status())
+            elif self.auto_run:
+                if pod.get("status", {}).get("phase") == "Pending":
+                    await self._write(meta, running_status())
+                self.todo.discard((ns, name))
 
     async def _write(self, meta: dict[str, Any], patch: dict[str, Any]) -> None:
         with contextlib.suppress(kmock.KubernetesError):  # deleted meanwhile
@@ -277,8 +291,7 @@ class Cluster:
         await self._stack.aclose()
 
     def _on_write(self, action: str, resource: Any, raw: dict[str, Any]) -> None:
-        if resource in (PODS, NODES):
-            self.nodes.kick.set()
+        self.nodes.note(action, resource, raw)
         with self.changed:
             self.version += 1
             self.changed.notify_all()
@@ -311,6 +324,16 @@ class Cluster:
 
         return self.call(read)  # type: ignore[no-any-return]
 
+    def count_phase(self, resource: Any, namespace: str, phase: str) -> int:
+        """How many objects have status.phase == `phase` (no copies: cheap enough to poll at scale)."""
+
+        async def count() -> int:
+            return sum(1 for (res, ns, _), o in self.emulator.objects.items()
+                       if res == resource and ns == namespace and not o.deleted
+                       and (o.last.raw.get("status") or {}).get("phase") == phase)
+
+        return self.call(count)  # type: ignore[no-any-return]
+
     def wait_for(self, check: Callable[[], Any], *, timeout: float = 30.0, what: str = "condition") -> Any:
         """Re-evaluate `check` after every write to the emulator until it is truthy or the deadline passes."""
         deadline = time.monotonic() + timeout
@@ -331,17 +354,20 @@ class Cluster:
         lines = []
         for obj in self.list(GSD):
             lines.append(json.dumps({"meta": obj["metadata"], "status": obj.get("status")}, sort_keys=True))
-        lines.append("requests: " + " | ".join(
-            f"#{r.id} {r.method.value} {r.url.path} {str(r.data)[:150]}" for r in list(self.emulator._requests)
-            if r.resource == GSD and r.method.value in {"PATCH", "PUT", "POST"}))
-        lines.append("keys: " + " | ".join(
-            f"{k!r} versions={len(o.history)} rvs={[((v or {}).get('metadata', {}).get('resourceVersion'), ((v or {}).get('status') or {}).get('phase'), (((v or {}).get('status') or {}).get('recovery') or {}).get('step'), ((v or {}).get('status') or {}).get('recoveries')) for v in o.history]}"
-            for k, o in list(self.emulator.objects.items()) if "ghostserve" in repr(k[0])))
         lines.append("errors: " + " | ".join(repr(e)[:200] for e in self.emulator.errors))
         for obj in self.list(PODS):
-            lines.append(json.dumps({"name": obj["metadata"]["name"], "uid": obj["metadata"]["uid"],
-                                     "node": obj["spec"].get("nodeName"), "status": obj.get("status"),
-                                     "annotations": obj["metadata"].get("annotations")}, sort_keys=True))
+            lines.append(
+                json.dumps(
+                    {
+                        "name": obj["metadata"]["name"],
+                        "uid": obj["metadata"]["uid"],
+                        "node": obj["spec"].get("nodeName"),
+                        "status": obj.get("status"),
+                        "annotations": obj["metadata"].get("annotations"),
+                    },
+                    sort_keys=True,
+                )
+            )
         return "\n".join(lines)
 
     def push_health(self, event: sidecar_pb2.HealthEvent) -> None:
@@ -403,3 +429,55 @@ class OperatorProcess:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+class RealSidecar:
+    """`ghostserve sidecar` as a process on loopback TCP with fake NVML, named as node `node`."""
+
+    def __init__(self, workdir: pathlib.Path, *, node: str, gpus: int = 2) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self.prefix = f"gs-op{secrets.token_hex(3)}-"
+        self.log = workdir / "sidecar.log"
+        state = workdir / "sidecar-state"
+        state.mkdir()
+        cmd = [
+            sys.executable,
+            "-m",
+            "ghostserve.cli.main",
+            "sidecar",
+            "--listen",
+            self.address,
+            "--fake-nvml",
+            str(gpus),
+            "--node",
+            node,
+            "--grace",
+            "2",
+            "--shm-prefix",
+            self.prefix,
+            "--state-dir",
+            str(state),
+            "--budget",
+            "64MiB",
+        ]
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+
+    def client(self) -> Any:
+        from ghostserve.sidecar import client
+
+        return client.SidecarClient(self.address, timeout=10.0)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        with self.client() as c:
+            c.wait_ready(timeout=timeout)
+
+    def stop(self) -> list[str]:
+        """SIGTERM and wait; returns the shared-memory segments it left behind."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        return sorted(p.name for p in pathlib.Path("/dev/shm").glob(self.prefix + "*"))

@@ -29,14 +29,6 @@ def deployment(sidecar_port: int, **recovery: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-def cluster() -> Iterator[harness.Cluster]:
-    with harness.Cluster() as c:
-        for i in range(3):
-            c.write("create", harness.NODES, None, None, harness.node_object(f"n{i}", gpus=2))
-        yield c
-
-
-@pytest.fixture
 def operator(cluster: harness.Cluster, tmp_path: pathlib.Path) -> Iterator[harness.OperatorProcess]:
     kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig")
     proc = harness.OperatorProcess(kubeconfig, tmp_path / "operator.log")

@@ -7,9 +7,10 @@ writes KV with `set_kv_buffer` as the attention layers do, builds real ScheduleB
 runs the plugin's capture hook after each "forward pass". The model forward itself cannot run here
 (no model on CPU): the only stand-in is the worker object that hands the hook its req_to_token pool.
 
-Modes: `serve` (prefill in chunks, then decode, print a JSON report), `serve-then-peer-fault` (serve,
-then run sglang's hooked Scheduler.run_event_loop with a collective error), `resume` (map the rebuilt
-pool, insert the restored requests into a fresh radix cache, print a JSON report).
+It serves first (prefill in chunks, then decode; prints a JSON report), then follows commands read
+from stdin: `resume` (build a fresh pool, which the custody hook maps again, insert the restored
+requests into a fresh radix cache, print a JSON report), `peer-fault` (run sglang's hooked
+Scheduler.run_event_loop on a scheduler whose collective layer failed) or `exit`.
 """
 
 from __future__ import annotations
@@ -216,20 +217,21 @@ def match_slots(tree, plan) -> list[int]:
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["serve", "serve-then-peer-fault", "resume"])
     p.add_argument("--rank", type=int, required=True)
-    p.add_argument("--restored", default="[]", help="JSON list of restored requests (resume)")
     args = p.parse_args()
     from sglang.srt.plugins import load_plugins
 
     load_plugins()
-    if args.mode == "resume":
-        report = resume(args.rank, json.loads(args.restored))
-    else:
-        report = serve(args.rank)
-    print("REPORT " + json.dumps(report), flush=True)
-    if args.mode == "serve-then-peer-fault":
-        peer_fault()
+    print("REPORT " + json.dumps(serve(args.rank)), flush=True)
+    # Then commands from the test, one JSON object per line: resume, peer-fault or exit.
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command["cmd"] == "resume":
+            print("REPORT " + json.dumps(resume(args.rank, command["restored"])), flush=True)
+        elif command["cmd"] == "peer-fault":
+            peer_fault()
+        else:
+            return 0
     return 0
 
 

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 
@@ -103,22 +104,52 @@ def plugin_env(sidecar: Sidecar, *, rank: int, world: int, **extra: str) -> dict
     return env
 
 
-def start_rank(sidecar: Sidecar, mode: str, *, rank: int, world: int, args: list[str] | None = None,
-               env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    """Start tests/sglang/rank_worker.py as a real process for one rank."""
-    return subprocess.Popen(
-        [sys.executable, str(WORKER), mode, "--rank", str(rank), *(args or [])],
-        cwd=REPO,
-        env=env or plugin_env(sidecar, rank=rank, world=world),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+class Rank:
+    """tests/sglang/rank_worker.py running as a real process for one rank; talks JSON lines."""
 
+    def __init__(self, sidecar: Sidecar, *, rank: int, world: int, env: dict[str, str] | None = None) -> None:
+        self.rank = rank
+        # stderr goes to a file: a pipe nobody reads while the rank works could fill up and block it.
+        self.log = sidecar.workdir / f"rank{rank}-{os.getpid()}-{time.monotonic_ns()}.log"
+        with open(self.log, "w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(WORKER), "--rank", str(rank)],
+                cwd=REPO,
+                env=env or plugin_env(sidecar, rank=rank, world=world),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+            )
 
-def finish(proc: subprocess.Popen[str], *, timeout: float = 170) -> tuple[int, dict[str, object], str]:
-    """Wait for a rank process; returns (exit code, its JSON report, its stderr)."""
-    out, err = proc.communicate(timeout=timeout)
-    reports = [line[len("REPORT ") :] for line in out.splitlines() if line.startswith("REPORT ")]
-    report = json.loads(reports[-1]) if reports else {}
-    return proc.returncode, report, err
+    def report(self) -> dict[str, Any]:
+        """The next JSON report the rank prints; fails with its stderr if it exits first."""
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("REPORT "):
+                return json.loads(line[len("REPORT ") :])  # type: ignore[no-any-return]
+        raise AssertionError(f"rank {self.rank} exited with {self.proc.wait()}:\n{self.stderr()}")
+
+    def send(self, **command: object) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+
+    def finish(self, *, timeout: float = 120) -> tuple[int, str]:
+        """Close stdin (the rank exits after its current command); returns (exit code, stderr)."""
+        assert self.proc.stdin is not None
+        if not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+        rc = self.proc.wait(timeout)
+        return rc, self.stderr()
+
+    def stderr(self) -> str:
+        return self.log.read_text()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)

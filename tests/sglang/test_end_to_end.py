@@ -52,16 +52,16 @@ def pool_rows(desc, rank: int, slots: list[int]) -> np.ndarray:  # type: ignore[
 
 
 def test_capture_loss_rebuild_resume(sidecar: sgl_procs.Sidecar) -> None:
-    env1 = sgl_procs.plugin_env(sidecar, rank=1, world=2)
-    procs = [
-        sgl_procs.start_rank(sidecar, "serve", rank=0, world=2),
-        sgl_procs.start_rank(sidecar, "serve-then-peer-fault", rank=1, world=2, env=env1),
-    ]
-    results = [sgl_procs.finish(p) for p in procs]
-    (rc0, rep0, err0), (rc1, rep1, err1) = results
-    assert rc0 == 0, err0
-    assert rc1 == 75, err1  # survivors.EXIT_PEER_FAULT, not sglang's SIGQUIT to the parent
-    assert "peer rank failure" in err1
+    ranks = [sgl_procs.Rank(sidecar, rank=r, world=2) for r in (0, 1)]
+    try:
+        check(sidecar, ranks)
+    finally:
+        for rank in ranks:
+            rank.kill()
+
+
+def check(sidecar: sgl_procs.Sidecar, ranks: list[sgl_procs.Rank]) -> None:
+    rep0, rep1 = (rank.report() for rank in ranks)
 
     # Both ranks made the same scheduling decisions: identical slots, every complete chunk committed.
     reqs0, reqs1 = rep0["requests"], rep1["requests"]
@@ -75,8 +75,6 @@ def test_capture_loss_rebuild_resume(sidecar: sgl_procs.Sidecar) -> None:
     with sidecar.client() as c:
         assert c.flush(sgl_procs.GROUP, wait=60).drained
         desc = c.describe_group(group=sgl_procs.GROUP)
-        ranks = {r.rank: r for r in desc.ranks}
-        assert not ranks[1].attached  # the failed rank detached; its pool stays in custody
         by_id = {r.request_id: r for r in desc.requests}
         for rid, info in reqs0.items():
             assert by_id[rid].chunks_committed == info["committed"]
@@ -103,17 +101,16 @@ def test_capture_loss_rebuild_resume(sidecar: sgl_procs.Sidecar) -> None:
         for rid, info in reqs0.items():
             np.testing.assert_array_equal(pool_rows(desc, 1, info["slots"][: info["committed"] * T]), before[rid])
 
-    # Resume on every rank: fresh scheduler-side state, pools mapped again through the custody hook.
+    # Resume on every rank: fresh allocator and radix cache, a fresh pool mapped by the custody hook.
     restored = [
         {"rid": rid, "tokens": info["tokens"], "prompt": info["prompt"], "max_new_tokens": info["max_new_tokens"],
          "slots": info["slots"][: info["committed"] * T]}
         for rid, info in reqs0.items()
     ]
-    arg = ["--restored", json.dumps(restored)]
-    procs = [sgl_procs.start_rank(sidecar, "resume", rank=r, world=2, args=arg) for r in (0, 1)]
-    for rank, proc in enumerate(procs):
-        rc, rep, err = sgl_procs.finish(proc)
-        assert rc == 0, err
+    for rank in ranks:
+        rank.send(cmd="resume", restored=restored)
+    for rank in ranks:
+        rep = rank.report()
         claimed = 0
         for item in restored:
             got = rep["requests"][item["rid"]]
@@ -121,9 +118,22 @@ def test_capture_loss_rebuild_resume(sidecar: sgl_procs.Sidecar) -> None:
             assert got["inserted"] == got["cached_tokens"] == restored_len
             assert got["matched"] == restored_len  # sglang's match_prefix finds the whole restored prefix
             assert got["matched_slots"] == item["slots"]  # at the recorded slots
-            assert got["kv_equal"], f"rank {rank} {item['rid']}: KV at the restored slots differs"
+            assert got["kv_equal"], f"rank {rank.rank} {item['rid']}: KV at the restored slots differs"
             generated = len(item["tokens"]) - item["prompt"]
             assert got["max_new_tokens"] == got["gen_max_new_tokens"] == item["max_new_tokens"] - generated
             assert got["gen_rid"] == item["rid"] and got["gen_input_len"] == len(item["tokens"])
             claimed += restored_len
         assert rep["claimed"] == claimed  # the restored slots left the allocator's free list
+
+    # A peer dies: rank 1's event loop fails in the collective layer. GhostServe detaches it and exits
+    # with EXIT_PEER_FAULT instead of sglang's SIGQUIT to the parent; rank 0 exits normally.
+    ranks[1].send(cmd="peer-fault")
+    rc1, err1 = ranks[1].finish()
+    assert rc1 == 75, err1
+    assert "peer rank failure" in err1
+    rc0, err0 = ranks[0].finish()
+    assert rc0 == 0, err0
+    with sidecar.client() as c:
+        state = {r.rank: r for r in c.describe_group(group=sgl_procs.GROUP).ranks}
+    assert not state[1].attached and state[1].pool_valid  # detached, its pool kept in custody
+    assert state[0].pool_valid  # rank 0 exited without detaching: its pool is kept all the same

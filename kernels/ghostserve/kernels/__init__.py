@@ -7,6 +7,7 @@ so that callers write `ghostserve.kernels.Codec(...)` as the contract in docs/co
 from ghostserve.kernels.checksums import checksum
 from ghostserve.kernels.codec import BACKENDS, CODES, Codec
 from ghostserve.kernels.errors import (
+    BackendUnavailableError,
     CodecError,
     ShardCountError,
     ShardSizeError,
@@ -18,6 +19,7 @@ from ghostserve.kernels.layout import KVLayout, gather_shard, scatter_shard
 __all__ = [
     "BACKENDS",
     "CODES",
+    "BackendUnavailableError",
     "Codec",
     "CodecError",
     "KVLayout",

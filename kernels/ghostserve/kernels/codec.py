@@ -8,6 +8,7 @@ CUDA tensors), "cuda" (CuPy RawModule kernels). torch and cupy are imported only
 from __future__ import annotations
 
 import importlib
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,7 +23,8 @@ MAX_RS_PARITY = 8
 
 
 def make_backend(name: str) -> backend_mod.Backend:
-    """Build the named backend. Raises `CodecError` for an unknown name, ImportError without its library."""
+    """Build the named backend. Raises `CodecError` for an unknown name, `BackendUnavailableError` when
+    its library (torch, cupy) or a GPU is missing."""
     if name == "cpu":
         from ghostserve.kernels import cpu
 
@@ -32,7 +34,11 @@ def make_backend(name: str) -> backend_mod.Backend:
 
         return cpu.CpuBackend(use_isal=False)
     if name in ("torch", "cuda"):
-        module = importlib.import_module(f"ghostserve.kernels.{name}_backend")
+        try:
+            module = importlib.import_module(f"ghostserve.kernels.{name}_backend")
+        except ImportError as exc:
+            need = "torch" if name == "torch" else "cupy (pip install 'ghostserve[gpu]')"
+            raise errors.BackendUnavailableError(f"backend {name!r} needs {need}: {exc}") from exc
         made: backend_mod.Backend = module.make()
         return made
     raise errors.CodecError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
@@ -56,6 +62,17 @@ def _check_counts(code: str, n_data: int, n_parity: int | None) -> int:
     if n_data + m > 255:
         raise errors.ShardCountError(f"rs over GF(2^8) needs n_data + n_parity <= 255, got {n_data + m}")
     return m
+
+
+def _shard_index(i: Any, n_shards: int) -> int:
+    """`i` as a plain int shard index (numpy integers welcome); CodecError if it is not one."""
+    try:
+        idx = operator.index(i)
+    except TypeError:
+        idx = -1
+    if isinstance(i, bool) or not 0 <= idx < n_shards:
+        raise errors.CodecError(f"out index {i!r} is not a shard index in [0, {n_shards})")
+    return idx
 
 
 class Codec:
@@ -138,10 +155,8 @@ class Codec:
                 f"{len(lost)} shards are lost ({lost}); {self.code} with M={self.n_parity} rebuilds at most "
                 f"{self.n_parity}"
             )
-        out = dict(out or {})
+        out = {_shard_index(i, self.n_shards): buf for i, buf in (out or {}).items()}
         for i in out:
-            if not isinstance(i, int) or not 0 <= i < self.n_shards:
-                raise errors.CodecError(f"out index {i!r} is not a shard index in [0, {self.n_shards})")
             if shards[i] is not None:
                 raise errors.CodecError(
                     f"out[{i}] given but shard {i} is present: only lost shards are rebuilt"

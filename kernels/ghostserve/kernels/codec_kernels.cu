@@ -90,7 +90,7 @@ __device__ __forceinline__ void encode_body(const uint8_t* const* __restrict__ s
     for (int t = threadIdx.x; t < R * k * 8; t += blockDim.x) s_tbl[t] = tbl[t];
   }
   for (int t = threadIdx.x; t < k; t += blockDim.x) s_src[t] = srcs[t];
-  if (threadIdx.x < R) s_out[threadIdx.x] = outs[threadIdx.x];
+  for (int t = threadIdx.x; t < R; t += blockDim.x) s_out[t] = outs[t];
   __syncthreads();
 
   const unsigned long long tid = blockIdx.x * static_cast<unsigned long long>(blockDim.x) + threadIdx.x;
@@ -145,15 +145,17 @@ __device__ __forceinline__ void encode_body(const uint8_t* const* __restrict__ s
     }
     done = nv << 4;
   }
-  if (GATHER) return;  // the host only fuses when rows are whole vectors: nothing is left
-  for (unsigned long long i = done + tid; i < n; i += stride) {
+  // With GATHER the host only fuses when rows are whole vectors: no bytes are left over.
+  if constexpr (!GATHER) {
+    for (unsigned long long i = done + tid; i < n; i += stride) {
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      uint8_t acc = 0;
-      for (int j = 0; j < k; ++j) {
-        acc ^= XOR_MODE ? s_src[j][i] : gf_mul_byte(s_src[j][i], s_tbl + r * step + j * 8);
+      for (int r = 0; r < R; ++r) {
+        uint8_t acc = 0;
+        for (int j = 0; j < k; ++j) {
+          acc ^= XOR_MODE ? s_src[j][i] : gf_mul_byte(s_src[j][i], s_tbl + r * step + j * 8);
+        }
+        s_out[r][i] = acc;
       }
-      s_out[r][i] = acc;
     }
   }
 }

@@ -44,8 +44,12 @@ class CudaBackend:
     gather_block_bytes = 256 * 1024 * 1024
 
     def __init__(self) -> None:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            raise errors.CodecError("the cuda backend needs a CUDA GPU; none is visible")
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except cupy.cuda.runtime.CUDARuntimeError:  # no driver at all
+            count = 0
+        if count < 1:
+            raise errors.BackendUnavailableError("the cuda backend needs a CUDA GPU; none is visible")
         self._tables: dict[tuple[int, bytes], Any] = {}
 
     def as_bytes(self, buf: Any, *, what: str, writable: bool) -> Any:

@@ -25,3 +25,7 @@ class TooFewShardsError(CodecError):
 
 class ShardTypeError(CodecError):
     """A buffer is of an unsupported type, not contiguous, read-only, or on the wrong device."""
+
+
+class BackendUnavailableError(CodecError):
+    """The requested backend cannot run here (its library or a GPU is missing)."""

@@ -318,13 +318,12 @@ class Reconciler:
             chunks_rebuilt=int(record.get("chunksRebuilt", 0)),
             chunks_recomputed=int(record.get("chunksRecomputed", 0)),
         )
-        restarts = {(r["group"], r["rank"]): r for r in self.status.get("ranks") or []}
-        for r in record["ranks"]:
-            row = restarts.get((record["group"], r))
-            if row is not None:
+        rows = copy.deepcopy(self.status.get("ranks") or [])
+        for row in rows:  # count the recovery on the ranks it replaced (persisted with the record's end)
+            if row.get("group") == record["group"] and row.get("rank") in record["ranks"]:
                 row["restarts"] = int(row.get("restarts", 0)) + 1
         await self.persist(
-            recovery=None, lastRecovery=last, recoveries=int(self.status.get("recoveries", 0)) + 1
+            recovery=None, lastRecovery=last, recoveries=int(self.status.get("recoveries", 0)) + 1, ranks=rows
         )
         metrics.IN_FLIGHT.dec()
         metrics.RECOVERIES.labels(record["kind"], outcome).inc()

@@ -103,7 +103,8 @@ def plan_recovery(
         "pinNode": fault.node if decision.action == RESTART_IN_PLACE else None,
         "preferNode": fault.node if device and not fault.node_wide else None,
         "avoidNodes": [fault.node] if node_level and fault.node else [],
-        "avoidGpus": [fault.gpu] if device and fault.gpu else [],
+        # Both names of the GPU: device plugins speak UUIDs, node-local tools indexes.
+        "avoidGpus": sorted({g for g in (fault.gpu, fault.gpu_index) if g}) if device else [],
         # A device fault loses the rank's KV; the node's sidecar still holds parity and survivors.
         "markLost": device,
         "rebuild": device and protected,

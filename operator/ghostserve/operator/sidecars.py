@@ -1,8 +1,9 @@
 """Every call the operator makes to node sidecars, behind one small interface.
 
-`SidecarPort` is what the reconciler depends on; `GrpcSidecars` implements it with the generated
-ghostserve.v1 stub (one cached channel per address, mTLS when configured, a timeout on every call).
-A group the sidecar does not hold (NOT_FOUND) is not an error here: it holds nothing to lose.
+`SidecarPort` is what the reconciler depends on; `GrpcSidecars` implements it with the sidecar's
+own async client (ghostserve.sidecar.client: grpc + ghostserve.v1 only), one client per address,
+mTLS when configured, a deadline on every call. A group the sidecar does not hold (NOT_FOUND) is
+not an error here: the sidecar holds nothing of it to lose, free or rebuild.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any, Protocol
 
 import grpc
 import grpc.aio
-from ghostserve.v1 import sidecar_pb2, sidecar_pb2_grpc
+from ghostserve.sidecar import client
+from ghostserve.v1 import sidecar_pb2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,12 +50,8 @@ class SidecarPort(Protocol):
     async def close(self) -> None: ...
 
 
-def _credentials(tls: TLSFiles) -> grpc.ChannelCredentials:
-    def read(path: str) -> bytes:
-        with open(path, "rb") as f:
-            return f.read()
-
-    return grpc.ssl_channel_credentials(read(tls.ca), read(tls.key), read(tls.cert))
+def _not_found(exc: grpc.aio.AioRpcError) -> bool:
+    return exc.code() == grpc.StatusCode.NOT_FOUND
 
 
 class GrpcSidecars:
@@ -62,52 +60,48 @@ class GrpcSidecars:
     def __init__(self, *, timeout: float = 10.0, tls: TLSFiles | None = None) -> None:
         self._timeout = timeout
         self._tls = tls
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._clients: dict[str, client.AsyncSidecarClient] = {}
 
-    def _stub(self, address: str) -> sidecar_pb2_grpc.SidecarStub:
-        channel = self._channels.get(address)
-        if channel is None:
+    def _client(self, address: str) -> client.AsyncSidecarClient:
+        found = self._clients.get(address)
+        if found is None:
+            credentials = None
             if self._tls is not None and not address.startswith("unix:"):
-                options = (
-                    [("grpc.ssl_target_name_override", self._tls.server_name)]
-                    if self._tls.server_name
-                    else []
+                credentials = client.channel_credentials(
+                    ca=self._tls.ca, cert=self._tls.cert, key=self._tls.key
                 )
-                channel = grpc.aio.secure_channel(address, _credentials(self._tls), options=options)
-            else:
-                channel = grpc.aio.insecure_channel(address)
-            self._channels[address] = channel
-        return sidecar_pb2_grpc.SidecarStub(channel)
+            server_name = self._tls.server_name if self._tls is not None else None
+            found = client.AsyncSidecarClient(
+                address, timeout=self._timeout, credentials=credentials, server_name=server_name
+            )
+            self._clients[address] = found
+        return found
 
     async def mark_lost(self, address: str, group: str, ranks: Sequence[int], reason: str) -> bool:
-        """False when the sidecar holds no such group."""
+        """Wipe and invalidate the ranks' pools; False when the sidecar holds no such group."""
         try:
-            await self._stub(address).MarkLost(
-                sidecar_pb2.MarkLostRequest(group=group, ranks=list(ranks), reason=reason),
-                timeout=self._timeout,
-            )
+            await self._client(address).mark_lost(group=group, ranks=list(ranks), reason=reason)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
+            if _not_found(exc):
                 return False
             raise
         return True
 
     async def plan_and_rebuild(self, address: str, group: str, ranks: Sequence[int]) -> RebuildOutcome:
-        """PlanRecovery then Rebuild of the chunks the plan does not recompute."""
-        stub = self._stub(address)
+        """PlanRecovery, then Rebuild of the chunks the plan does not leave to recompute."""
+        side = self._client(address)
         try:
-            plan = await stub.PlanRecovery(
-                sidecar_pb2.PlanRecoveryRequest(group=group, lost_ranks=list(ranks)), timeout=self._timeout
-            )
+            plan = await side.plan_recovery(group=group, lost_ranks=list(ranks))
             first = {p.request_id: p.recompute_chunks for p in plan.requests}
-            report = await stub.Rebuild(
-                sidecar_pb2.RebuildRequest(
-                    group=group, lost_ranks=list(ranks), request_ids=list(first), first_chunk=first
-                ),
+            report = await side.rebuild(
+                group=group,
+                lost_ranks=list(ranks),
+                request_ids=list(first),
+                first_chunk=first,
                 timeout=self._timeout * 6,
             )
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
+            if _not_found(exc):
                 return RebuildOutcome()
             raise
         recomputed = sum(p.recompute_chunks + len(p.unprotected_chunks) for p in plan.requests)
@@ -116,23 +110,20 @@ class GrpcSidecars:
         return RebuildOutcome(int(report.bytes_rebuilt), rebuilt, recomputed, float(report.seconds))
 
     async def delete_group(self, address: str, group: str) -> bool:
+        """Free the group's pools, parity and ledger; False when it was not there."""
         try:
-            await self._stub(address).DeleteGroup(
-                sidecar_pb2.DeleteGroupRequest(group=group), timeout=self._timeout
-            )
+            await self._client(address).delete_group(group=group)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
+            if _not_found(exc):
                 return False
             raise
         return True
 
     async def describe(self, address: str, group: str) -> GroupFigures | None:
         try:
-            desc = await self._stub(address).DescribeGroup(
-                sidecar_pb2.DescribeGroupRequest(group=group), timeout=self._timeout
-            )
+            desc = await self._client(address).describe_group(group=group)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
+            if _not_found(exc):
                 return None
             raise
         protected = sum(r.chunks_protected for r in desc.requests)
@@ -141,7 +132,7 @@ class GrpcSidecars:
 
     async def watch_health(self, address: str) -> AsyncIterator[dict[str, Any]]:
         """Health events as dicts (`kind` by HealthKind name), current state first; ends with the stream."""
-        call = self._stub(address).WatchHealth(sidecar_pb2.WatchHealthRequest(initial_state=True))
+        call: Any = self._client(address).watch_health(initial_state=True)
         try:
             async for event in call:
                 yield {
@@ -158,6 +149,6 @@ class GrpcSidecars:
             call.cancel()
 
     async def close(self) -> None:
-        channels, self._channels = list(self._channels.values()), {}
-        for channel in channels:
-            await channel.close()
+        clients, self._clients = list(self._clients.values()), {}
+        for found in clients:
+            await found.close()
