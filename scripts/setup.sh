@@ -11,6 +11,16 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
   "$PY" -m venv "$VENV"
 fi
+# ISA-L gives the CPU codec its fast Reed-Solomon path (ctypes; the NumPy path works without it).
+if ! ldconfig -p 2>/dev/null | grep -q 'libisal\.so\.2'; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing libisal2 (ISA-L)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libisal2) >/dev/null \
+      || echo "[setup] libisal2 not installed: the CPU codec uses its NumPy path"
+  else
+    echo "[setup] libisal2 missing (install it for fast RS on CPU): using the NumPy path"
+  fi
+fi
 stamp="$VENV/.ghostserve-installed"
 want="$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
