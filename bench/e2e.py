@@ -7,7 +7,7 @@
    same ranks right after, vs the `replicate` baseline (full host copies) restoring the same request.
 3. Host memory: parity bytes held vs the KV bytes they protect, per code (expected M/N).
 
-Writes bench/results/e2e-<machine>.json. `--quick` (< 60 s) uses small contexts.
+Writes bench/results/e2e-<machine>.json (`--quick`, < 60 s, small contexts: e2e-quick-<machine>.json).
 """
 
 from __future__ import annotations
@@ -245,8 +245,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small contexts, < 60 s")
     p.add_argument("--tp", type=int, default=4)
     p.add_argument("--lengths", type=int, nargs="*", help="context lengths for the recovery comparison")
-    p.add_argument("--out", type=pathlib.Path, default=ROOT / "bench" / "results" / f"e2e-{machine()}.json")
+    p.add_argument("--out", type=pathlib.Path, help="default: bench/results/e2e[-quick]-<machine>.json")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.out is None:
+        name = f"e2e-quick-{machine()}.json" if args.quick else f"e2e-{machine()}.json"
+        args.out = ROOT / "bench" / "results" / name
     cfg = SMALL
     if args.quick:
         lengths, chunk, ovh = (

@@ -7,7 +7,8 @@ each on a different deployment, and timed on one clock (this process runs the em
 
 - signal -> replacement pod created (POST seen by the API emulator): detection + decision + MarkLost +
   delete + create;
-- signal -> sidecar Rebuild call: the above + the replacement running (instant in the emulator) + PlanRecovery.
+- signal -> sidecar Rebuild call: the above + the replacement running (instant in the emulator)
+  + PlanRecovery.
 
 Ratios are against the 1-deployment run of the same invocation. Also reports the operator's RSS.
 Usage: python bench/operator.py [--quick] [--sizes 1,100,500] [--faults 7]
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib.metadata
 import json
 import os
@@ -33,11 +35,11 @@ from typing import Any
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ghostserve.v1 import sidecar_pb2 as pb  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from ghostserve.v1 import sidecar_pb2 as pb  # noqa: E402
 from tests.operator import harness  # noqa: E402
 
 NS = "test"
@@ -56,7 +58,9 @@ def machine() -> dict[str, Any]:
 
 
 def versions() -> dict[str, str]:
-    return {n: importlib.metadata.version(n) for n in ("kopf", "kmock", "grpcio", "kubernetes_asyncio", "aiohttp")}
+    return {
+        n: importlib.metadata.version(n) for n in ("kopf", "kmock", "grpcio", "kubernetes_asyncio", "aiohttp")
+    }
 
 
 def rss_mb(pid: int) -> float:
@@ -67,16 +71,33 @@ def rss_mb(pid: int) -> float:
 
 
 def manifest(name: str, port: int) -> dict[str, Any]:
-    return {"apiVersion": "ghostserve.io/v1alpha1", "kind": "GhostServeDeployment",
-            "metadata": {"name": name, "namespace": NS},
-            "spec": {"model": {"name": "meta-llama/Llama-3.1-8B-Instruct"},
-                     "engine": {"image": "lmsysorg/sglang:v0.5.3", "tensorParallel": TP},
-                     "recovery": {"backoffSeconds": 0, "maxRecoveriesPerHour": 100},
-                     "sidecar": {"port": port}}}
+    return {
+        "apiVersion": "ghostserve.io/v1alpha1",
+        "kind": "GhostServeDeployment",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "model": {"name": "meta-llama/Llama-3.1-8B-Instruct"},
+            "engine": {"image": "lmsysorg/sglang:v0.5.3", "tensorParallel": TP},
+            "recovery": {"backoffSeconds": 0, "maxRecoveriesPerHour": 100},
+            "sidecar": {"port": port},
+        },
+    }
 
 
 def serving_count(cluster: harness.Cluster) -> int:
     return cluster.count_phase(harness.GSD, NS, "Serving")
+
+
+def more_serving(cluster: harness.Cluster, than: int) -> bool:
+    return serving_count(cluster) > than
+
+
+def more_rebuilds(cluster: harness.Cluster, than: int) -> bool:
+    return sum(1 for n, _, _ in cluster.sidecar.calls if n == "Rebuild") > than
+
+
+def recoveries_are(cluster: harness.Cluster, name: str, want: int) -> bool:
+    return bool(((cluster.get(harness.GSD, NS, name) or {}).get("status") or {}).get("recoveries") == want)
 
 
 def run_size(size: int, faults: int, progress: Progress, workdir: pathlib.Path) -> dict[str, Any]:
@@ -90,8 +111,12 @@ def run_size(size: int, faults: int, progress: Progress, workdir: pathlib.Path) 
                 created.setdefault(raw["metadata"]["name"], []).append(time.monotonic())
 
         cluster.call(lambda: _add_listener(cluster, on_write))
-        proc = harness.OperatorProcess(cluster.kubeconfig(workdir / f"kubeconfig-{size}"),
-                                       workdir / f"operator-{size}.log", "--resync-seconds", "60")
+        proc = harness.OperatorProcess(
+            cluster.kubeconfig(workdir / f"kubeconfig-{size}"),
+            workdir / f"operator-{size}.log",
+            "--resync-seconds",
+            "60",
+        )
         try:
             task = progress.add_task(f"{size} deployments: starting", total=size)
             t_setup = time.monotonic()
@@ -99,7 +124,9 @@ def run_size(size: int, faults: int, progress: Progress, workdir: pathlib.Path) 
                 cluster.write("create", harness.GSD, NS, None, manifest(f"d{i}", cluster.sidecar_port))
             while (done := serving_count(cluster)) < size:
                 progress.update(task, completed=done)
-                cluster.wait_for(lambda d=done: serving_count(cluster) > d, timeout=600, what="deployments serving")
+                cluster.wait_for(
+                    functools.partial(more_serving, cluster, done), timeout=600, what="deployments serving"
+                )
             progress.update(task, completed=size, description=f"{size} deployments: faults")
             setup_s = time.monotonic() - t_setup
             rss_idle = rss_mb(proc.proc.pid)
@@ -111,27 +138,49 @@ def run_size(size: int, faults: int, progress: Progress, workdir: pathlib.Path) 
                 before = len(created.get(pod["metadata"]["name"], []))
                 rebuilds = sum(1 for n, _, _ in cluster.sidecar.calls if n == "Rebuild")
                 t0 = time.monotonic()
-                cluster.push_health(pb.HealthEvent(
-                    gpu_index=int(pod["metadata"]["annotations"]["ghostserve.io/gpu"]), kind=pb.XID, xid=79,
-                    fatal=True, message="bench", node=pod["spec"]["nodeName"]))
-                cluster.wait_for(lambda: sum(1 for n, _, _ in cluster.sidecar.calls if n == "Rebuild") > rebuilds,
-                                 timeout=120, what="rebuild call")
-                rebuild_t = [t for n, r, t in cluster.sidecar.calls if n == "Rebuild" and r.group == f"{NS}/{name}-g0"]
+                cluster.push_health(
+                    pb.HealthEvent(
+                        gpu_index=int(pod["metadata"]["annotations"]["ghostserve.io/gpu"]),
+                        kind=pb.XID,
+                        xid=79,
+                        fatal=True,
+                        message="bench",
+                        node=pod["spec"]["nodeName"],
+                    )
+                )
+                cluster.wait_for(
+                    functools.partial(more_rebuilds, cluster, rebuilds), timeout=120, what="rebuild call"
+                )
+                rebuild_t = [
+                    t for n, r, t in cluster.sidecar.calls if n == "Rebuild" and r.group == f"{NS}/{name}-g0"
+                ]
                 to_create.append(created[pod["metadata"]["name"]][before] - t0)
                 to_rebuild.append(rebuild_t[-1] - t0)
                 want = f // size + 1
-                cluster.wait_for(lambda n=name, w=want: ((cluster.get(harness.GSD, NS, n) or {}).get("status") or {})
-                                 .get("recoveries") == w, timeout=120, what="recovery recorded")
+                cluster.wait_for(
+                    functools.partial(recoveries_are, cluster, name, want),
+                    timeout=120,
+                    what="recovery recorded",
+                )
             rss_after = rss_mb(proc.proc.pid)
         finally:
             proc.stop()
             progress.remove_task(task)
     return {
-        "deployments": size, "ranks": size * TP, "faults": faults, "setup_seconds": round(setup_s, 2),
-        "fault_to_replacement_s": {"median": statistics.median(to_create), "max": max(to_create),
-                                   "samples": [round(x, 4) for x in to_create]},
-        "fault_to_rebuild_s": {"median": statistics.median(to_rebuild), "max": max(to_rebuild),
-                               "samples": [round(x, 4) for x in to_rebuild]},
+        "deployments": size,
+        "ranks": size * TP,
+        "faults": faults,
+        "setup_seconds": round(setup_s, 2),
+        "fault_to_replacement_s": {
+            "median": statistics.median(to_create),
+            "max": max(to_create),
+            "samples": [round(x, 4) for x in to_create],
+        },
+        "fault_to_rebuild_s": {
+            "median": statistics.median(to_rebuild),
+            "max": max(to_rebuild),
+            "samples": [round(x, 4) for x in to_rebuild],
+        },
         "operator_rss_mb": {"serving": round(rss_idle, 1), "after_faults": round(rss_after, 1)},
     }
 
@@ -149,32 +198,51 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     sizes = [int(s) for s in (args.sizes or ("1,100" if args.quick else "1,100,500")).split(",")]
     info = machine()
-    console = Console()
+    console = Console(width=130)
     results = []
     with tempfile.TemporaryDirectory(prefix="gs-bench-op-") as tmp, Progress(console=console) as progress:
         for size in sizes:
             results.append(run_size(size, args.faults, progress, pathlib.Path(tmp)))
     base = results[0]
     table = Table(title=f"operator reaction, {TP} ranks per deployment ({info['cpu']}, shared machine)")
-    for col in ("deployments", "pods", "signal→replacement median", "signal→rebuild median", "ratio vs first",
-                "RSS MB", "setup s"):
+    for col in (
+        "deployments",
+        "pods",
+        "signal→replacement median",
+        "signal→rebuild median",
+        "ratio vs first",
+        "RSS MB",
+        "setup s",
+    ):
         table.add_column(col)
     for r in results:
         ratio = r["fault_to_replacement_s"]["median"] / base["fault_to_replacement_s"]["median"]
         r["replacement_ratio_vs_first"] = round(ratio, 2)
-        table.add_row(str(r["deployments"]), str(r["ranks"]), f"{r['fault_to_replacement_s']['median'] * 1000:.0f} ms",
-                      f"{r['fault_to_rebuild_s']['median'] * 1000:.0f} ms", f"{ratio:.2f}",
-                      f"{r['operator_rss_mb']['after_faults']:.0f}", f"{r['setup_seconds']:.1f}")
+        table.add_row(
+            str(r["deployments"]),
+            str(r["ranks"]),
+            f"{r['fault_to_replacement_s']['median'] * 1000:.0f} ms",
+            f"{r['fault_to_rebuild_s']['median'] * 1000:.0f} ms",
+            f"{ratio:.2f}",
+            f"{r['operator_rss_mb']['after_faults']:.0f}",
+            f"{r['setup_seconds']:.1f}",
+        )
     console.print(table)
     goal = next((r for r in results if r["deployments"] == 100), None)
     report = {
-        "benchmark": "operator", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": info, "versions": versions(), "quick": args.quick, "results": results,
-        "goal": {"target": "signal -> replacement created <= 1 s median at 100 x 8",
-                 "met": None if goal is None else goal["fault_to_replacement_s"]["median"] <= 1.0},
-        "notes": "API server: kmock-based emulator in the benchmark process (with a scheduler/kubelet stand-in); "
-                 "sidecar: in-process gRPC stand-in; operator: a real `ghostserve operator` subprocess. "
-                 "The machine was shared with other jobs.",
+        "benchmark": "operator",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": info,
+        "versions": versions(),
+        "quick": args.quick,
+        "results": results,
+        "goal": {
+            "target": "signal -> replacement created <= 1 s median at 100 x 8",
+            "met": None if goal is None else goal["fault_to_replacement_s"]["median"] <= 1.0,
+        },
+        "notes": "API server: kmock-based emulator in the benchmark process (scheduler/kubelet stand-in); "
+        "sidecar: in-process gRPC stand-in; operator: a real `ghostserve operator` subprocess. "
+        "The machine was shared with other jobs.",
     }
     out = args.out or ROOT / "bench" / "results" / f"operator-{info['slug']}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -53,12 +53,13 @@ def baseline(
 
 @pytest.fixture
 def no_shm_leak() -> Iterator[None]:
-    """tests/conftest.py's leak check, minus segments named gs-t<hex>-*: the sidecar suite's private
-    per-test prefix, which its own fixture checks (its tests may run beside these on a shared machine)."""
+    """tests/conftest.py's leak check for the segments these tests' sidecar creates (``gs-`` + 16 hex
+    digits): other suites name theirs with private prefixes (gs-t…, gs-sgl…) and check them
+    themselves, and may run beside these on a shared machine."""
     shm = pathlib.Path("/dev/shm")
 
     def ours() -> set[str]:
-        return {p.name for p in shm.glob("gs*") if not re.match(r"gs-t[0-9a-f]{6}-", p.name)}
+        return {p.name for p in shm.glob("gs-*") if re.fullmatch(r"gs-[0-9a-f]{16}", p.name)}
 
     before = ours()
     yield None

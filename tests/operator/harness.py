@@ -187,15 +187,15 @@ class Nodes:
 
     def note(self, action: str, resource: Any, raw: dict[str, Any]) -> None:
         """Remember pods that may need binding or starting (called on every emulator write)."""
-        if resource == PODS and action != "delete":
-            if not raw["spec"].get("nodeName") or (raw.get("status") or {}).get("phase") == "Pending":
-                self.todo.add((raw["metadata"]["namespace"], raw["metadata"]["name"]))
+        unstarted = not raw["spec"].get("nodeName") or (raw.get("status") or {}).get("phase") == "Pending"
+        if resource == PODS and action != "delete" and unstarted:
+            self.todo.add((raw["metadata"]["namespace"], raw["metadata"]["name"]))
         if resource in (PODS, NODES):
             self.kick.set()
 
     async def step(self) -> None:
         objects = self.emulator.objects
-        nodes = [copy.deepcopy(o.raw) for (res, _, _), o in objects.items() if res == NODES and not o.deleted]
+        nodes = [o.raw for (res, _, _), o in objects.items() if res == NODES and not o.deleted]  # read only
         used = self._used()
         for ns, name in sorted(self.todo):
             key = (PODS, ns, name)
@@ -312,7 +312,7 @@ class Cluster:
                 return None
             return copy.deepcopy(self.emulator.objects[key].raw)
 
-        return self.call(read)  # type: ignore[no-any-return]
+        return self.call(read)
 
     def list(self, resource: Any, namespace: str | None = None) -> list[dict[str, Any]]:
         async def read() -> list[dict[str, Any]]:
@@ -322,17 +322,22 @@ class Cluster:
                 if res == resource and not o.deleted and (namespace is None or ns == namespace)
             ]
 
-        return self.call(read)  # type: ignore[no-any-return]
+        return self.call(read)
 
     def count_phase(self, resource: Any, namespace: str, phase: str) -> int:
         """How many objects have status.phase == `phase` (no copies: cheap enough to poll at scale)."""
 
         async def count() -> int:
-            return sum(1 for (res, ns, _), o in self.emulator.objects.items()
-                       if res == resource and ns == namespace and not o.deleted
-                       and (o.last.raw.get("status") or {}).get("phase") == phase)
+            return sum(
+                1
+                for (res, ns, _), o in self.emulator.objects.items()
+                if res == resource
+                and ns == namespace
+                and not o.deleted
+                and (o.last.raw.get("status") or {}).get("phase") == phase
+            )
 
-        return self.call(count)  # type: ignore[no-any-return]
+        return self.call(count)
 
     def wait_for(self, check: Callable[[], Any], *, timeout: float = 30.0, what: str = "condition") -> Any:
         """Re-evaluate `check` after every write to the emulator until it is truthy or the deadline passes."""

@@ -21,6 +21,7 @@ import collections
 import copy
 import dataclasses
 import datetime
+import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -156,8 +157,9 @@ class Emulator(kmock.KubernetesEmulator):
         obj.setdefault("metadata", {})["resourceVersion"] = str(self.rv)
 
     async def _emit(self, resource: Any, type_: str, raw: dict[str, Any]) -> None:
-        self.log.append((self.rv, resource, {"type": type_, "object": copy.deepcopy(raw)}))
-        await self._buses[resource].put({"type": type_, "object": copy.deepcopy(raw)})
+        event = {"type": type_, "object": copy.deepcopy(raw)}  # readers only serialise it or copy it
+        self.log.append((self.rv, resource, event))
+        await self._buses[resource].put(event)
 
     async def write(
         self, action: str, resource: Any, namespace: str | None, name: str | None, data: Any = None
@@ -169,7 +171,7 @@ class Emulator(kmock.KubernetesEmulator):
     async def _write_locked(
         self, action: str, resource: Any, namespace: str | None, name: str | None, data: Any
     ) -> None:
-        objs = self._objects
+        objs: Any = self._objects  # keys are (resource, namespace, name); kmock types them narrower
         if action == "create":
             meta = data.setdefault("metadata", {})
             if not meta.get("name") and meta.get("generateName"):
@@ -201,7 +203,7 @@ class Emulator(kmock.KubernetesEmulator):
             if isinstance(data, list):
                 raw = apply_json_patch(before, data)
             else:
-                raw = dicts.patch_dict(copy.deepcopy(before), data or {})
+                raw = dict(dicts.patch_dict(copy.deepcopy(before), data or {}))
             if raw.get("spec") != before.get("spec"):
                 raw["metadata"]["generation"] = int(before["metadata"].get("generation", 1)) + 1
             self._bump(raw)
@@ -255,27 +257,50 @@ class Emulator(kmock.KubernetesEmulator):
         return await super().__call__(raw_request)
 
     async def _handle(self, request: rendering.Request) -> Any:
+        """Serve object requests directly. kmock's DSL matching re-scans every earlier request for
+        each new one (quadratic: seconds per request at a few thousand); discovery still goes there."""
         injected = self._injected(request)
         if injected is not None:
             raise injected
-        if request.resource is not None:
-            action = {
-                enums.action.CREATE: "create",
-                enums.action.UPDATE: "update",
-                enums.action.DELETE: "delete",
-            }.get(request.action)  # type: ignore[call-overload]
-            if action == "delete" and request.name is None:
-                action = None
-            if action is not None:
-                await self.write(action, request.resource, request.namespace, request.name, request.data)
-                if action == "delete":
-                    key = (request.resource, request.namespace, request.name)
-                    raw = self._objects[key].last.raw
-                    return await self._json(raw)
+        if request.resource is None or request.resource not in set(self._resources):
+            return await apps.RawHandler._handle(self, request)
+        action = request.action
+        key: Any = (request.resource, request.namespace, request.name)
+        if action == enums.action.LIST:
+            return aiohttp.web.json_response(await self._serve_list(request))
+        if action == enums.action.WATCH:
+            return await self._stream(request)
+        if action == enums.action.FETCH:
+            async with self._lock:
+                if key not in self._objects or self._objects[key].deleted:
+                    raise kmock.KubernetesError(
+                        status=404, reason="NotFound", message=f"{request.name} not found"
+                    )
+                return aiohttp.web.json_response(self._objects[key].raw)
+        verb = {enums.action.CREATE: "create", enums.action.UPDATE: "update", enums.action.DELETE: "delete"}
+        if action in verb and (request.name is not None or action == enums.action.CREATE):
+            await self.write(verb[action], request.resource, request.namespace, request.name, request.data)
+            if action == enums.action.CREATE:
+                meta = request.data["metadata"]
+                key = (request.resource, request.namespace or meta.get("namespace"), meta["name"])
+            return aiohttp.web.json_response(
+                self._objects[key].last.raw, status=201 if verb[action] == "create" else 200
+            )
         return await apps.RawHandler._handle(self, request)
 
-    async def _json(self, raw: dict[str, Any]) -> Any:
-        return aiohttp.web.json_response(raw)
+    async def _stream(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        raw_request = request._raw_request
+        assert raw_request is not None
+        response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(raw_request)
+        try:
+            async for item in self._serve_watch(request):
+                if isinstance(item, dict):
+                    await response.write(json.dumps(item).encode() + b"\n")
+            await response.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            pass  # the client went away
+        return response
 
     async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
         async with self._lock:
@@ -301,6 +326,7 @@ class Emulator(kmock.KubernetesEmulator):
                 request.namespace is None or meta.get("namespace") == request.namespace
             ) and _labels_match(event["object"], selector)
 
+        assert request.resource is not None
         bus = self._buses[request.resource]
         async with self._lock:
             marker = await bus.mark()

@@ -229,3 +229,64 @@ def test_restart_mid_recovery_and_api_errors(cluster: harness.Cluster, tmp_path:
     finally:
         second.stop()
         print(second.output()[-5000:])
+
+
+def test_invalid_spec_and_rolling_update(cluster: harness.Cluster, operator: harness.OperatorProcess) -> None:
+    writes: list[tuple[str, str, str]] = []  # (action, pod, phase) in emulator order
+
+    def record(action: str, resource: Any, raw: dict[str, Any]) -> None:
+        if resource == harness.PODS:
+            writes.append((action, raw["metadata"]["name"], (raw.get("status") or {}).get("phase", "")))
+
+    cluster.call(lambda: _listen(cluster, record))
+    bad = deployment(cluster.sidecar_port)
+    bad["metadata"]["name"] = "broken"
+    bad["spec"]["protection"] = {"code": "rdp", "parityShards": 1}  # rdp needs 2
+    cluster.write("create", harness.GSD, NS, None, bad)
+    cluster.wait_for(
+        lambda: ((cluster.get(harness.GSD, NS, "broken") or {}).get("status") or {}).get("phase") == "Failed",
+        timeout=60,
+        what="invalid spec reported",
+    )
+    cond = cluster.get(harness.GSD, NS, "broken")["status"]["conditions"][0]  # type: ignore[index]
+    assert (cond["type"], cond["status"], cond["reason"]) == ("Ready", "False", "InvalidSpec")
+    assert "parityShards must be 2 for rdp" in cond["message"]
+
+    good = deployment(cluster.sidecar_port)
+    good["spec"]["engine"]["replicas"] = 2
+    cluster.write("create", harness.GSD, NS, None, good)
+    cluster.wait_for(
+        lambda: (
+            (gsd(cluster).get("status") or {}).get("ready") == "4/4"
+            and gsd(cluster)["status"]["phase"] == "Serving"
+        ),
+        timeout=60,
+        what="4/4 serving",
+    )
+    assert not [p for p in cluster.list(harness.PODS, NS) if p["metadata"]["name"].startswith("broken")]
+    old_hash = pod(cluster, 0, 0)["metadata"]["annotations"]["ghostserve.io/spec-hash"]  # type: ignore[index]
+
+    writes.clear()
+    cluster.write("update", harness.GSD, NS, NAME, {"spec": {"engine": {"image": "lmsysorg/sglang:v0.5.4"}}})
+
+    def rolled() -> bool:
+        body = gsd(cluster)
+        pods = [pod(cluster, g, r) for g in range(2) for r in range(2)]
+        return (
+            body["status"].get("observedGeneration") == body["metadata"]["generation"]
+            and body["status"]["phase"] == "Serving"
+            and body["status"]["ready"] == "4/4"
+            and all(p and p["spec"]["containers"][0]["image"].endswith("v0.5.4") for p in pods)
+        )
+
+    cluster.wait_for(rolled, timeout=90, what="rolled to the new image")
+    assert pod(cluster, 1, 1)["metadata"]["annotations"]["ghostserve.io/spec-hash"] != old_hash  # type: ignore[index]
+    # One group at a time: group 1 is only deleted after group 0's replacements were running.
+    deletes = [i for i, (a, _, _) in enumerate(writes) if a == "delete"]
+    first_g1_delete = min(i for i in deletes if writes[i][1].startswith(f"{NAME}-g1-"))
+    g0_running = [i for i, (a, n, ph) in enumerate(writes) if n.startswith(f"{NAME}-g0-") and ph == "Running"]
+    assert len(g0_running) >= 2 and max(g0_running) < first_g1_delete
+
+
+async def _listen(cluster: harness.Cluster, fn: Any) -> None:
+    cluster.emulator.listeners.append(fn)

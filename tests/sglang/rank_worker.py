@@ -166,8 +166,15 @@ def resume(rank: int, restored: list[dict[str, object]]) -> dict[str, object]:
 
     rt = plugin.RUNTIME
     assert rt is not None
+    # What a restarted scheduler process starts with: no session, no tracked requests. (The hooks are
+    # bound to this runtime object, so it is reset in place rather than replaced.)
+    rt.__init__(rt.settings)  # type: ignore[misc]
     pool, allocator, rtp = build(rank)
-    tree = RadixCache(CacheInitParams(disable=False, req_to_token_pool=rtp, token_to_kv_pool_allocator=allocator, page_size=PAGE))
+    assert rt.session is not None, f"pool not in custody: {rt.skipped}"
+    params = CacheInitParams(
+        disable=False, req_to_token_pool=rtp, token_to_kv_pool_allocator=allocator, page_size=PAGE
+    )
+    tree = RadixCache(params)
     free_before = allocator.available_size()
     out: dict[str, object] = {"rank": rank, "requests": {}}
     for item in restored:
@@ -181,8 +188,9 @@ def resume(rank: int, restored: list[dict[str, object]]) -> dict[str, object]:
         match = tree.match_prefix(MatchPrefixParams(key=RadixKey(array.array("q", plan.input_ids))))
         gen = resume_mod.generate_request(plan, {"temperature": 0.0})
         slots = match_slots(tree, plan)
-        k = [pool.k_buffer[layer][torch.tensor(slots)].view(torch.uint8).flatten().tolist() for layer in range(LAYERS)]
-        v = [pool.v_buffer[layer][torch.tensor(slots)].view(torch.uint8).flatten().tolist() for layer in range(LAYERS)]
+        at = torch.tensor(slots)
+        k = [pool.k_buffer[layer][at].view(torch.uint8).flatten().tolist() for layer in range(LAYERS)]
+        v = [pool.v_buffer[layer][at].view(torch.uint8).flatten().tolist() for layer in range(LAYERS)]
         expect_k, expect_v = [], []
         for layer in range(LAYERS):
             ek, ev = kv_values(rank, r.request_id, layer, list(range(len(slots))))
@@ -207,7 +215,8 @@ def match_slots(tree, plan) -> list[int]:
     from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
     from sglang.srt.mem_cache.radix_cache import RadixKey
 
-    node = tree.match_prefix(MatchPrefixParams(key=RadixKey(array.array("q", plan.input_ids)))).last_device_node
+    key = RadixKey(array.array("q", plan.input_ids))
+    node = tree.match_prefix(MatchPrefixParams(key=key)).last_device_node
     parts = []
     while node is not None and node is not tree.root_node:
         parts.append([int(x) for x in node.value.tolist()])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -20,12 +21,19 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
-
 from ghostserve.sidecar import client as client_mod
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 WORKER = pathlib.Path(__file__).with_name("rank_worker.py")
 GROUP = "test/sglang-g0"
+
+
+def sglang_version() -> str | None:
+    """The installed sglang distribution's version (None without sglang), read without importing it."""
+    try:
+        return importlib.metadata.version("sglang")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def wait_until(predicate, *, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -139,10 +147,8 @@ class Rank:
         """Close stdin (the rank exits after its current command); returns (exit code, stderr)."""
         assert self.proc.stdin is not None
         if not self.proc.stdin.closed:
-            try:
+            with contextlib.suppress(BrokenPipeError):
                 self.proc.stdin.close()
-            except BrokenPipeError:
-                pass
         rc = self.proc.wait(timeout)
         return rc, self.stderr()
 

@@ -9,22 +9,17 @@ both ranks insert the restored KV into sglang's radix cache and plan the re-admi
 
 from __future__ import annotations
 
-import importlib.util
-import json
-
 import numpy as np
 import pytest
-
+import sgl_procs
 from ghostserve.sidecar import pools as sidecar_pools
 
-import sgl_procs
-
-if importlib.util.find_spec("sglang") is None:
+# By distribution, not by import: this folder (tests/sglang) is itself importable as a namespace `sglang`.
+if sgl_procs.sglang_version() is None:
     pytest.skip("sglang is not installed (run scripts/setup-sglang.sh)", allow_module_level=True)
 
-import torch  # noqa: E402  (after the skip: the main .venv's torch is not sglang's)
-
-import rank_worker  # noqa: E402
+import rank_worker
+import torch
 
 pytestmark = pytest.mark.sglang
 T = 16
@@ -35,7 +30,7 @@ def expected_shard(rank: int, rid: str, positions: list[int]) -> np.ndarray:
     planes = []
     for layer in range(rank_worker.LAYERS):
         k, v = rank_worker.kv_values(rank, rid, layer, positions)
-        planes += [k.view(torch.uint8).reshape(len(positions), -1), v.view(torch.uint8).reshape(len(positions), -1)]
+        planes += [t.view(torch.uint8).reshape(len(positions), -1) for t in (k, v)]
     return torch.stack(planes).numpy()
 
 
@@ -92,19 +87,20 @@ def check(sidecar: sgl_procs.Sidecar, ranks: list[sgl_procs.Rank]) -> None:
 
         c.mark_lost(group=sgl_procs.GROUP, ranks=[1], reason="test: Xid 79")
         desc = c.describe_group(group=sgl_procs.GROUP)
-        for rid, info in reqs0.items():
+        for info in reqs0.values():
             assert not pool_rows(desc, 1, info["slots"][: info["committed"] * T]).any()
         report = c.rebuild(group=sgl_procs.GROUP, lost_ranks=[1])
         assert report.bytes_rebuilt > 0
         assert all(not r.failed_chunks for r in report.requests)
         desc = c.describe_group(group=sgl_procs.GROUP)
         for rid, info in reqs0.items():
-            np.testing.assert_array_equal(pool_rows(desc, 1, info["slots"][: info["committed"] * T]), before[rid])
+            rebuilt = pool_rows(desc, 1, info["slots"][: info["committed"] * T])
+            np.testing.assert_array_equal(rebuilt, before[rid])
 
     # Resume on every rank: fresh allocator and radix cache, a fresh pool mapped by the custody hook.
     restored = [
-        {"rid": rid, "tokens": info["tokens"], "prompt": info["prompt"], "max_new_tokens": info["max_new_tokens"],
-         "slots": info["slots"][: info["committed"] * T]}
+        {"rid": rid, "tokens": info["tokens"], "prompt": info["prompt"],
+         "max_new_tokens": info["max_new_tokens"], "slots": info["slots"][: info["committed"] * T]}
         for rid, info in reqs0.items()
     ]
     for rank in ranks:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch.distributed
-
 from ghostserve.engine.sglang import chunks, compat, survivors
 from ghostserve.engine.sglang import settings as settings_mod
 
@@ -187,4 +186,5 @@ def test_react_exits_even_if_detach_fails() -> None:
 
     with pytest.raises(Exited):
         survivors.react(RuntimeError("gloo: Connection reset by peer"),
-                        policy=settings_mod.SurvivorPolicy.DETACH_EXIT, detach=broken, exit_process=exit_raises)
+                        policy=settings_mod.SurvivorPolicy.DETACH_EXIT, detach=broken,
+                        exit_process=exit_raises)

@@ -8,32 +8,30 @@ from __future__ import annotations
 
 import array
 import importlib.metadata
-import importlib.util
 import types
 
 import numpy as np
 import pytest
 import sgl_procs
-
 from ghostserve.engine import adapter
 from ghostserve.kernels import layout as layout_mod
 
-if importlib.util.find_spec("sglang") is None:
+# By distribution, not by import: this folder (tests/sglang) is itself importable as a namespace `sglang`.
+if sgl_procs.sglang_version() is None:
     pytest.skip("sglang is not installed (run scripts/setup-sglang.sh)", allow_module_level=True)
 
-import torch  # noqa: E402
-
-from ghostserve.engine.sglang import capture, chunks, plugin, pools, resume, runtime  # noqa: E402
-from ghostserve.engine.sglang import settings as settings_mod  # noqa: E402
-from sglang.srt.managers.schedule_batch import Req, ScheduleBatch  # noqa: E402
-from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator  # noqa: E402
-from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams  # noqa: E402
-from sglang.srt.mem_cache.cache_init_params import CacheInitParams  # noqa: E402
-from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool, ReqToTokenPool  # noqa: E402
-from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey  # noqa: E402
-from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
-from sglang.srt.sampling.sampling_params import SamplingParams  # noqa: E402
-from sglang.srt.speculative.spec_info import SpeculativeAlgorithm  # noqa: E402
+import torch
+from ghostserve.engine.sglang import capture, chunks, plugin, pools, resume, runtime
+from ghostserve.engine.sglang import settings as settings_mod
+from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
+from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool, ReqToTokenPool
+from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+from sglang.srt.sampling.sampling_params import SamplingParams
+from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
 pytestmark = pytest.mark.sglang
 PAGE, SIZE, LAYERS, HEADS, DIM = 4, 60, 3, 2, 8
@@ -104,8 +102,16 @@ def test_unsupported_pools_are_refused_with_reasons() -> None:
         size=SIZE, page_size=PAGE, dtype=torch.bfloat16, kv_lora_rank=16, qk_rope_head_dim=8,
         layer_num=2, device="cpu", enable_memory_saver=False,
     )
-    with pytest.raises(pools.UnsupportedPoolError, match="MLA KV pool.*identical on every rank"):
+    with pytest.raises(pools.UnsupportedPoolError, match=r"MLA KV pool.*identical on every rank"):
         pools.describe(mla)
+    # In a scheduler: the MLA pool never reaches the custody hook; scheduler init logs why it is off.
+    rt = runtime.Runtime(settings_mod.PluginSettings.from_env({"GHOSTSERVE_SGLANG": "1"}))
+    sched = types.SimpleNamespace(
+        server_args=types.SimpleNamespace(speculative_algorithm=None),
+        token_to_kv_pool_allocator=types.SimpleNamespace(get_kvcache=lambda: mla),
+    )
+    rt.after_scheduler_init(None, sched)
+    assert rt.session is None and rt.skipped is not None and "MLA" in rt.skipped
     pool = make_pool(torch.bfloat16, v_head_dim=4)
     with pytest.raises(pools.UnsupportedPoolError, match="V head dim"):
         pools.describe(pool)
@@ -115,7 +121,7 @@ def test_gpu_custody_is_declared_not_implemented(sidecar: sgl_procs.Sidecar) -> 
     pool = make_pool(torch.float16)
     layout = pools.describe(pool)
     pool.device = "cuda:0"  # the only GPU-specific input of the seam
-    with pytest.raises(pools.CustodyError, match="CUDA VMM.*not implement"):
+    with pytest.raises(pools.CustodyError, match=r"CUDA VMM.*not implement"):
         pools.take_custody(pool, session(sidecar, layout, group="gpu"))
     with sgl_procs.client_mod.SidecarClient(sidecar.address) as c:
         assert "gpu" not in c.list_groups().groups  # refused before attaching: nothing changed
@@ -144,7 +150,8 @@ def test_capture_spans_from_real_batches() -> None:
     tracker = chunks.ChunkTracker(4)
     got: list[chunks.Chunk] = []
     # Mixed extend: a extends 6 tokens after a cached 4-token prefix, b prefills 6 tokens.
-    batch = real_batch([a, b], ForwardMode.EXTEND, [(4, 6), (0, 6)], [8, 9, 10, 11, 12, 13, 16, 17, 18, 19, 20, 21])
+    locs = [8, 9, 10, 11, 12, 13, 16, 17, 18, 19, 20, 21]
+    batch = real_batch([a, b], ForwardMode.EXTEND, [(4, 6), (0, 6)], locs)
     n = capture.capture_batch(batch, tracker=tracker, req_to_token=rtp.req_to_token,
                               commit=lambda c, toks, p: got.append(c))
     assert n == 3
@@ -230,6 +237,13 @@ def test_resume_refuses_slots_in_use_and_changes_nothing() -> None:
 def test_entry_point_and_version_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
     eps = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="sglang.srt.plugins")}
     assert eps["ghostserve"] == "ghostserve.engine.sglang.plugin:register"
+    from sglang.srt.plugins import hook_registry
+
+    monkeypatch.delenv("GHOSTSERVE_SGLANG", raising=False)
+    plugin.register()  # installed but not enabled: inert
+    assert plugin.RUNTIME is None
+    assert not any(target.startswith("sglang.srt") and "ghostserve" in repr(hooks)
+                   for target, hooks in hook_registry.HookRegistry._hooks.items())
     monkeypatch.setenv("GHOSTSERVE_SGLANG", "1")
     monkeypatch.setattr(plugin.compat, "installed_version", lambda: "0.6.0")
     with pytest.raises(SystemExit, match=r"sglang 0\.6\.0 is not supported"):
@@ -238,3 +252,24 @@ def test_entry_point_and_version_refusal(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("GHOSTSERVE_CHUNK_TOKENS", "lots")
     with pytest.raises(SystemExit, match="GHOSTSERVE_CHUNK_TOKENS"):
         plugin.register()
+
+
+def test_second_pool_or_composite_cache_is_refused(sidecar: sgl_procs.Sidecar) -> None:
+    env = {"GHOSTSERVE_SGLANG": "1", "GHOSTSERVE_SIDECAR": sidecar.address, "GHOSTSERVE_GROUP": "two",
+           "GHOSTSERVE_CHUNK_TOKENS": "8", "GHOSTSERVE_RANK": "0", "GHOSTSERVE_WORLD_SIZE": "1"}
+    rt = runtime.Runtime(settings_mod.PluginSettings.from_env(env))
+    first = make_pool(torch.float16)
+    original = MHATokenToKVPool._create_buffers_normal
+    assert rt.create_buffers(original, first) is None  # in custody now
+    assert rt.session is not None and pools.pool_bytes(first).nbytes >= rt.session.layout.pool_nbytes
+    with pytest.raises(pools.UnsupportedPoolError, match="second KV pool"):
+        rt.create_buffers(original, make_pool(torch.float16))
+    composite = types.SimpleNamespace(
+        server_args=types.SimpleNamespace(speculative_algorithm=None),
+        token_to_kv_pool_allocator=types.SimpleNamespace(get_kvcache=lambda: object()),
+    )
+    with pytest.raises(pools.UnsupportedPoolError, match="composite KV cache"):
+        rt.after_scheduler_init(None, composite)
+    rt.session.client.close()
+    with sgl_procs.client_mod.SidecarClient(sidecar.address) as c:
+        c.delete_group(group="two")

@@ -247,6 +247,7 @@ class ReferenceEngine:
         for attempt in range(MAX_ATTEMPTS + 1):
             assert self.cluster is not None
             try:
+                self._prepare_faults()
                 self.cluster.broadcast(rank_mod.Step(tuple(work)))
                 self._maybe_inject()
                 replies = self.cluster.collect()
@@ -320,16 +321,23 @@ class ReferenceEngine:
     def inject(self, faults: Iterable[Fault]) -> None:
         self.faults.extend(faults)
 
+    def _prepare_faults(self) -> None:
+        """Before the step a fault hits: let queued commits land and (flush=True) encoding drain."""
+        due = [f for f in self.faults if f.at_step == self.counters.steps]
+        if not due:
+            return
+        assert self.cluster is not None
+        # The sidecar may have restarted: wait out the channel's reconnect backoff.
+        self.client.wait_ready(timeout=60.0)
+        if any(f.flush for f in due):
+            self.cluster.call(rank_mod.Drain())
+            self.client.flush(self.group, wait=60.0)
+
     def _maybe_inject(self) -> None:
         due = [f for f in self.faults if f.at_step == self.counters.steps]
-        if due:
-            # The sidecar may have restarted: wait out the channel's reconnect backoff.
-            self.client.wait_ready(timeout=60.0)
         for f in due:
             self.faults.remove(f)
             assert self.cluster is not None
-            if f.flush:
-                self.client.flush(self.group, wait=60.0)
             for r in f.ranks:
                 self.cluster.kill(r)
             if f.kind == "device":

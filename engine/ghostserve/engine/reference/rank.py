@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from ghostserve.engine import adapter
+from ghostserve.engine.reference import commits, kvpool, model, schedule
 from ghostserve.engine.reference import config as config_mod
-from ghostserve.engine.reference import kvpool, model, schedule
 from ghostserve.kernels import layout as layout_mod
 from ghostserve.sidecar import client as client_mod
 from ghostserve.sidecar import pools
@@ -97,6 +97,11 @@ class Commit:
 
 
 @dataclasses.dataclass(frozen=True)
+class Drain:
+    """Wait until every chunk commit this rank queued reached the sidecar."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Stop:
     pass
 
@@ -122,6 +127,7 @@ class RankAdapter:
     def __init__(self, spec: RankSpec, session: adapter.SidecarSession) -> None:
         self.spec = spec
         self.session = session
+        self.sender = commits.CommitSender(session)
         self.tables: dict[str, list[int]] = {}
         self.tokens: dict[str, list[int]] = {}
         self.prompt: dict[str, int] = {}
@@ -138,7 +144,7 @@ class RankAdapter:
     def on_chunk_complete(
         self, request_id: str, chunk_index: int, slots: Sequence[int], token_ids: Sequence[int]
     ) -> None:
-        self.session.commit(request_id, chunk_index, slots, token_ids)
+        self.sender.submit(request_id, chunk_index, slots, token_ids)
 
     def resume(
         self, request_id: str, tokens: Sequence[int], *, prompt_tokens: int, slots: Sequence[int]
@@ -219,6 +225,7 @@ def main(spec: RankSpec, conn: Connection) -> None:
     while True:
         msg = conn.recv()
         if isinstance(msg, Stop):
+            ad.sender.drain()
             conn.send(("ok", None))
             break
         try:
@@ -253,8 +260,13 @@ def _dispatch(
         ad.resume(msg.request_id, msg.tokens, prompt_tokens=msg.prompt_tokens, slots=msg.slots)
         conn.send(("ok", None))
     elif isinstance(msg, Drop):
+        # The driver releases the request next: no commit of it may arrive after that.
+        ad.sender.drain()
         for table in (ad.tables, ad.tokens, ad.prompt):
             table.pop(msg.request_id, None)
+        conn.send(("ok", None))
+    elif isinstance(msg, Drain):
+        ad.sender.drain()
         conn.send(("ok", None))
     elif isinstance(msg, Commit):
         t = spec.protection.chunk_tokens
@@ -265,6 +277,7 @@ def _dispatch(
                 ad.tables[msg.request_id][c * t : (c + 1) * t],
                 ad.tokens[msg.request_id][c * t : (c + 1) * t],
             )
+        ad.sender.drain()
         conn.send(("ok", None))
     elif isinstance(msg, Digest):
         slots = ad.tables[msg.request_id][: msg.kv_len]

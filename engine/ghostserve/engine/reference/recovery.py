@@ -56,6 +56,8 @@ def recover(engine: engine_mod.ReferenceEngine, dead: Sequence[int]) -> Recovery
     lost = [r for r, bad in enumerate(engine.needs_rebuild) if bad]
     report = RecoveryReport("device" if lost else "process", sorted(dead), lost)
     engine.resume_all()
+    if not lost:
+        _recommit(engine)
     report.restart_s = time.perf_counter() - t0
     if lost:
         t1 = time.perf_counter()
@@ -122,6 +124,21 @@ def _restore(engine: engine_mod.ReferenceEngine, lost: list[int], report: Recove
     for rid, r in first.items():
         if r:
             engine.cluster.call(rank_mod.Commit(rid, tuple(range(r))))
+
+
+def _recommit(engine: engine_mod.ReferenceEngine) -> None:
+    """Commit again every complete chunk the sidecar does not list as committed: commits queued in the
+    killed ranks never arrived (commits are idempotent, so over-committing is harmless)."""
+    assert engine.cluster is not None
+    engine.client.wait_ready(timeout=60.0)
+    known = {
+        r.request_id: r.chunks_committed for r in engine.client.describe_group(group=engine.group).requests
+    }
+    t = engine.opts.chunk_tokens
+    for req in engine.requests.values():
+        missing = tuple(range(known.get(req.request_id, 0), req.kv_len // t))
+        if missing and engine.opts.protect:
+            engine.cluster.call(rank_mod.Commit(req.request_id, missing))
 
 
 def _rebuild(engine: engine_mod.ReferenceEngine, lost: list[int], first: dict[str, int]) -> pb.RebuildReport:

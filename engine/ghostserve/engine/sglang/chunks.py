@@ -81,7 +81,8 @@ class ChunkTracker:
             missing = list(prefix_slots(len(state.slots), start))
             if len(missing) != start - len(state.slots):
                 raise ValueError(
-                    f"prefix_slots({len(state.slots)}, {start}) returned {len(missing)} slots for {request_id!r}"
+                    f"prefix_slots({len(state.slots)}, {start}) returned {len(missing)} slots "
+                    f"for {request_id!r}"
                 )
             state.slots.extend(int(s) for s in missing)
         elif start < len(state.slots):

@@ -28,7 +28,9 @@ def check_version(version: str | None) -> str:
     """Return `version` if supported; raise UnsupportedSGLangError naming the supported ones otherwise."""
     supported = ", ".join(sorted(SUPPORTED_VERSIONS))
     if version is None:
-        raise UnsupportedSGLangError(f"sglang is not installed; GhostServe's plugin supports sglang {supported}")
+        raise UnsupportedSGLangError(
+            f"sglang is not installed; GhostServe's plugin supports sglang {supported}"
+        )
     if version not in SUPPORTED_VERSIONS:
         raise UnsupportedSGLangError(
             f"sglang {version} is not supported by GhostServe's plugin (supported: {supported}); "

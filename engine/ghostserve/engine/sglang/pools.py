@@ -13,7 +13,6 @@ import mmap
 from typing import Any
 
 import torch
-
 from ghostserve.engine import adapter
 from ghostserve.kernels import layout as layout_mod
 from ghostserve.sidecar import pools as sidecar_pools
@@ -44,6 +43,11 @@ def padded_slots(size: int, page_size: int) -> int:
     return -(-rows // page_size) * page_size
 
 
+def is_plain_mha(pool: Any) -> bool:
+    """True for sglang's MHATokenToKVPool itself (not a subclass, not a composite holding one)."""
+    return type(pool) is memory_pool.MHATokenToKVPool
+
+
 def describe(pool: Any) -> layout_mod.KVLayout:
     """The contract layout of an sglang KV pool. Mutates nothing.
 
@@ -56,13 +60,14 @@ def describe(pool: Any) -> layout_mod.KVLayout:
             "MLA KV pool: under plain tensor parallelism its latent KV is identical on every rank, so "
             "there is no per-rank shard to stripe; GhostServe leaves it unprotected"
         )
-    if type(pool) is not memory_pool.MHATokenToKVPool:
+    if not is_plain_mha(pool):
         raise UnsupportedPoolError(f"KV pool {type(pool).__name__} is not supported (only MHATokenToKVPool)")
     if getattr(pool, "kv_cache_layout", "nhd") != "nhd":
         raise UnsupportedPoolError(f"KV cache layout {pool.kv_cache_layout!r} is not supported (only 'nhd')")
     quant = getattr(pool, "quant_method", None)
     if quant is not None and not isinstance(quant, memory_pool.UnquantizedKVCacheMethod):
-        raise UnsupportedPoolError(f"quantized KV cache method {getattr(quant, 'name', quant)!r} is not supported")
+        name = getattr(quant, "name", quant)
+        raise UnsupportedPoolError(f"quantized KV cache method {name!r} is not supported")
     if pool.head_dim != pool.v_head_dim:
         raise UnsupportedPoolError(f"K head dim {pool.head_dim} differs from V head dim {pool.v_head_dim}")
     dtype = STORE_DTYPES.get(pool.store_dtype)
@@ -121,7 +126,9 @@ def layer_views(
     shaped = flat.view(TORCH_DTYPES[layout.dtype]).view(
         layout.layers, 2, layout.pool_slots, layout.kv_heads, layout.head_dim
     )
-    return [shaped[i, 0, :rows] for i in range(layout.layers)], [shaped[i, 1, :rows] for i in range(layout.layers)]
+    keys = [shaped[i, 0, :rows] for i in range(layout.layers)]
+    values = [shaped[i, 1, :rows] for i in range(layout.layers)]
+    return keys, values
 
 
 def pool_bytes(pool: Any) -> memoryview:

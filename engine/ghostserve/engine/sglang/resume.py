@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-
 from sglang.srt.managers import io_struct
 from sglang.srt.mem_cache import base_prefix_cache, radix_cache
 
@@ -83,7 +82,8 @@ def claim_slots(allocator: Any, slots: Sequence[int]) -> None:
     limit = int(allocator.size) + page_size
     bad = (slot_tensor < page_size) | (slot_tensor >= limit)
     if bool(bad.any()):
-        raise ResumeError(f"slot {int(slot_tensor[bad][0])} is outside the allocatable range [{page_size}, {limit})")
+        first = int(slot_tensor[bad][0])
+        raise ResumeError(f"slot {first} is outside the allocatable range [{page_size}, {limit})")
     pages, counts = torch.unique(slot_tensor // page_size, return_counts=True)
     if bool((counts != page_size).any()):
         raise ResumeError("restored slots must cover whole pages of the allocator")

@@ -42,9 +42,11 @@ class Runtime:
 
         if not parallel_state.model_parallel_is_initialized():
             raise pools.CustodyError(
-                "sglang's tensor-parallel state is not initialized; set GHOSTSERVE_RANK and GHOSTSERVE_WORLD_SIZE"
+                "sglang's tensor-parallel state is not initialized; "
+                "set GHOSTSERVE_RANK and GHOSTSERVE_WORLD_SIZE"
             )
-        return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        return rank, parallel_state.get_tensor_model_parallel_world_size()
 
     def open_session(self, layout: pools.layout_mod.KVLayout) -> adapter.SidecarSession:
         """Create (not yet attach) this rank's sidecar session for `layout`. Raises SettingsError."""
@@ -71,6 +73,11 @@ class Runtime:
         pools), SettingsError and adapter.AdapterError: a deployment that asked for protection and
         cannot get it fails at start rather than serve unprotected.
         """
+        if self.session is not None:
+            raise pools.UnsupportedPoolError(
+                "a second KV pool in one scheduler process (an SWA or hybrid model, or a draft model): "
+                "GhostServe protects models with a single MHA KV pool; unset GHOSTSERVE_SGLANG"
+            )
         try:
             layout = pools.describe(pool)
         except pools.UnsupportedPoolError as exc:
@@ -99,8 +106,13 @@ class Runtime:
                 f"speculative decoding ({spec}) is not supported by GhostServe; serve without "
                 "--speculative-algorithm or unset GHOSTSERVE_SGLANG"
             )
+        kv = scheduler.token_to_kv_pool_allocator.get_kvcache()
+        if self.session is not None and not pools.is_plain_mha(kv):
+            raise pools.UnsupportedPoolError(
+                f"the pool in custody is part of a composite KV cache ({type(kv).__name__}) whose other "
+                "state GhostServe does not protect; unset GHOSTSERVE_SGLANG"
+            )
         if self.session is None and self.skipped is None:
-            kv = scheduler.token_to_kv_pool_allocator.get_kvcache()
             try:
                 pools.describe(kv)
                 self.skip("the KV pool was not allocated through the plugin's custody hook")

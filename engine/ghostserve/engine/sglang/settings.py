@@ -71,12 +71,16 @@ class PluginSettings:
             policy = SurvivorPolicy(policy_text)
         except ValueError as exc:
             allowed = ", ".join(p.value for p in SurvivorPolicy)
-            raise SettingsError(f"GHOSTSERVE_SURVIVOR_POLICY must be one of {allowed}, got {policy_text!r}") from exc
+            raise SettingsError(
+                f"GHOSTSERVE_SURVIVOR_POLICY must be one of {allowed}, got {policy_text!r}"
+            ) from exc
         timeout_text = get("RPC_TIMEOUT", "5")
         try:
             timeout = float(timeout_text)
         except ValueError as exc:
-            raise SettingsError(f"GHOSTSERVE_RPC_TIMEOUT must be a number of seconds, got {timeout_text!r}") from exc
+            raise SettingsError(
+                f"GHOSTSERVE_RPC_TIMEOUT must be a number of seconds, got {timeout_text!r}"
+            ) from exc
         if not timeout > 0:
             raise SettingsError(f"GHOSTSERVE_RPC_TIMEOUT must be > 0, got {timeout_text!r}")
         return cls(
@@ -84,8 +88,8 @@ class PluginSettings:
             sidecar=get("SIDECAR", cls.sidecar),
             group=group,
             protection=protection,
-            rank=_int(get("RANK", ""), "GHOSTSERVE_RANK", low=0) if get("RANK", "") else None,
-            world_size=_int(get("WORLD_SIZE", ""), "GHOSTSERVE_WORLD_SIZE", low=1) if get("WORLD_SIZE", "") else None,
+            rank=_optional_int(get("RANK", ""), "GHOSTSERVE_RANK", low=0),
+            world_size=_optional_int(get("WORLD_SIZE", ""), "GHOSTSERVE_WORLD_SIZE", low=1),
             survivor_policy=policy,
             rpc_timeout=timeout,
             worker_id=get("WORKER_ID", ""),
@@ -108,6 +112,10 @@ def _flag(text: str, name: str) -> bool:
     if lowered in ("0", "false", "no", "off", ""):
         return False
     raise SettingsError(f"{name} must be 0 or 1, got {text!r}")
+
+
+def _optional_int(text: str, name: str, *, low: int) -> int | None:
+    return _int(text, name, low=low) if text else None
 
 
 def _int(text: str, name: str, *, low: int) -> int:

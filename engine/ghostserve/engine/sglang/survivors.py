@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 import torch.distributed
-
 from ghostserve.engine.sglang import settings as settings_mod
 
 log = logging.getLogger(__name__)
