@@ -78,10 +78,18 @@ def test_sidecar_down_then_restarted(sidecar, no_shm_leak):
     with client_mod.SidecarClient(sidecar.address, timeout=5.0) as client:
         sessions = _sessions(client, "ad/c")
         pool = [s.attach().pool for s in sessions]
+        fresh = []
+
+        def reconnect() -> client_mod.SidecarClient:
+            fresh.append(client_mod.SidecarClient(sidecar.address, timeout=5.0))
+            return fresh[-1]
+
+        sessions[0]._reconnect = reconnect
         sidecar.kill()
-        # Serving goes on unprotected while the sidecar is down.
+        # Serving goes on unprotected while the sidecar is down; the session dials a fresh channel.
         assert not sessions[0].commit("r", 0, [0, 1, 2, 3], [1, 2, 3, 4])
         assert sessions[0].commits_failed == 1
+        assert sessions[0].client is fresh[0]
         assert not sessions[0].record_tokens("r", [1, 2, 3, 4], prompt_tokens=4)
         sidecar.start()
         # The new sidecar re-adopted the pools but forgot the workers: the session attaches again.
@@ -92,6 +100,7 @@ def test_sidecar_down_then_restarted(sidecar, no_shm_leak):
         client.flush("ad/c", wait=30.0)
         assert client.describe_group(group="ad/c").requests[0].chunks_protected == 1
         client.delete_group(group="ad/c")
+        sessions[0].client.close()  # the session owns the fresh client it dialled
 
 
 def test_pool_replaced_after_restart_is_reported(sidecar, no_shm_leak):

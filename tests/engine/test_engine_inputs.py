@@ -5,7 +5,6 @@ from __future__ import annotations
 import pathlib
 
 import pytest
-
 from ghostserve.engine import demo
 from ghostserve.engine.reference import config, engine, recovery, workload
 
@@ -47,7 +46,9 @@ def test_fault_validation():
 
 def test_tp_split_checked_before_anything_starts(tmp_path):
     with pytest.raises(config.ConfigError):
-        engine.ReferenceEngine(CFG, engine.Options(tp=3), sidecar="unix:///x.sock", group="g", workdir=tmp_path)
+        engine.ReferenceEngine(
+            CFG, engine.Options(tp=3), sidecar="unix:///x.sock", group="g", workdir=tmp_path
+        )
 
 
 def test_workload_is_seeded_and_poisson_arrivals_increase():

@@ -187,8 +187,8 @@ class Nodes:
 
     def note(self, action: str, resource: Any, raw: dict[str, Any]) -> None:
         """Remember pods that may need binding or starting (called on every emulator write)."""
-        unstarted = not raw["spec"].get("nodeName") or (raw.get("status") or {}).get("phase") == "Pending"
-        if resource == PODS and action != "delete" and unstarted:
+        pod = resource == PODS and action != "delete"
+        if pod and (not raw["spec"].get("nodeName") or (raw.get("status") or {}).get("phase") == "Pending"):
             self.todo.add((raw["metadata"]["namespace"], raw["metadata"]["name"]))
         if resource in (PODS, NODES):
             self.kick.set()
@@ -388,8 +388,17 @@ class Cluster:
         return path
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 class OperatorProcess:
     """`ghostserve operator` as a real subprocess; `kill()` sends SIGKILL."""
+
+    metrics_url = ""
+    liveness_url = ""
 
     def __init__(self, kubeconfig: pathlib.Path, log: pathlib.Path, *extra: str) -> None:
         env = dict(os.environ, KUBECONFIG=str(kubeconfig), PYTHONUNBUFFERED="1")
@@ -440,9 +449,7 @@ class RealSidecar:
     """`ghostserve sidecar` as a process on loopback TCP with fake NVML, named as node `node`."""
 
     def __init__(self, workdir: pathlib.Path, *, node: str, gpus: int = 2) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.prefix = f"gs-op{secrets.token_hex(3)}-"
         self.log = workdir / "sidecar.log"

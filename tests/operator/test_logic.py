@@ -292,3 +292,10 @@ def test_status_summary_and_conditions() -> None:
     assert next(c for c in again if c["type"] == "Ready")["lastTransitionTime"] == "T1"
     moved = status.conditions(out["conditions"], {"Ready": ("True", "AllRanksReady", "x")}, now="T3")
     assert next(c for c in moved if c["type"] == "Ready")["lastTransitionTime"] == "T3"
+
+
+def test_deleted_node_is_a_node_fault_only_once_seen() -> None:
+    pod = _pod(phase="Running")
+    fault = faults.rank_fault(pod, None, [], node_deleted=True)
+    assert fault is not None and (fault.kind, fault.reason, fault.node) == ("node", "NodeDeleted", "n1")
+    assert faults.rank_fault(pod, None, []) is None  # not seen yet: the node watch may lag

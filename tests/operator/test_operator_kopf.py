@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,7 +32,17 @@ def deployment(sidecar_port: int, **recovery: Any) -> dict[str, Any]:
 @pytest.fixture
 def operator(cluster: harness.Cluster, tmp_path: pathlib.Path) -> Iterator[harness.OperatorProcess]:
     kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig")
-    proc = harness.OperatorProcess(kubeconfig, tmp_path / "operator.log")
+    metrics, liveness = harness.free_port(), harness.free_port()
+    proc = harness.OperatorProcess(
+        kubeconfig,
+        tmp_path / "operator.log",
+        "--metrics-port",
+        str(metrics),
+        "--liveness",
+        f"http://127.0.0.1:{liveness}/healthz",
+    )
+    proc.metrics_url = f"http://127.0.0.1:{metrics}/metrics"
+    proc.liveness_url = f"http://127.0.0.1:{liveness}/healthz"
     yield proc
     proc.stop()
     print(proc.output()[-20000:])
@@ -135,6 +146,13 @@ def test_create_fault_recover_delete(cluster: harness.Cluster, operator: harness
     assert (mark.group, list(mark.ranks)) == (f"{NS}/{NAME}-g0", [1])
     reasons = {e.get("reason") for e in cluster.list(harness.EVENTS, NS)}
     assert {"FaultProcess", "FaultDevice", "RecoverySucceeded"} <= reasons
+    with urllib.request.urlopen(operator.metrics_url, timeout=10) as response:
+        metrics = response.read().decode()
+    assert 'ghostserve_operator_recoveries_total{kind="process",outcome="Succeeded"} 1.0' in metrics
+    assert 'ghostserve_operator_faults_total{kind="device",reason="GpuTaint"} 1.0' in metrics
+    assert f"ghostserve_operator_bytes_rebuilt_total {float(harness.StandInSidecar.REBUILT_BYTES)}" in metrics
+    with urllib.request.urlopen(operator.liveness_url, timeout=10) as response:
+        assert response.status == 200
 
     # Delete: pods, Service and finalizer go; the sidecar is asked to free the group.
     cluster.write("delete", harness.GSD, NS, NAME)
@@ -287,6 +305,70 @@ def test_invalid_spec_and_rolling_update(cluster: harness.Cluster, operator: har
     g0_running = [i for i, (a, n, ph) in enumerate(writes) if n.startswith(f"{NAME}-g0-") and ph == "Running"]
     assert len(g0_running) >= 2 and max(g0_running) < first_g1_delete
 
+    # Scale down: group 1's pods go and its sidecar state is freed.
+    cluster.write("update", harness.GSD, NS, NAME, {"spec": {"engine": {"replicas": 1}}})
+    cluster.wait_for(
+        lambda: (
+            gsd(cluster)["status"].get("ready") == "2/2"
+            and pod(cluster, 1, 0) is None
+            and pod(cluster, 1, 1) is None
+        ),
+        timeout=60,
+        what="scaled down to one group",
+    )
+    assert any(n == "DeleteGroup" and r.group == f"{NS}/{NAME}-g1" for n, r, _ in cluster.sidecar.calls)
+
 
 async def _listen(cluster: harness.Cluster, fn: Any) -> None:
     cluster.emulator.listeners.append(fn)
+
+
+def test_group_policy_and_recovery_budget(
+    cluster: harness.Cluster, operator: harness.OperatorProcess
+) -> None:
+    cluster.write(
+        "create",
+        harness.GSD,
+        NS,
+        None,
+        deployment(cluster.sidecar_port, faultPolicy="group", maxRecoveriesPerHour=1),
+    )
+    cluster.wait_for(lambda: serving(cluster), timeout=60, what="Serving 2/2")
+    before = {r: pod(cluster, 0, r)["metadata"]["uid"] for r in (0, 1)}  # type: ignore[index]
+
+    def crash(rank: int) -> None:
+        name = f"{NAME}-g0-r{rank}"
+        cluster.write(
+            "update",
+            harness.PODS,
+            NS,
+            name,
+            {
+                "status": {
+                    "phase": "Failed",
+                    "containerStatuses": [
+                        {"name": "engine", "state": {"terminated": {"exitCode": 139, "reason": "Error"}}}
+                    ],
+                }
+            },
+        )
+
+    # faultPolicy group: one rank crashes, the whole group is replaced.
+    crash(1)
+    cluster.wait_for(
+        lambda: gsd(cluster)["status"].get("recoveries") == 1 and serving(cluster),
+        timeout=60,
+        what="group recovery",
+    )
+    last = gsd(cluster)["status"]["lastRecovery"]
+    assert (last["reason"], last["ranks"], last["rank"]) == ("ContainerTerminated", [0, 1], 0)
+    assert all(pod(cluster, 0, r)["metadata"]["uid"] != before[r] for r in (0, 1))  # type: ignore[index]
+
+    # The hourly budget (1) is spent: the next fault is reported, not acted on.
+    crash(0)
+    cluster.wait_for(lambda: gsd(cluster)["status"]["phase"] == "Degraded", timeout=60, what="degraded")
+    status = gsd(cluster)["status"]
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "RecoveryBudgetExhausted")
+    assert status["recoveries"] == 1 and status["ready"] == "1/2"
+    assert "RecoveryBudgetExhausted" in {e.get("reason") for e in cluster.list(harness.EVENTS, NS)}

@@ -8,8 +8,9 @@ runs the plugin's capture hook after each "forward pass". The model forward itse
 (no model on CPU): the only stand-in is the worker object that hands the hook its req_to_token pool.
 
 It serves first (prefill in chunks, then decode; prints a JSON report), then follows commands read
-from stdin: `resume` (build a fresh pool, which the custody hook maps again, insert the restored
-requests into a fresh radix cache, print a JSON report), `peer-fault` (run sglang's hooked
+from stdin: `resume` (a restarted rank: a fresh pool, which the custody hook maps again, and the
+scheduler-init hook inserting GHOSTSERVE_RESUME_FILE's requests into a fresh radix cache; prints a
+JSON report), `peer-fault` (run sglang's hooked
 Scheduler.run_event_loop on a scheduler whose collective layer failed) or `exit`.
 """
 
@@ -157,7 +158,9 @@ def peer_fault() -> None:
     Scheduler.run_event_loop(BrokenScheduler())
 
 
-def resume(rank: int, restored: list[dict[str, object]]) -> dict[str, object]:
+def resume(rank: int) -> dict[str, object]:
+    """A restarted rank: pool mapped by the custody hook, then the scheduler-init hook inserts the
+    requests of GHOSTSERVE_RESUME_FILE into a fresh radix cache; reports what sglang now matches."""
     from ghostserve.engine.sglang import plugin
     from ghostserve.engine.sglang import resume as resume_mod
     from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
@@ -165,7 +168,7 @@ def resume(rank: int, restored: list[dict[str, object]]) -> dict[str, object]:
     from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
 
     rt = plugin.RUNTIME
-    assert rt is not None
+    assert rt is not None and rt.settings.resume_file
     # What a restarted scheduler process starts with: no session, no tracked requests. (The hooks are
     # bound to this runtime object, so it is reset in place rather than replaced.)
     rt.__init__(rt.settings)  # type: ignore[misc]
@@ -176,15 +179,17 @@ def resume(rank: int, restored: list[dict[str, object]]) -> dict[str, object]:
     )
     tree = RadixCache(params)
     free_before = allocator.available_size()
-    out: dict[str, object] = {"rank": rank, "requests": {}}
-    for item in restored:
-        r = resume_mod.RestoredRequest(
-            request_id=str(item["rid"]), token_ids=tuple(item["tokens"]), prompt_tokens=int(item["prompt"]),
-            slots=tuple(item["slots"]), max_new_tokens=int(item["max_new_tokens"]),
-        )
+    # The scheduler-init hook, on the parts of a Scheduler it reads (a Scheduler needs a model).
+    scheduler = types.SimpleNamespace(
+        server_args=types.SimpleNamespace(speculative_algorithm=None),
+        token_to_kv_pool_allocator=allocator,
+        tree_cache=tree,
+    )
+    rt.after_scheduler_init(None, scheduler)
+    out: dict[str, object] = {"rank": rank, "requests": {}, "tree_tokens": int(tree.total_size())}
+    for r in resume_mod.load_records(rt.settings.resume_file):
         plan = resume_mod.plan(r, page_size=PAGE)
         assert plan is not None
-        inserted = resume_mod.insert(tree, allocator, r, plan)
         match = tree.match_prefix(MatchPrefixParams(key=RadixKey(array.array("q", plan.input_ids))))
         gen = resume_mod.generate_request(plan, {"temperature": 0.0})
         slots = match_slots(tree, plan)
@@ -197,7 +202,6 @@ def resume(rank: int, restored: list[dict[str, object]]) -> dict[str, object]:
             expect_k.append(ek.view(torch.uint8).flatten().tolist())
             expect_v.append(ev.view(torch.uint8).flatten().tolist())
         out["requests"][r.request_id] = {  # type: ignore[index]
-            "inserted": inserted,
             "matched": int(match.device_prefix_len),
             "cached_tokens": plan.cached_tokens,
             "max_new_tokens": plan.max_new_tokens,
@@ -236,7 +240,7 @@ def main() -> int:
     for line in sys.stdin:
         command = json.loads(line)
         if command["cmd"] == "resume":
-            print("REPORT " + json.dumps(resume(args.rank, command["restored"])), flush=True)
+            print("REPORT " + json.dumps(resume(args.rank)), flush=True)
         elif command["cmd"] == "peer-fault":
             peer_fault()
         else:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import array
 import importlib.metadata
+import json
+import pathlib
 import types
 
 import numpy as np
@@ -273,3 +275,32 @@ def test_second_pool_or_composite_cache_is_refused(sidecar: sgl_procs.Sidecar) -
     rt.session.client.close()
     with sgl_procs.client_mod.SidecarClient(sidecar.address) as c:
         c.delete_group(group="two")
+
+
+def test_resume_records_file(tmp_path: pathlib.Path) -> None:
+    tree, alloc = tree_and_allocator()
+    path = tmp_path / "restored.json"
+    path.write_text(json.dumps([
+        {"request_id": "a", "token_ids": list(range(9)), "prompt_tokens": 4, "slots": [40, 41, 42, 43],
+         "max_new_tokens": 10},
+        {"request_id": "done", "token_ids": list(range(9)), "prompt_tokens": 4, "slots": [],
+         "max_new_tokens": 5},
+    ]))
+    records = resume.load_records(str(path))
+    readmitted = resume.restore_all(tree, alloc, records)
+    assert [(r.request_id, r.cached_tokens, r.max_new_tokens) for r in readmitted] == [("a", 4, 5)]
+    assert tree.total_size() == 4
+    path.write_text(json.dumps([{"request_id": "b", "token_ids": [1, 2]}]))
+    with pytest.raises(resume.ResumeError, match="entry 0 is not a restored request"):
+        resume.load_records(str(path))
+    path.write_text("{not json")
+    with pytest.raises(resume.ResumeError, match="cannot read restored requests"):
+        resume.load_records(str(path))
+
+
+def test_rank_comes_from_sglang_or_settings() -> None:
+    rt = runtime.Runtime(settings_mod.PluginSettings.from_env({"GHOSTSERVE_SGLANG": "1"}))
+    with pytest.raises(pools.CustodyError, match="tensor-parallel state is not initialized"):
+        rt.rank_and_size()  # no torch.distributed in this process, and no GHOSTSERVE_RANK
+    env = {"GHOSTSERVE_SGLANG": "1", "GHOSTSERVE_RANK": "3", "GHOSTSERVE_WORLD_SIZE": "4"}
+    assert runtime.Runtime(settings_mod.PluginSettings.from_env(env)).rank_and_size() == (3, 4)

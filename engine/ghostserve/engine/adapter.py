@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import grpc
@@ -131,8 +131,13 @@ class SidecarSession:
         layout: layout_mod.KVLayout,
         protection: Protection,
         worker_id: str = "",
+        reconnect: Callable[[], client_mod.SidecarClient] | None = None,
     ) -> None:
         self.client = client
+        # After UNAVAILABLE the session swaps in a client from ``reconnect``: a fresh channel dials at
+        # once, where the old one would wait out gRPC's reconnect backoff (seconds) after a restart.
+        self._reconnect = reconnect
+        self._owned = False
         self.group = group
         self.rank = rank
         self.world_size = world_size
@@ -215,6 +220,7 @@ class SidecarSession:
             if _transient(exc):
                 self.commits_failed += 1
                 log.warning("chunk %d of %s left unprotected: %s", chunk_index, request_id, exc.code())
+                self._fresh_channel(exc)
                 return False
             raise AdapterError(
                 f"commit of chunk {chunk_index} of {request_id!r} rejected: {exc.details()}"
@@ -230,6 +236,7 @@ class SidecarSession:
             )
         except grpc.RpcError as exc:
             if _transient(exc):
+                self._fresh_channel(exc)
                 return False
             raise AdapterError(f"record_tokens of {request_id!r} rejected: {exc.details()}") from exc
         return True
@@ -242,6 +249,12 @@ class SidecarSession:
             if _transient(exc) or exc.code() == grpc.StatusCode.NOT_FOUND:
                 return 0
             raise AdapterError(f"release of {request_id!r} rejected: {exc.details()}") from exc
+
+    def _fresh_channel(self, exc: grpc.RpcError) -> None:
+        if self._reconnect is not None and exc.code() == grpc.StatusCode.UNAVAILABLE:
+            if self._owned:  # the caller's own client may be shared: only close ours
+                self.client.close()
+            self.client, self._owned = self._reconnect(), True
 
 
 def _transient(exc: grpc.RpcError) -> bool:

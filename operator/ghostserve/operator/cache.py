@@ -20,6 +20,7 @@ class ClusterView:
         self._pods: dict[Key, dict[tuple[int, int], dict[str, Any]]] = collections.defaultdict(dict)
         self._nodes: dict[str, dict[str, Any]] = {}
         self._gpu_faults: dict[str, dict[str, faults.Fault]] = collections.defaultdict(dict)
+        self._deleted_nodes: set[str] = set()
 
     @staticmethod
     def pod_key(pod: Mapping[str, Any]) -> tuple[Key, tuple[int, int]] | None:
@@ -59,9 +60,15 @@ class ClusterView:
 
     def put_node(self, node: Mapping[str, Any]) -> None:
         self._nodes[node["metadata"]["name"]] = dict(node)
+        self._deleted_nodes.discard(node["metadata"]["name"])
 
     def drop_node(self, name: str) -> None:
         self._nodes.pop(name, None)
+        self._deleted_nodes.add(name)
+
+    def node_deleted(self, name: str | None) -> bool:
+        """Seen and then deleted (unknown nodes are not reported: the node watch may simply lag)."""
+        return name in self._deleted_nodes
 
     def node(self, name: str | None) -> dict[str, Any] | None:
         return self._nodes.get(name) if name else None

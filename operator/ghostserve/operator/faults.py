@@ -181,15 +181,22 @@ def rank_fault(
     *,
     known_restarts: int = 0,
     gpu_conditions: frozenset[str] = DEFAULT_GPU_CONDITIONS,
+    node_deleted: bool = False,
 ) -> Fault | None:
     """The worst fault of one scheduled rank from every signal: its pod, its node, its node's GPU events.
 
     A GPU event hits the rank when it names one of the rank's GPUs, or when the rank's GPUs are
-    unknown (no annotation): then the conservative answer is that it may be this rank."""
+    unknown (no annotation): then the conservative answer is that it may be this rank.
+    `node_deleted`: the rank's Node object was seen and then deleted (node removed from the cluster)."""
     if pod is None or not (pod.get("spec") or {}).get("nodeName"):
         return None
     gpus = pod_gpus(pod)
+    node_name = pod["spec"]["nodeName"]
     candidates: list[Fault | None] = [classify_pod(pod, known_restarts=known_restarts)]
+    if node_deleted:
+        candidates.append(
+            Fault(NODE, "NodeDeleted", f"node {node_name} was removed", node=node_name, node_wide=True)
+        )
     if node is not None:
         candidates.append(classify_node(node, gpu_conditions=gpu_conditions))
     for fault in gpu_faults:

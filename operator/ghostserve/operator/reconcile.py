@@ -92,9 +92,14 @@ class Reconciler:
             if (group, rank) not in pods:
                 pod = specs.build_rank_pod(self.namespace, self.name, spec, group=group, rank=rank)
                 await self.rt.kube.create_pod(self.namespace, self._adopted(pod))
+        removed: dict[int, set[str]] = {}  # groups scaled away -> nodes whose sidecar held them
         for slot, pod in pods.items():
             if slot not in set(wanted):
                 await self.rt.kube.delete_pod(self.namespace, pod["metadata"]["name"], uid=_uid(pod))
+                if slot[0] >= spec["engine"]["replicas"]:
+                    removed.setdefault(slot[0], set()).add((pod.get("spec") or {}).get("nodeName") or "")
+        for group, nodes in sorted(removed.items()):
+            await self._release_group(group, nodes, spec["sidecar"]["port"])
         for pod in pods.values():
             node = (pod.get("spec") or {}).get("nodeName")
             if node:
@@ -114,6 +119,15 @@ class Reconciler:
                     if g == stale[0]:
                         await self.rt.kube.delete_pod(self.namespace, pod["metadata"]["name"], uid=_uid(pod))
 
+    async def _release_group(self, group: int, nodes: set[str], port: int) -> None:
+        """Free a removed group's KV and parity on its sidecars (best effort: a dead sidecar lost them)."""
+        gid = specs.sidecar_group_id(self.namespace, self.name, group)
+        for node in sorted(n for n in nodes if n):
+            try:
+                await self.rt.sidecars.delete_group(self.rt.sidecar_address(node, port), gid)
+            except Exception as exc:
+                kopf.warn(self.body, reason="SidecarError", message=f"DeleteGroup {gid} on {node}: {exc}")
+
     def on_gpu_fault(self, fault: faults.Fault) -> None:
         self.rt.view.put_gpu_fault(fault)
         for key in self.rt.view.deployments_on(fault.node or ""):
@@ -130,6 +144,7 @@ class Reconciler:
                 self.rt.view.gpu_faults(node),
                 known_restarts=self.kubelet_seen.setdefault(_uid(pod) or "", status.pod_restarts(pod)),
                 gpu_conditions=self.rt.config.gpu_conditions,
+                node_deleted=self.rt.view.node_deleted(node),
             )
             if fault is not None:
                 found.setdefault(group, []).append((rank, fault))

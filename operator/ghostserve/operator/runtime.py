@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable
@@ -73,9 +72,7 @@ class Runtime:
                 raise
             except Exception as exc:  # the sidecar restarts or is not up yet: reconnect with backoff
                 log.debug("health stream %s: %s", address, exc)
-            stop = asyncio.Event()
-            with contextlib.suppress(TimeoutError):  # a bounded, cancellable pause before reconnecting
-                await asyncio.wait_for(stop.wait(), timeout=delay)
+            await asyncio.sleep(delay)  # reconnect backoff (nothing to wait on: the sidecar is away)
             delay = min(delay * 2, 30.0)
 
     async def close(self) -> None:

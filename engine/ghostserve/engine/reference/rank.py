@@ -215,6 +215,7 @@ def main(spec: RankSpec, conn: Connection) -> None:
         ),
         protection=spec.protection,
         worker_id=f"rank{spec.rank}-pid{os.getpid()}",
+        reconnect=lambda: client_mod.SidecarClient(spec.sidecar),
     )
     ad = RankAdapter(spec, session)
     buf, needs_rebuild = ad.allocate_pool()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import dataclasses
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,6 +52,50 @@ class Readmission:
     input_ids: list[int]
     max_new_tokens: int
     cached_tokens: int  # prefix the radix cache holds; sglang recomputes input_ids[cached_tokens:]
+
+
+def load_records(path: str) -> list[RestoredRequest]:
+    """Read restored requests from a JSON file: a list of objects with the fields of RestoredRequest.
+
+    Raises ResumeError naming the file and the first bad entry; mutates nothing.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            items = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ResumeError(f"cannot read restored requests from {path}: {exc}") from exc
+    if not isinstance(items, list):
+        raise ResumeError(f"{path}: expected a JSON list of restored requests")
+    records = []
+    for i, item in enumerate(items):
+        try:
+            records.append(
+                RestoredRequest(
+                    request_id=str(item["request_id"]),
+                    token_ids=tuple(int(x) for x in item["token_ids"]),
+                    prompt_tokens=int(item["prompt_tokens"]),
+                    slots=tuple(int(x) for x in item["slots"]),
+                    max_new_tokens=int(item["max_new_tokens"]),
+                )
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ResumeError(f"{path}: entry {i} is not a restored request: {exc!r}") from exc
+    return records
+
+
+def restore_all(tree_cache: Any, allocator: Any, records: Sequence[RestoredRequest]) -> list[Readmission]:
+    """Insert every record's restored prefix (`plan` + `insert`); returns the re-admissions to send.
+
+    Records that already generated their budget are skipped. Raises ResumeError from `insert`.
+    """
+    page_size = int(allocator.page_size)
+    out = []
+    for record in records:
+        readmission = plan(record, page_size=page_size)
+        if readmission is not None:
+            insert(tree_cache, allocator, record, readmission)
+            out.append(readmission)
+    return out
 
 
 def plan(restored: RestoredRequest, *, page_size: int) -> Readmission | None:

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from ghostserve.engine import adapter
-from ghostserve.engine.sglang import capture, chunks, pools, survivors
+from ghostserve.engine.sglang import capture, chunks, pools, resume, survivors
 from ghostserve.engine.sglang import settings as settings_mod
+from ghostserve.kernels import layout as layout_mod
 from ghostserve.sidecar import client as client_mod
 
 log = logging.getLogger(__name__)
@@ -45,11 +46,17 @@ class Runtime:
                 "sglang's tensor-parallel state is not initialized; "
                 "set GHOSTSERVE_RANK and GHOSTSERVE_WORLD_SIZE"
             )
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            # Each pipeline stage holds other layers: one group per stage is not modelled yet.
+            raise pools.CustodyError("pipeline parallelism (--pp-size > 1) is not supported by GhostServe")
         rank = parallel_state.get_tensor_model_parallel_rank()
         return rank, parallel_state.get_tensor_model_parallel_world_size()
 
-    def open_session(self, layout: pools.layout_mod.KVLayout) -> adapter.SidecarSession:
-        """Create (not yet attach) this rank's sidecar session for `layout`. Raises SettingsError."""
+    def open_session(self, layout: layout_mod.KVLayout) -> adapter.SidecarSession:
+        """Create (not yet attach) this rank's sidecar session for `layout`.
+
+        Raises SettingsError (chunk not whole pages) and CustodyError (rank unknown, pipeline parallel).
+        """
         settings_mod.check_page_size(self.settings, layout.page_size)
         rank, world = self.rank_and_size()
         client = client_mod.SidecarClient(self.settings.sidecar, timeout=self.settings.rpc_timeout)
@@ -99,7 +106,9 @@ class Runtime:
         self.skipped = reason
 
     def after_scheduler_init(self, result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
-        """AFTER Scheduler.__init__: refuse speculative decoding; log why an MLA pool is unprotected."""
+        """AFTER Scheduler.__init__: refuse speculative decoding and composite caches, log why an MLA
+        pool is unprotected, and insert restored requests (GHOSTSERVE_RESUME_FILE) into the radix cache
+        before the event loop admits anything that could take their slots. Raises resume.ResumeError."""
         spec = getattr(scheduler.server_args, "speculative_algorithm", None)
         if spec:
             raise capture.SpeculativeDecodingError(
@@ -111,6 +120,15 @@ class Runtime:
             raise pools.UnsupportedPoolError(
                 f"the pool in custody is part of a composite KV cache ({type(kv).__name__}) whose other "
                 "state GhostServe does not protect; unset GHOSTSERVE_SGLANG"
+            )
+        if self.session is not None and self.settings.resume_file:
+            records = resume.load_records(self.settings.resume_file)
+            allocator = scheduler.token_to_kv_pool_allocator
+            readmitted = resume.restore_all(scheduler.tree_cache, allocator, records)
+            log.info(
+                "restored %d of %d requests into the radix cache (%d tokens) from %s",
+                len(readmitted), len(records), sum(r.cached_tokens for r in readmitted),
+                self.settings.resume_file,
             )
         if self.session is None and self.skipped is None:
             try:
