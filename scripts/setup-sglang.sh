@@ -16,7 +16,7 @@ TORCH="torch==2.14.1"
 LIGHT=(
   "torchvision==0.29.1" "transformers==5.19.0" "tokenizers==0.23.2" "sentencepiece==0.2.1"
   "compressed-tensors==0.18.0" "apache-tvm-ffi==0.1.11" "openai==2.8.0"
-  safetensors orjson psutil pybase64 requests starlette anyio msgspec pydantic pyzmq tqdm IPython
+  safetensors orjson psutil pybase64 requests starlette anyio msgspec pydantic pyzmq tqdm IPython dill
   gguf einops aiohttp fastapi uvicorn partial_json_parser setproctitle
 )
 
@@ -44,5 +44,9 @@ assert torch.__version__.startswith("2.14.1"), torch.__version__
 assert md.version("sglang") == "0.5.23"
 names = [ep.name for ep in md.entry_points(group="sglang.srt.plugins")]
 assert "ghostserve" in names, names
+# Everything the plugin and its tests import: fails here, not in the tests, if a light dependency is missing.
+import sglang.srt.managers.io_struct, sglang.srt.managers.scheduler, sglang.srt.managers.tp_worker  # noqa
+import sglang.srt.mem_cache.allocator.paged, sglang.srt.mem_cache.common, sglang.srt.mem_cache.radix_cache  # noqa
+import ghostserve.engine.sglang.plugin, ghostserve.engine.sglang.resume  # noqa
 PY
 echo "$want" > "$stamp"

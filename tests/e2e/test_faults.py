@@ -108,4 +108,4 @@ def test_sidecar_restart_during_serving_then_device_fault(sidecar, workdir, base
     [rec] = res.recoveries
     # Parity held in the crashed sidecar's memory is gone and chunks completed while it was down were
     # never encoded: those were recomputed; chunks committed after the restart were rebuilt.
-    assert rec.chunks_recomputed > 0 and rec.chunks_rebuilt > 0
+    assert rec.chunks_recomputed > 0 and rec.chunks_rebuilt > 0, rec

@@ -8,6 +8,7 @@ cannot resend. Only a device fault (MarkLost) takes a pool's content with it.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -129,13 +130,16 @@ class Cluster:
         """SIGKILL one rank (fault injection)."""
         pid = self.procs[rank].pid
         if pid is not None:
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def kill_all(self) -> None:
         """SIGKILL every rank still alive and reap them all."""
         for p in self.procs:
             if p.is_alive() and p.pid is not None:
-                os.kill(p.pid, signal.SIGKILL)
+                # A survivor may exit on its own (gloo error) between the check and the kill.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGKILL)
         self._reap()
 
     def stop(self, *, timeout_s: float = 30.0) -> None:

@@ -43,6 +43,7 @@ class RecoveryReport:
     tokens_recomputed: int = 0
     failed_chunks: int = 0
     plan: dict[str, int] = dataclasses.field(default_factory=dict)  # request -> r
+    failures: dict[str, int] = dataclasses.field(default_factory=dict)  # ChunkFailure name -> chunks
 
 
 def recover(engine: engine_mod.ReferenceEngine, dead: Sequence[int]) -> RecoveryReport:
@@ -101,6 +102,9 @@ def _restore(engine: engine_mod.ReferenceEngine, lost: list[int], report: Recove
     for rr in rebuilt.requests:
         report.chunks_rebuilt += len(rr.rebuilt_chunks)
         report.failed_chunks += len(rr.failed_chunks)
+        for f in rr.failed_chunks:
+            name = pb.ChunkFailure.Name(f.reason)
+            report.failures[name] = report.failures.get(name, 0) + 1
         rebuilt_chunks.setdefault(rr.request_id, set()).update(rr.rebuilt_chunks)
     # Every position past the recomputed head that the rebuild did not restore is recomputed, in
     # position order: the plan's unprotected chunks, failed rebuilds, chunks the ledger never saw (a
