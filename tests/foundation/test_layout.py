@@ -45,3 +45,25 @@ def test_cli_rejects_unknown_command() -> None:
         [sys.executable, "-m", "ghostserve.cli.main", "frobnicate"], capture_output=True, text=True
     )
     assert proc.returncode == 2 and "unknown command" in proc.stderr
+
+
+def test_wheel_ships_every_package_and_kernel_source(repo_root: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """pyproject maps packages explicitly: a new sub-package left out of it would vanish from wheels."""
+    import zipfile
+
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
+         str(repo_root)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    (wheel,) = tmp_path.glob("ghostserve-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    roots = ["kernels", "protos", "sidecar", "engine", "operator", "cli"]
+    for root in roots:
+        for init in (repo_root / root).rglob("__init__.py"):
+            rel = init.relative_to(repo_root / root).as_posix()
+            assert rel in names, f"{rel} missing from the wheel"
+        for source in (repo_root / root).rglob("*.cu"):
+            assert source.relative_to(repo_root / root).as_posix() in names
+    assert "ghostserve/v1/sidecar.proto" in names
