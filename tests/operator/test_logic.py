@@ -55,11 +55,19 @@ def test_rank_pod_wiring_and_avoidance() -> None:
     }
     container = pod["spec"]["containers"][0]
     args = container["args"]
-    assert args[args.index("--ghostserve-sidecar") + 1] == "unix:///run/ghostserve/sidecar.sock"
-    assert args[args.index("--ghostserve-code") + 1] == "xor"
+    assert not [a for a in args if a.startswith("--ghostserve")], "sglang rejects flags it does not know"
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["GHOSTSERVE_GROUP"] == "ns/llama-g1" and env["GHOSTSERVE_RANK"] == "3"
     assert env["GHOSTSERVE_WORLD_SIZE"] == "8" and env["SGLANG_PLUGINS"] == "ghostserve"
+    # The SGLang plugin reads exactly these variables: its own parser must accept what the pod gets.
+    from ghostserve.engine.sglang import settings as plugin_settings
+
+    values = {k: v for k, v in env.items() if v is not None}
+    parsed = plugin_settings.PluginSettings.from_env(values)
+    assert parsed.enabled and parsed.group == "ns/llama-g1" and (parsed.rank, parsed.world_size) == (3, 8)
+    assert parsed.sidecar == "unix:///run/ghostserve/sidecar.sock"
+    assert parsed.protection.code == spec()["protection"]["code"]
+    assert parsed.protection.chunk_tokens == spec()["protection"]["chunkTokens"]
     terms = pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert terms["nodeSelectorTerms"][0]["matchExpressions"][0] == {
         "key": "kubernetes.io/hostname",
@@ -68,6 +76,15 @@ def test_rank_pod_wiring_and_avoidance() -> None:
     }
     assert pod["metadata"]["annotations"][specs.AVOID_GPUS_ANNOTATION] == "GPU-x"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    # The sidecar's socket group and CPU pool directory reach the engine (chart values via operator flags).
+    assert pod["spec"]["securityContext"]["supplementalGroups"] == [2000]
+    volumes = {v["name"]: v["hostPath"]["path"] for v in pod["spec"]["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert volumes["ghostserve-pools"] == "/dev/shm/ghostserve" and mounts["ghostserve-pools"] == "/dev/shm"
+    bare = specs.build_rank_pod(
+        "ns", "llama", spec(), group=0, rank=0, node_access=specs.NodeAccess(socket_group=None, shm_dir=None)
+    )
+    assert "securityContext" not in bare["spec"] and len(bare["spec"]["volumes"]) == 1
     pinned = specs.build_rank_pod("ns", "llama", spec(), group=0, rank=0, pin_node="n2")
     expr = pinned["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert expr["nodeSelectorTerms"][0]["matchExpressions"][0]["operator"] == "In"

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import kopf
 import prometheus_client
-from ghostserve.operator import faults, runtime, sidecars
+from ghostserve.operator import faults, runtime, sidecars, specs
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -33,6 +33,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         action="append",
         default=[],
         help="node condition type meaning a broken GPU (repeatable; default: a built-in set)",
+    )
+    p.add_argument(
+        "--sidecar-socket-group",
+        type=int,
+        default=2000,
+        help="group of the sidecar socket directory, added to rank pods' supplementalGroups (-1: none)",
+    )
+    p.add_argument(
+        "--sidecar-shm-dir",
+        default="/dev/shm/ghostserve",
+        help="host directory of the sidecar's CPU KV pools, mounted at /dev/shm in rank pods ('' = none)",
     )
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus metrics port (0: off)")
     p.add_argument("--liveness", default=None, help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
@@ -63,6 +74,10 @@ def config_from(args: argparse.Namespace) -> runtime.Config:
         resync_seconds=args.resync_seconds,
         recovery_timeout_seconds=args.recovery_timeout_seconds,
         watch_health=not args.no_health_watch,
+        node_access=specs.NodeAccess(
+            socket_group=None if args.sidecar_socket_group < 0 else args.sidecar_socket_group,
+            shm_dir=args.sidecar_shm_dir or None,
+        ),
     )
 
 

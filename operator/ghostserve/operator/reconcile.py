@@ -90,7 +90,14 @@ class Reconciler:
         wanted = specs.desired_ranks(spec)
         for group, rank in wanted:
             if (group, rank) not in pods:
-                pod = specs.build_rank_pod(self.namespace, self.name, spec, group=group, rank=rank)
+                pod = specs.build_rank_pod(
+                    self.namespace,
+                    self.name,
+                    spec,
+                    group=group,
+                    rank=rank,
+                    node_access=self.rt.config.node_access,
+                )
                 await self.rt.kube.create_pod(self.namespace, self._adopted(pod))
         removed: dict[int, set[str]] = {}  # groups scaled away -> nodes whose sidecar held them
         for slot, pod in pods.items():
@@ -254,6 +261,7 @@ class Reconciler:
                         avoid_gpus=record["avoidGpus"],
                         pin_node=record["pinNode"],
                         prefer_node=record["preferNode"],
+                        node_access=self.rt.config.node_access,
                     )
                     created = await self.rt.kube.create_pod(self.namespace, self._adopted(manifest))
                     if not created and pod is not None:

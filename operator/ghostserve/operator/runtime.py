@@ -7,7 +7,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 
-from ghostserve.operator import cache, faults, kube, sidecars
+from ghostserve.operator import cache, faults, kube, sidecars, specs
 
 log = logging.getLogger("ghostserve.operator")
 
@@ -21,6 +21,7 @@ class Config:
     recovery_timeout_seconds: float = 900.0  # replacements not running by then: the recovery failed
     sidecar_timeout_seconds: float = 10.0
     watch_health: bool = True
+    node_access: specs.NodeAccess = dataclasses.field(default_factory=specs.NodeAccess)
 
 
 class Runtime:

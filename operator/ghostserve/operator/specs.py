@@ -8,6 +8,7 @@ older CRD) must not make the operator build broken pods.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import re
@@ -190,23 +191,21 @@ def engine_args(name: str, spec: Mapping[str, Any], group: int, rank: int) -> li
         "--page-size",
         str(prot["pageSize"]),
     ]
-    if prot["enabled"]:
-        args += [
-            "--ghostserve-sidecar",
-            SIDECAR_SOCKET_IN_POD,
-            "--ghostserve-code",
-            prot["code"],
-            "--ghostserve-parity-shards",
-            str(prot["parityShards"]),
-            "--ghostserve-chunk-tokens",
-            str(prot["chunkTokens"]),
-        ]
     return args + list(engine["args"])
 
 
 def _engine_env(namespace: str, name: str, spec: Mapping[str, Any], group: int, rank: int) -> list[Any]:
+    # The plugin reads its settings from the environment, not sglang's argv: sglang spawns its
+    # scheduler processes (which inherit the environment) and rejects command-line flags it does not know.
+    prot = spec["protection"]
     ours: list[dict[str, Any]] = [
         {"name": "SGLANG_PLUGINS", "value": "ghostserve"},
+        {"name": "GHOSTSERVE_SGLANG", "value": "1" if prot["enabled"] else "0"},
+        {"name": "GHOSTSERVE_SIDECAR", "value": SIDECAR_SOCKET_IN_POD},
+        {"name": "GHOSTSERVE_CODE", "value": prot["code"]},
+        {"name": "GHOSTSERVE_PARITY_SHARDS", "value": str(prot["parityShards"])},
+        {"name": "GHOSTSERVE_CHUNK_TOKENS", "value": str(prot["chunkTokens"])},
+        {"name": "GHOSTSERVE_WORKER_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "GHOSTSERVE_GROUP", "value": sidecar_group_id(namespace, name, group)},
         {"name": "GHOSTSERVE_RANK", "value": str(rank)},
         {"name": "GHOSTSERVE_WORLD_SIZE", "value": str(spec["engine"]["tensorParallel"])},
@@ -243,6 +242,18 @@ def _affinity(*, avoid_nodes: Iterable[str], pin_node: str | None, prefer_node: 
     return {"nodeAffinity": node_affinity} if node_affinity else {}
 
 
+@dataclasses.dataclass(frozen=True)
+class NodeAccess:
+    """How rank pods reach the node's sidecar beyond its socket (chart values, passed as operator flags).
+
+    socket_group: the socket directory's group (sidecar.socketGroup); non-root engines need it as a
+    supplemental group to open the socket. shm_dir: the host directory the sidecar's CPU KV pools live in
+    (sidecar.shmDir), mounted at /dev/shm so rank processes can map the pools; None when pools are on GPUs."""
+
+    socket_group: int | None = 2000
+    shm_dir: str | None = "/dev/shm/ghostserve"
+
+
 def build_rank_pod(
     namespace: str,
     name: str,
@@ -254,6 +265,7 @@ def build_rank_pod(
     avoid_gpus: Iterable[str] = (),
     pin_node: str | None = None,
     prefer_node: str | None = None,
+    node_access: NodeAccess = NodeAccess(),
 ) -> dict[str, Any]:
     """The manifest of one rank pod (owner references are added by the caller via kopf.adopt).
 
@@ -296,6 +308,15 @@ def build_rank_pod(
             }
         ],
     }
+    if node_access.socket_group is not None:
+        pod_spec["securityContext"] = {"supplementalGroups": [node_access.socket_group]}
+    if node_access.shm_dir:
+        pod_spec["containers"][0]["volumeMounts"].append(
+            {"name": "ghostserve-pools", "mountPath": "/dev/shm"}
+        )
+        pod_spec["volumes"].append(
+            {"name": "ghostserve-pools", "hostPath": {"path": node_access.shm_dir, "type": "Directory"}}
+        )
     affinity = _affinity(avoid_nodes=avoid_nodes, pin_node=pin_node, prefer_node=prefer_node)
     if affinity:
         pod_spec["affinity"] = affinity
