@@ -51,11 +51,13 @@ def test_attach_commit_record_release(sidecar, no_shm_leak):
         for s in sessions:
             assert s.commit("r1", 0, [0, 1, 2, 3], [5, 6, 7, 8])
         assert sessions[0].commit("r1", 0, [0, 1, 2, 3], [5, 6, 7, 8])  # repeated commit is accepted
-        assert sessions[0].record_tokens("r1", [5, 6, 7, 8, 9], prompt_tokens=3)
+        assert sessions[0].record_tokens("r1", [5, 6, 7, 8, 9], prompt_tokens=3, max_new_tokens=7)
         client.flush("ad/a", wait=30.0)
         desc = client.describe_group(group="ad/a")
         [req] = desc.requests
         assert (req.chunks_committed, req.chunks_protected, req.tokens, req.prompt_tokens) == (1, 1, 5, 3)
+        entry = client.describe_request(group="ad/a", request_id="r1")
+        assert (list(entry.token_ids), entry.max_new_tokens) == ([5, 6, 7, 8, 9], 7)
         assert sessions[0].release("r1") > 0
         assert sessions[0].release("r1") == 0  # unknown now: nothing to free
         del buf

@@ -9,8 +9,8 @@ runs the plugin's capture hook after each "forward pass". The model forward itse
 
 It serves first (prefill in chunks, then decode; prints a JSON report), then follows commands read
 from stdin: `resume` (a restarted rank: a fresh pool, which the custody hook maps again, and the
-scheduler-init hook inserting GHOSTSERVE_RESUME_FILE's requests into a fresh radix cache; prints a
-JSON report), `peer-fault` (run sglang's hooked
+scheduler-init hook reading the restorable requests from the sidecar's ledger and inserting them
+into a fresh radix cache; prints a JSON report), `peer-fault` (run sglang's hooked
 Scheduler.run_event_loop on a scheduler whose collective layer failed) or `exit`.
 """
 
@@ -159,8 +159,9 @@ def peer_fault() -> None:
 
 
 def resume(rank: int) -> dict[str, object]:
-    """A restarted rank: pool mapped by the custody hook, then the scheduler-init hook inserts the
-    requests of GHOSTSERVE_RESUME_FILE into a fresh radix cache; reports what sglang now matches."""
+    """A restarted rank: pool mapped by the custody hook, then the scheduler-init hook reads the
+    restorable requests from the sidecar (DescribeGroup, DescribeRequest) and inserts them into a fresh
+    radix cache; reports what it restored and what sglang now matches."""
     from ghostserve.engine.sglang import plugin
     from ghostserve.engine.sglang import resume as resume_mod
     from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
@@ -168,7 +169,7 @@ def resume(rank: int) -> dict[str, object]:
     from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
 
     rt = plugin.RUNTIME
-    assert rt is not None and rt.settings.resume_file
+    assert rt is not None
     # What a restarted scheduler process starts with: no session, no tracked requests. (The hooks are
     # bound to this runtime object, so it is reset in place rather than replaced.)
     rt.__init__(rt.settings)  # type: ignore[misc]
@@ -187,9 +188,10 @@ def resume(rank: int) -> dict[str, object]:
     )
     rt.after_scheduler_init(None, scheduler)
     out: dict[str, object] = {"rank": rank, "requests": {}, "tree_tokens": int(tree.total_size())}
-    for r in resume_mod.load_records(rt.settings.resume_file):
-        plan = resume_mod.plan(r, page_size=PAGE)
-        assert plan is not None
+    plans = {p.request_id: p for p in rt.readmissions}
+    for r in rt.restored:
+        plan = plans[r.request_id]
+        assert plan == resume_mod.plan(r, page_size=PAGE)
         match = tree.match_prefix(MatchPrefixParams(key=RadixKey(array.array("q", plan.input_ids))))
         gen = resume_mod.generate_request(plan, {"temperature": 0.0})
         slots = match_slots(tree, plan)
@@ -202,6 +204,10 @@ def resume(rank: int) -> dict[str, object]:
             expect_k.append(ek.view(torch.uint8).flatten().tolist())
             expect_v.append(ev.view(torch.uint8).flatten().tolist())
         out["requests"][r.request_id] = {  # type: ignore[index]
+            "token_ids": list(r.token_ids),
+            "prompt_tokens": r.prompt_tokens,
+            "slots": list(r.slots),
+            "restored_max_new_tokens": r.max_new_tokens,
             "matched": int(match.device_prefix_len),
             "cached_tokens": plan.cached_tokens,
             "max_new_tokens": plan.max_new_tokens,

@@ -106,7 +106,6 @@ def plugin_env(sidecar: Sidecar, *, rank: int, world: int, **extra: str) -> dict
         "GHOSTSERVE_CHUNK_TOKENS": "16",
         "GHOSTSERVE_RANK": str(rank),
         "GHOSTSERVE_WORLD_SIZE": str(world),
-        "GHOSTSERVE_RESUME_FILE": str(sidecar.workdir / "restored.json"),
         "PYTHONWARNINGS": "ignore",
     }
     env.update(extra)

@@ -4,12 +4,11 @@ Two rank processes load the plugin through sglang's loader, get their KV pools f
 serve two requests (chunked prefill, then decode) writing KV with `set_kv_buffer`, and commit chunks.
 Rank 1 then fails its event loop with a collective error and must detach and exit with
 EXIT_PEER_FAULT. Rank 1's pool is declared lost, rebuilt from rank 0 + parity, and fresh processes of
-both ranks insert the restored KV into sglang's radix cache and plan the re-admission.
+both ranks read the restorable requests from the sidecar's ledger (DescribeRequest), insert the
+restored KV into sglang's radix cache and plan the re-admission.
 """
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -99,29 +98,40 @@ def check(sidecar: sgl_procs.Sidecar, ranks: list[sgl_procs.Rank]) -> None:
             rebuilt = pool_rows(desc, 1, info["slots"][: info["committed"] * T])
             np.testing.assert_array_equal(rebuilt, before[rid])
 
-    # Resume on every rank: a restarted rank maps its pool again and inserts the restored requests
-    # (written where GHOSTSERVE_RESUME_FILE points) into a fresh radix cache at scheduler init.
-    restored = [
-        {"request_id": rid, "token_ids": info["tokens"], "prompt_tokens": info["prompt"],
-         "max_new_tokens": info["max_new_tokens"], "slots": info["slots"][: info["committed"] * T]}
-        for rid, info in reqs0.items()
-    ]
-    (sidecar.workdir / "restored.json").write_text(json.dumps(restored))
+    # Resume on every rank: a restarted rank maps its pool again and, at scheduler init, reads the
+    # restorable requests from the sidecar's ledger (DescribeGroup + DescribeRequest) and inserts them
+    # into a fresh radix cache. What it restores is what the ranks committed and rank 0 recorded.
+    with sidecar.client() as c:
+        for rid, info in reqs0.items():
+            n = info["committed"] * T
+            led = c.describe_request(group=sgl_procs.GROUP, request_id=rid)
+            assert [list(ch.slots) for ch in led.chunks] == [
+                info["slots"][i * T : (i + 1) * T] for i in range(info["committed"])
+            ]
+            assert all(ch.kv_valid for ch in led.chunks)  # rank 1's chunks were all rebuilt
+            assert list(led.token_ids) == info["tokens"][:n]
     for rank in ranks:
         rank.send(cmd="resume")
     for rank in ranks:
         rep = rank.report()
-        for item in restored:
-            got = rep["requests"][item["request_id"]]
-            restored_len = len(item["slots"])
-            assert got["cached_tokens"] == restored_len
-            assert got["matched"] == restored_len  # sglang's match_prefix finds the whole restored prefix
-            assert got["matched_slots"] == item["slots"]  # at the recorded slots
-            assert got["kv_equal"], f"rank {rank.rank} {item['request_id']}: KV at the restored slots differs"
-            generated = len(item["token_ids"]) - item["prompt_tokens"]
-            assert got["max_new_tokens"] == got["gen_max_new_tokens"] == item["max_new_tokens"] - generated
-            assert got["gen_rid"] == item["request_id"] and got["gen_input_len"] == len(item["token_ids"])
-        total = sum(len(item["slots"]) for item in restored)
+        assert set(rep["requests"]) == set(reqs0)
+        for rid, info in reqs0.items():
+            got = rep["requests"][rid]
+            n = info["committed"] * T
+            assert got["slots"] == info["slots"][:n]  # the slots every rank committed
+            assert got["token_ids"] == info["tokens"][:n]  # the tokens rank 0 recorded with the last commit
+            assert got["prompt_tokens"] == info["prompt"]
+            assert got["restored_max_new_tokens"] == info["max_new_tokens"]
+            # sglang must run the last known token again, so the last page of the prefix is recomputed.
+            cached = (n - 1) // rank_worker.PAGE * rank_worker.PAGE
+            assert got["cached_tokens"] == got["matched"] == cached  # match_prefix finds the restored prefix
+            assert got["matched_slots"] == info["slots"][:cached]  # at the recorded slots
+            assert got["kv_equal"], f"rank {rank.rank} {rid}: KV at the restored slots differs"
+            generated = n - info["prompt"]
+            assert got["max_new_tokens"] == got["gen_max_new_tokens"] == info["max_new_tokens"] - generated
+            assert got["gen_rid"] == rid and got["gen_input_len"] == n
+        page = rank_worker.PAGE
+        total = sum((info["committed"] * T - 1) // page * page for info in reqs0.values())
         assert rep["tree_tokens"] == rep["claimed"] == total  # inserted, and taken from the free list
 
     # A peer dies: rank 1's event loop fails in the collective layer. GhostServe detaches it and exits

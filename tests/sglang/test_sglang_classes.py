@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import array
 import importlib.metadata
-import json
-import pathlib
 import types
 
 import numpy as np
@@ -17,6 +15,7 @@ import pytest
 import sgl_procs
 from ghostserve.engine import adapter
 from ghostserve.kernels import layout as layout_mod
+from ghostserve.v1 import sidecar_pb2 as pb
 
 # By distribution, not by import: this folder (tests/sglang) is itself importable as a namespace `sglang`.
 if sgl_procs.sglang_version() is None:
@@ -154,9 +153,15 @@ def test_capture_spans_from_real_batches() -> None:
     # Mixed extend: a extends 6 tokens after a cached 4-token prefix, b prefills 6 tokens.
     locs = [8, 9, 10, 11, 12, 13, 16, 17, 18, 19, 20, 21]
     batch = real_batch([a, b], ForwardMode.EXTEND, [(4, 6), (0, 6)], locs)
-    n = capture.capture_batch(batch, tracker=tracker, req_to_token=rtp.req_to_token,
-                              commit=lambda c, toks, p: got.append(c))
+    budgets: list[tuple[int, int]] = []
+
+    def commit(c: chunks.Chunk, toks: object, prompt_len: int, max_new_tokens: int) -> None:
+        got.append(c)
+        budgets.append((prompt_len, max_new_tokens))
+
+    n = capture.capture_batch(batch, tracker=tracker, req_to_token=rtp.req_to_token, commit=commit)
     assert n == 3
+    assert budgets == [(10, 8), (10, 8), (6, 8)]  # prompt length and the request's max_new_tokens
     assert [(c.request_id, c.index, c.slots) for c in got] == [
         ("a", 0, (40, 41, 42, 43)), ("a", 1, (8, 9, 10, 11)), ("b", 0, (16, 17, 18, 19))]
     assert got[1].token_ids == (4, 5, 6, 7)
@@ -164,12 +169,12 @@ def test_capture_spans_from_real_batches() -> None:
     b.output_ids.append(98)
     step1 = real_batch([a, b], ForwardMode.DECODE, [(10, 1), (6, 1)], [14, 22])
     assert capture.capture_batch(step1, tracker=tracker, req_to_token=rtp.req_to_token,
-                                 commit=lambda c, toks, p: got.append(c)) == 0
+                                 commit=commit) == 0
     a.output_ids.append(96)
     b.output_ids.append(97)
     step2 = real_batch([a, b], ForwardMode.DECODE, [(11, 1), (7, 1)], [15, 23])
     assert capture.capture_batch(step2, tracker=tracker, req_to_token=rtp.req_to_token,
-                                 commit=lambda c, toks, p: got.append(c)) == 2
+                                 commit=commit) == 2
     assert got[3:] == [chunks.Chunk("a", 2, (12, 13, 14, 15), (8, 9, 99, 96)),
                        chunks.Chunk("b", 1, (20, 21, 22, 23), (54, 55, 98, 97))]
 
@@ -277,25 +282,39 @@ def test_second_pool_or_composite_cache_is_refused(sidecar: sgl_procs.Sidecar) -
         c.delete_group(group="two")
 
 
-def test_resume_records_file(tmp_path: pathlib.Path) -> None:
+def ledger(chunk_valid: list[bool], **fields: object) -> pb.RequestLedger:
+    """A DescribeRequest reply: chunk i at slots [40 + 4i, 44 + 4i), valid as given."""
+    chunk_list = [pb.ChunkLedger(chunk_index=i, slots=list(range(40 + 4 * i, 44 + 4 * i)), state=pb.PROTECTED,
+                                 kv_valid=ok) for i, ok in enumerate(chunk_valid)]
+    base: dict[str, object] = {"group": "g", "request_id": "a", "token_ids": list(range(13)),
+                               "prompt_tokens": 4, "chunk_tokens": 4, "max_new_tokens": 10}
+    base.update(fields)
+    return pb.RequestLedger(chunks=chunk_list, **base)  # type: ignore[arg-type]
+
+
+def test_resume_from_ledger() -> None:
+    # Chunks 0 and 1 are valid, 2 must be recomputed, so 3 (valid) is past the restored prefix.
+    record = resume.from_ledger(ledger([True, True, False, True]))
+    assert record == resume.RestoredRequest("a", tuple(range(13)), 4, tuple(range(40, 48)), 10)
+    # Slots are cut to the recorded tokens.
+    short = resume.from_ledger(ledger([True, True], token_ids=list(range(6))))
+    assert short is not None and short.slots == (40, 41, 42, 43, 44, 45)
+    # Nothing valid: the whole request is recomputed.
+    nothing = resume.from_ledger(ledger([False, True]))
+    assert nothing is not None and nothing.slots == ()
+    # What a re-admission needs was never recorded.
+    assert resume.from_ledger(ledger([True], max_new_tokens=0)) is None
+    assert resume.from_ledger(ledger([True], prompt_tokens=0)) is None
+    bad = ledger([True])
+    bad.chunks[0].slots.append(99)
+    with pytest.raises(resume.ResumeError, match="chunk 0 has 5 slots"):
+        resume.from_ledger(bad)
     tree, alloc = tree_and_allocator()
-    path = tmp_path / "restored.json"
-    path.write_text(json.dumps([
-        {"request_id": "a", "token_ids": list(range(9)), "prompt_tokens": 4, "slots": [40, 41, 42, 43],
-         "max_new_tokens": 10},
-        {"request_id": "done", "token_ids": list(range(9)), "prompt_tokens": 4, "slots": [],
-         "max_new_tokens": 5},
-    ]))
-    records = resume.load_records(str(path))
-    readmitted = resume.restore_all(tree, alloc, records)
-    assert [(r.request_id, r.cached_tokens, r.max_new_tokens) for r in readmitted] == [("a", 4, 5)]
-    assert tree.total_size() == 4
-    path.write_text(json.dumps([{"request_id": "b", "token_ids": [1, 2]}]))
-    with pytest.raises(resume.ResumeError, match="entry 0 is not a restored request"):
-        resume.load_records(str(path))
-    path.write_text("{not json")
-    with pytest.raises(resume.ResumeError, match="cannot read restored requests"):
-        resume.load_records(str(path))
+    done = resume.from_ledger(ledger([True], request_id="done", max_new_tokens=9))  # 9 generated already
+    assert record is not None and done is not None
+    readmitted = resume.restore_all(tree, alloc, [record, done])
+    assert [(r.request_id, r.cached_tokens, r.max_new_tokens) for r in readmitted] == [("a", 8, 1)]
+    assert tree.total_size() == 8
 
 
 def test_rank_comes_from_sglang_or_settings() -> None:

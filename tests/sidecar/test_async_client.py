@@ -52,6 +52,11 @@ async def test_async_client_round_trip(short_tmp: pathlib.Path, shm_prefix: str)
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             desc = await c.describe_group(group="a")
             assert [r.attached for r in desc.ranks] == [True, False] and desc.requests[0].prompt_tokens == 12
+            led = await c.describe_request(group="a", request_id="q")
+            assert list(led.token_ids) == list(range(20)) and led.prompt_tokens == 12
+            assert [(ch.chunk_index, list(ch.slots), ch.state, ch.kv_valid) for ch in led.chunks] == [
+                (0, list(range(16)), pb.PROTECTED, True)
+            ]
             pieces = [p async for p in c.stream_rebuild(group="a", lost_ranks=[1], rank=1)]
             assert [(p.chunk_index, p.shard_nbytes) for p in pieces] == [(0, 4096)]
             stats = await c.get_stats()

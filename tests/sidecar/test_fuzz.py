@@ -72,8 +72,13 @@ def served(
         d.rmdir()
 
 
-def snapshot(c: client.SidecarClient) -> tuple[bytes, list[str]]:
-    return c.describe_group(group=GROUP).SerializeToString(deterministic=True), list(c.list_groups().groups)
+def snapshot(c: client.SidecarClient) -> tuple[bytes, list[str], bytes]:
+    try:
+        seed = c.describe_request(group=GROUP, request_id="seed").SerializeToString(deterministic=True)
+    except grpc.RpcError as exc:
+        seed = str(exc.code()).encode()
+    desc = c.describe_group(group=GROUP).SerializeToString(deterministic=True)
+    return desc, list(c.list_groups().groups), seed
 
 
 def call(c: client.SidecarClient, method: str, request: object) -> grpc.StatusCode:
@@ -137,6 +142,7 @@ REQUESTS = st.one_of(
             request_id=rids,
             token_ids=st.lists(i64, max_size=20),
             prompt_tokens=u32,
+            max_new_tokens=u32,
         ),
     ),
     st.tuples(
@@ -148,6 +154,9 @@ REQUESTS = st.one_of(
         st.builds(pb.ReleaseRequestRequest, group=st.just(GROUP), request_id=st.text(max_size=5)),
     ),
     st.tuples(st.just("describe_group"), st.builds(pb.DescribeGroupRequest, group=names)),
+    st.tuples(
+        st.just("describe_request"), st.builds(pb.DescribeRequestRequest, group=names, request_id=rids)
+    ),
     st.tuples(st.just("detach"), st.builds(pb.DetachRequest, group=st.just("nope"), rank=u32)),
     st.tuples(st.just("delete_group"), st.builds(pb.DeleteGroupRequest, group=st.text(max_size=5))),
     st.tuples(
@@ -205,7 +214,15 @@ def test_fuzzed_requests_get_clean_codes_and_failures_change_nothing(served, req
     before = snapshot(c)
     code = call(c, method, message)
     assert code in ALLOWED, (method, message, code)
-    read_only = ("describe_group", "plan_recovery", "inject_fault", "detach", "stream_rebuild", "flush")
+    read_only = (
+        "describe_group",
+        "describe_request",
+        "plan_recovery",
+        "inject_fault",
+        "detach",
+        "stream_rebuild",
+        "flush",
+    )
     if code != grpc.StatusCode.OK or method in read_only:
         assert snapshot(c) == before, (method, message, code)
     assert c.health() == 1

@@ -228,11 +228,18 @@ class SidecarSession:
         self.commits_sent += 1
         return True
 
-    def record_tokens(self, request_id: str, tokens: Sequence[int], *, prompt_tokens: int) -> bool:
-        """Record a request's tokens so far. Returns False when the sidecar is unreachable."""
+    def record_tokens(
+        self, request_id: str, tokens: Sequence[int], *, prompt_tokens: int, max_new_tokens: int = 0
+    ) -> bool:
+        """Record a request's tokens so far (and its token budget, 0 = unknown) for resume.
+        Returns False when the sidecar is unreachable."""
         try:
             self.client.record_tokens(
-                group=self.group, request_id=request_id, token_ids=list(tokens), prompt_tokens=prompt_tokens
+                group=self.group,
+                request_id=request_id,
+                token_ids=list(tokens),
+                prompt_tokens=prompt_tokens,
+                max_new_tokens=max_new_tokens,
             )
         except grpc.RpcError as exc:
             if _transient(exc):

@@ -181,20 +181,60 @@ class CommitChunkResponse(_message.Message):
     def __init__(self, state: _Optional[_Union[ChunkState, str]] = ...) -> None: ...
 
 class RecordTokensRequest(_message.Message):
-    __slots__ = ("group", "request_id", "token_ids", "prompt_tokens")
+    __slots__ = ("group", "request_id", "token_ids", "prompt_tokens", "max_new_tokens")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     group: str
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     prompt_tokens: int
-    def __init__(self, group: _Optional[str] = ..., request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
+    max_new_tokens: int
+    def __init__(self, group: _Optional[str] = ..., request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
 
 class RecordTokensResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class DescribeRequestRequest(_message.Message):
+    __slots__ = ("group", "request_id")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    request_id: str
+    def __init__(self, group: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ChunkLedger(_message.Message):
+    __slots__ = ("chunk_index", "slots", "state", "kv_valid")
+    CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    KV_VALID_FIELD_NUMBER: _ClassVar[int]
+    chunk_index: int
+    slots: _containers.RepeatedScalarFieldContainer[int]
+    state: ChunkState
+    kv_valid: bool
+    def __init__(self, chunk_index: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., state: _Optional[_Union[ChunkState, str]] = ..., kv_valid: _Optional[bool] = ...) -> None: ...
+
+class RequestLedger(_message.Message):
+    __slots__ = ("group", "request_id", "token_ids", "prompt_tokens", "chunk_tokens", "chunks", "max_new_tokens")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    request_id: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    prompt_tokens: int
+    chunk_tokens: int
+    chunks: _containers.RepeatedCompositeFieldContainer[ChunkLedger]
+    max_new_tokens: int
+    def __init__(self, group: _Optional[str] = ..., request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., prompt_tokens: _Optional[int] = ..., chunk_tokens: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[ChunkLedger, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
 
 class ReleaseRequestRequest(_message.Message):
     __slots__ = ("group", "request_id")

@@ -65,6 +65,11 @@ class SidecarStub:
                 request_serializer=ghostserve_dot_v1_dot_sidecar__pb2.DescribeGroupRequest.SerializeToString,
                 response_deserializer=ghostserve_dot_v1_dot_sidecar__pb2.GroupDescription.FromString,
                 _registered_method=True)
+        self.DescribeRequest = channel.unary_unary(
+                '/ghostserve.v1.Sidecar/DescribeRequest',
+                request_serializer=ghostserve_dot_v1_dot_sidecar__pb2.DescribeRequestRequest.SerializeToString,
+                response_deserializer=ghostserve_dot_v1_dot_sidecar__pb2.RequestLedger.FromString,
+                _registered_method=True)
         self.ListGroups = channel.unary_unary(
                 '/ghostserve.v1.Sidecar/ListGroups',
                 request_serializer=ghostserve_dot_v1_dot_sidecar__pb2.ListGroupsRequest.SerializeToString,
@@ -158,6 +163,13 @@ class SidecarServicer:
 
     def DescribeGroup(self, request, context):
         """Describe a group: ranks, requests, bytes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DescribeRequest(self, request, context):
+        """One request's ledger: tokens, chunk slots, states and whether their KV is valid on every rank.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -265,6 +277,11 @@ def add_SidecarServicer_to_server(servicer, server):
                     servicer.DescribeGroup,
                     request_deserializer=ghostserve_dot_v1_dot_sidecar__pb2.DescribeGroupRequest.FromString,
                     response_serializer=ghostserve_dot_v1_dot_sidecar__pb2.GroupDescription.SerializeToString,
+            ),
+            'DescribeRequest': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeRequest,
+                    request_deserializer=ghostserve_dot_v1_dot_sidecar__pb2.DescribeRequestRequest.FromString,
+                    response_serializer=ghostserve_dot_v1_dot_sidecar__pb2.RequestLedger.SerializeToString,
             ),
             'ListGroups': grpc.unary_unary_rpc_method_handler(
                     servicer.ListGroups,
@@ -480,6 +497,33 @@ class Sidecar:
             '/ghostserve.v1.Sidecar/DescribeGroup',
             ghostserve_dot_v1_dot_sidecar__pb2.DescribeGroupRequest.SerializeToString,
             ghostserve_dot_v1_dot_sidecar__pb2.GroupDescription.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeRequest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghostserve.v1.Sidecar/DescribeRequest',
+            ghostserve_dot_v1_dot_sidecar__pb2.DescribeRequestRequest.SerializeToString,
+            ghostserve_dot_v1_dot_sidecar__pb2.RequestLedger.FromString,
             options,
             channel_credentials,
             insecure,

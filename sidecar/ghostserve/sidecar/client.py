@@ -130,6 +130,12 @@ class SidecarClient:
         msg = _message(pb.DescribeGroupRequest, request, fields)
         return self._stub.DescribeGroup(msg, timeout=self._t(timeout))
 
+    def describe_request(
+        self, request: pb.DescribeRequestRequest | None = None, *, timeout: float | None = None, **fields: Any
+    ) -> pb.RequestLedger:
+        msg = _message(pb.DescribeRequestRequest, request, fields)
+        return self._stub.DescribeRequest(msg, timeout=self._t(timeout))
+
     def list_groups(self, *, timeout: float | None = None) -> pb.ListGroupsResponse:
         return self._stub.ListGroups(pb.ListGroupsRequest(), timeout=self._t(timeout))
 
@@ -259,6 +265,12 @@ class AsyncSidecarClient:
     ) -> pb.GroupDescription:
         msg = _message(pb.DescribeGroupRequest, request, fields)
         return await self._stub.DescribeGroup(msg, timeout=self._t(timeout))
+
+    async def describe_request(
+        self, request: pb.DescribeRequestRequest | None = None, *, timeout: float | None = None, **fields: Any
+    ) -> pb.RequestLedger:
+        msg = _message(pb.DescribeRequestRequest, request, fields)
+        return await self._stub.DescribeRequest(msg, timeout=self._t(timeout))
 
     async def list_groups(self, *, timeout: float | None = None) -> pb.ListGroupsResponse:
         return await self._stub.ListGroups(pb.ListGroupsRequest(), timeout=self._t(timeout))

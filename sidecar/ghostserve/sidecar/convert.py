@@ -8,7 +8,7 @@ import numpy as np
 import numpy.typing as npt
 from ghostserve.engine import planner
 from ghostserve.kernels import layout as kvlayout
-from ghostserve.sidecar import coding, errors, group, pools, recovery
+from ghostserve.sidecar import coding, errors, group, ledger, pools, recovery
 from ghostserve.v1 import sidecar_pb2 as pb
 
 DTYPES = {pb.FLOAT16: "float16", pb.BFLOAT16: "bfloat16", pb.FLOAT8: "float8", pb.FLOAT32: "float32"}
@@ -111,6 +111,38 @@ def describe(g: group.Group) -> pb.GroupDescription:
         parity_bytes=sum(r.parity_bytes for r in requests),
         pool_bytes=g.pool_bytes(),
     )
+
+
+def request_ledger(g: group.Group, req: ledger.Request, *, valid: list[bool]) -> pb.RequestLedger:
+    """`req`'s ledger entry; `valid[i]` says whether the i-th chunk (in index order) has valid KV."""
+    chunks = [req.chunks[i] for i in sorted(req.chunks)]
+    return pb.RequestLedger(
+        group=g.name,
+        request_id=req.request_id,
+        token_ids=known_tokens(req, chunk_tokens=g.protection.chunk_tokens).tolist(),
+        prompt_tokens=req.prompt_tokens,
+        chunk_tokens=g.protection.chunk_tokens,
+        chunks=[
+            pb.ChunkLedger(
+                chunk_index=c.index, slots=c.slots.tolist(), state=enum_value(c.state), kv_valid=ok
+            )
+            for c, ok in zip(chunks, valid, strict=True)
+        ],
+        max_new_tokens=req.max_new_tokens,
+    )
+
+
+def known_tokens(req: ledger.Request, *, chunk_tokens: int) -> npt.NDArray[np.int64]:
+    """The recorded tokens, or the committed chunks' token ids when those reach further (a rank
+    that records tokens less often than it commits, or a ledger restored from the journal)."""
+    parts = []
+    i = 0
+    while i in req.chunks and req.chunks[i].token_ids.size == chunk_tokens:
+        parts.append(req.chunks[i].token_ids)
+        i += 1
+    if i * chunk_tokens > req.tokens.size:
+        return np.concatenate(parts)
+    return req.tokens
 
 
 def report_to(name: str, report: recovery.Report) -> pb.RebuildReport:

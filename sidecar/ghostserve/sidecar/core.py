@@ -307,10 +307,34 @@ class Custodian:
         self.metrics.parity_bytes.set(self.store.held_bytes)
 
     def record_tokens(
-        self, name: str, request_id: str, tokens: npt.NDArray[np.int64], *, prompt_tokens: int
+        self,
+        name: str,
+        request_id: str,
+        tokens: npt.NDArray[np.int64],
+        *,
+        prompt_tokens: int,
+        max_new_tokens: int = 0,
     ) -> None:
         with self.lock:
-            self.get(name).ledger.record_tokens(request_id, tokens, prompt_tokens=prompt_tokens)
+            self.get(name).ledger.record_tokens(
+                request_id, tokens, prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens
+            )
+
+    def describe_request(self, name: str, request_id: str) -> tuple[group.Group, ledger.Request]:
+        """The group and ledger entry of one request (caller holds the lock while reading them).
+
+        Raises NotFound (group or request unknown), InvalidArgument (malformed request id)."""
+        g = self.get(name)
+        ledger.check_request_id(request_id)
+        return g, g.ledger.get(request_id)
+
+    def kv_valid(self, g: group.Group, chunk: ledger.Chunk) -> bool:
+        """Every rank committed `chunk` and every rank's pool holds its KV now. Caller holds the lock."""
+        return (
+            chunk.state != ledger.State.WAITING_FOR_RANKS
+            and not chunk.kv_lost
+            and all(rp.valid and rp.segment is not None for rp in g.ranks)
+        )
 
     def release_request(self, name: str, request_id: str) -> int:
         """Forget a finished request; returns parity bytes freed. Raises NotFound."""

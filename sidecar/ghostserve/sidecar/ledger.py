@@ -51,6 +51,8 @@ class Chunk:
     failure: Failure = Failure.NONE
     checksums: tuple[int, ...] = ()
     parity_bytes: int = 0
+    # Set by MarkLost on complete chunks (a rank's copy of their KV is gone), cleared by a rebuild.
+    kv_lost: bool = False
 
 
 @dataclasses.dataclass(eq=False)
@@ -59,6 +61,7 @@ class Request:
     chunks: dict[int, Chunk] = dataclasses.field(default_factory=dict)
     tokens: npt.NDArray[np.int64] = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
     prompt_tokens: int = 0
+    max_new_tokens: int = 0  # 0 = not known
 
     def complete_chunks(self) -> list[Chunk]:
         return [c for c in self.chunks.values() if c.state != State.WAITING_FOR_RANKS]
@@ -157,9 +160,20 @@ class Ledger:
             return chunk, True
         return chunk, False
 
-    def record_tokens(self, request_id: str, tokens: npt.NDArray[np.int64], *, prompt_tokens: int) -> None:
-        """Replace the request's token list. Raises InvalidArgument for bad ids or counts."""
+    def record_tokens(
+        self,
+        request_id: str,
+        tokens: npt.NDArray[np.int64],
+        *,
+        prompt_tokens: int,
+        max_new_tokens: int = 0,
+    ) -> None:
+        """Replace the request's token list (and its token budget, unless 0 = not known).
+
+        Raises InvalidArgument for bad ids or counts, changing nothing."""
         check_request_id(request_id)
+        if not 0 <= max_new_tokens <= MAX_TOKENS:
+            raise errors.InvalidArgument(f"max_new_tokens {max_new_tokens} out of range")
         if tokens.size > MAX_TOKENS or not 0 <= prompt_tokens <= tokens.size:
             raise errors.InvalidArgument(
                 f"prompt_tokens {prompt_tokens} must be within the {tokens.size} tokens recorded"
@@ -167,6 +181,8 @@ class Ledger:
         request = self.requests.setdefault(request_id, Request(request_id))
         request.tokens = tokens.copy()
         request.prompt_tokens = prompt_tokens
+        if max_new_tokens:
+            request.max_new_tokens = max_new_tokens
 
     def get(self, request_id: str) -> Request:
         request = self.requests.get(request_id)
@@ -181,11 +197,14 @@ class Ledger:
         return request
 
     def drop_rank_commits(self, ranks: set[int]) -> None:
-        """After a device fault: chunks still waiting forget the lost ranks' commits (that KV is gone)."""
+        """After a device fault: chunks still waiting forget the lost ranks' commits (that KV is gone);
+        complete chunks are marked kv_lost until a rebuild restores them."""
         for request in self.requests.values():
             for chunk in request.chunks.values():
                 if chunk.state == State.WAITING_FOR_RANKS:
                     chunk.committed -= ranks
+                else:
+                    chunk.kv_lost = True
 
     def tail_tokens(self, request: Request) -> int:
         return max(0, int(request.tokens.size) - request.committed_chunks() * self.chunk_tokens)

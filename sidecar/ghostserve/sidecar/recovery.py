@@ -144,6 +144,7 @@ def rebuild(
                 assert seg is not None
                 kvlayout.scatter_shard(shard, g.layout, chunk.slots, seg.array)
             nbytes = len(shards) * g.shard_nbytes
+            chunk.kv_lost = False
             res.rebuilt.append(idx)
             res.bytes_rebuilt += nbytes
             c.metrics.rebuild_seconds.observe(time.perf_counter() - t0)

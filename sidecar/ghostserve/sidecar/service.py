@@ -100,7 +100,13 @@ class Servicer(pb_grpc.SidecarServicer):
     @_mapped
     async def RecordTokens(self, request: pb.RecordTokensRequest, context: Any) -> pb.RecordTokensResponse:
         tokens = convert.int_array(request.token_ids, what="token_ids", limit=MAX_TOKENS)
-        self.c.record_tokens(request.group, request.request_id, tokens, prompt_tokens=request.prompt_tokens)
+        self.c.record_tokens(
+            request.group,
+            request.request_id,
+            tokens,
+            prompt_tokens=request.prompt_tokens,
+            max_new_tokens=request.max_new_tokens,
+        )
         return pb.RecordTokensResponse()
 
     @_mapped
@@ -115,6 +121,13 @@ class Servicer(pb_grpc.SidecarServicer):
     async def DescribeGroup(self, request: pb.DescribeGroupRequest, context: Any) -> pb.GroupDescription:
         with self.c.lock:
             return convert.describe(self.c.get(request.group))
+
+    @_mapped
+    async def DescribeRequest(self, request: pb.DescribeRequestRequest, context: Any) -> pb.RequestLedger:
+        with self.c.lock:
+            g, req = self.c.describe_request(request.group, request.request_id)
+            valid = [self.c.kv_valid(g, req.chunks[i]) for i in sorted(req.chunks)]
+            return convert.request_ledger(g, req, valid=valid)
 
     @_mapped
     async def ListGroups(self, request: pb.ListGroupsRequest, context: Any) -> pb.ListGroupsResponse:

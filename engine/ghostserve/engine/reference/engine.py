@@ -288,7 +288,12 @@ class ReferenceEngine:
             if end == len(req.tokens):
                 req.tokens.append(tok)
             if self.opts.protect and schedule.completed_chunks(w.start, end, t):
-                self.session.record_tokens(req.request_id, req.tokens, prompt_tokens=len(req.prompt))
+                self.session.record_tokens(
+                    req.request_id,
+                    req.tokens,
+                    prompt_tokens=len(req.prompt),
+                    max_new_tokens=req.max_new_tokens,
+                )
             if req.done:
                 self._finish(req)
 

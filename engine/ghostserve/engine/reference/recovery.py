@@ -73,7 +73,9 @@ def _restore(engine: engine_mod.ReferenceEngine, lost: list[int], report: Recove
     active = [r for r in engine.requests.values() if r.kv_len]
     engine.client.wait_ready(timeout=60.0)
     for req in active:
-        engine.session.record_tokens(req.request_id, req.tokens, prompt_tokens=len(req.prompt))
+        engine.session.record_tokens(
+            req.request_id, req.tokens, prompt_tokens=len(req.prompt), max_new_tokens=req.max_new_tokens
+        )
     plan = engine.client.plan_recovery(
         group=engine.group,
         lost_ranks=lost,

@@ -66,13 +66,14 @@ def capture_batch(
     *,
     tracker: chunks.ChunkTracker,
     req_to_token: Any,
-    commit: Callable[[chunks.Chunk, Sequence[int], int], None],
+    commit: Callable[[chunks.Chunk, Sequence[int], int, int], None],
 ) -> int:
     """Feed one finished forward pass to `tracker` and `commit` every chunk it completed.
 
     `req_to_token` is sglang's ReqToTokenPool.req_to_token ([rows][max_context] slot table), read for
-    prefixes the tracker did not see written. `commit(chunk, tokens_so_far, prompt_len)` is called
-    once per complete chunk in index order. Mutates the tracker. Returns the number of chunks committed.
+    prefixes the tracker did not see written. `commit(chunk, tokens_so_far, prompt_len, max_new_tokens)`
+    is called once per complete chunk in index order (max_new_tokens 0: the request has no budget).
+    Mutates the tracker. Returns the number of chunks committed.
     """
     committed = 0
     for req, start, slots in written_spans(batch):
@@ -83,7 +84,8 @@ def capture_batch(
 
         tracker.observe(req.rid, start=start, new_slots=slots, prefix_slots=prefix)
         tokens = request_tokens(req)
+        budget = int(getattr(req.sampling_params, "max_new_tokens", 0) or 0)
         for chunk in tracker.ready(req.rid, tokens):
-            commit(chunk, tokens, len(req.origin_input_ids))
+            commit(chunk, tokens, len(req.origin_input_ids), budget)
             committed += 1
     return committed

@@ -1,24 +1,30 @@
 """Resume after a rebuild: put restored KV back into sglang's radix cache and plan the re-admission.
 
 After a rebuild every rank's pool (in sidecar custody) again holds each request's KV at the slots
-recorded when its chunks were committed. A restarted scheduler has an empty allocator and tree, so on
-every rank: the slots are taken out of the allocator's free list, the token prefix is inserted into
-the radix cache with those slots as values, and the request is re-admitted as prompt + generated
-tokens with max_new_tokens reduced by what was generated. sglang then matches the restored prefix and
-recomputes only the tokens after it (the last partial page and the unprotected tail).
+recorded when its chunks were committed; the sidecar's ledger (DescribeRequest) says which chunks
+those are, with the request's tokens and budget. A restarted scheduler has an empty allocator and
+tree, so on every rank: the slots are taken out of the allocator's free list, the token prefix is
+inserted into the radix cache with those slots as values, and the request is re-admitted as prompt +
+generated tokens with max_new_tokens reduced by what was generated. sglang then matches the restored
+prefix and recomputes only the tokens after it (the last partial page and the unprotected tail).
 """
 
 from __future__ import annotations
 
 import array
 import dataclasses
-import json
+import logging
 from collections.abc import Sequence
 from typing import Any
 
+import grpc
 import torch
+from ghostserve.sidecar import client as client_mod
+from ghostserve.v1 import sidecar_pb2 as pb
 from sglang.srt.managers import io_struct
 from sglang.srt.mem_cache import base_prefix_cache, radix_cache
+
+log = logging.getLogger(__name__)
 
 
 class ResumeError(RuntimeError):
@@ -54,33 +60,59 @@ class Readmission:
     cached_tokens: int  # prefix the radix cache holds; sglang recomputes input_ids[cached_tokens:]
 
 
-def load_records(path: str) -> list[RestoredRequest]:
-    """Read restored requests from a JSON file: a list of objects with the fields of RestoredRequest.
+def from_ledger(ledger: pb.RequestLedger) -> RestoredRequest | None:
+    """The restorable part of a request's sidecar ledger (DescribeRequest), or None. Pure.
 
-    Raises ResumeError naming the file and the first bad entry; mutates nothing.
+    The restored prefix is the run of chunks 0, 1, ... whose KV is valid on every rank, cut to the
+    recorded tokens; the chunks after the first invalid one are recomputed. None when the ledger lacks
+    what a re-admission needs (no prompt length or token budget recorded). Raises ResumeError for an
+    inconsistent ledger.
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            items = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ResumeError(f"cannot read restored requests from {path}: {exc}") from exc
-    if not isinstance(items, list):
-        raise ResumeError(f"{path}: expected a JSON list of restored requests")
-    records = []
-    for i, item in enumerate(items):
-        try:
-            records.append(
-                RestoredRequest(
-                    request_id=str(item["request_id"]),
-                    token_ids=tuple(int(x) for x in item["token_ids"]),
-                    prompt_tokens=int(item["prompt_tokens"]),
-                    slots=tuple(int(x) for x in item["slots"]),
-                    max_new_tokens=int(item["max_new_tokens"]),
-                )
+    if ledger.prompt_tokens == 0 or ledger.max_new_tokens == 0 or not ledger.token_ids:
+        return None
+    slots: list[int] = []
+    for expected, chunk in enumerate(sorted(ledger.chunks, key=lambda c: c.chunk_index)):
+        if chunk.chunk_index != expected or not chunk.kv_valid:
+            break
+        if len(chunk.slots) != ledger.chunk_tokens:
+            raise ResumeError(
+                f"{ledger.request_id}: chunk {expected} has {len(chunk.slots)} slots, "
+                f"chunks have {ledger.chunk_tokens}"
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ResumeError(f"{path}: entry {i} is not a restored request: {exc!r}") from exc
-    return records
+        slots += chunk.slots
+    return RestoredRequest(
+        request_id=ledger.request_id,
+        token_ids=tuple(ledger.token_ids),
+        prompt_tokens=ledger.prompt_tokens,
+        slots=tuple(slots[: len(ledger.token_ids)]),
+        max_new_tokens=ledger.max_new_tokens,
+    )
+
+
+def read_restored(client: client_mod.SidecarClient, group: str) -> list[RestoredRequest]:
+    """Every request of `group` in the sidecar's ledger that can be restored (DescribeGroup for the ids,
+    DescribeRequest for each), in request-id order. Mutates nothing.
+
+    A request released between the two calls is skipped. Raises grpc.RpcError (sidecar unreachable,
+    group unknown) and ResumeError (inconsistent ledger).
+    """
+    desc = client.describe_group(group=group)
+    out = []
+    for state in desc.requests:
+        try:
+            ledger = client.describe_request(group=group, request_id=state.request_id)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                continue
+            raise
+        record = from_ledger(ledger)
+        if record is None:
+            log.warning(
+                "request %s cannot be resumed: no prompt length or token budget recorded", state.request_id
+            )
+        else:
+            out.append(record)
+    return out
 
 
 def restore_all(tree_cache: Any, allocator: Any, records: Sequence[RestoredRequest]) -> list[Readmission]:

@@ -34,6 +34,9 @@ class Runtime:
         self.session: adapter.SidecarSession | None = None
         self.skipped: str | None = None
         self.chunks_committed = 0
+        # Requests restored from the sidecar's ledger at scheduler start, and what to send sglang again.
+        self.restored: list[resume.RestoredRequest] = []
+        self.readmissions: list[resume.Readmission] = []
 
     def rank_and_size(self) -> tuple[int, int]:
         """This process's TP rank and size: from settings when given, else sglang's parallel state."""
@@ -107,8 +110,9 @@ class Runtime:
 
     def after_scheduler_init(self, result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
         """AFTER Scheduler.__init__: refuse speculative decoding and composite caches, log why an MLA
-        pool is unprotected, and insert restored requests (GHOSTSERVE_RESUME_FILE) into the radix cache
-        before the event loop admits anything that could take their slots. Raises resume.ResumeError."""
+        pool is unprotected, and insert the requests the sidecar's ledger can restore into the radix
+        cache before the event loop admits anything that could take their slots (sets `restored` and
+        `readmissions`). Raises resume.ResumeError and grpc.RpcError (sidecar unreachable)."""
         spec = getattr(scheduler.server_args, "speculative_algorithm", None)
         if spec:
             raise capture.SpeculativeDecodingError(
@@ -121,21 +125,32 @@ class Runtime:
                 f"the pool in custody is part of a composite KV cache ({type(kv).__name__}) whose other "
                 "state GhostServe does not protect; unset GHOSTSERVE_SGLANG"
             )
-        if self.session is not None and self.settings.resume_file:
-            records = resume.load_records(self.settings.resume_file)
-            allocator = scheduler.token_to_kv_pool_allocator
-            readmitted = resume.restore_all(scheduler.tree_cache, allocator, records)
-            log.info(
-                "restored %d of %d requests into the radix cache (%d tokens) from %s",
-                len(readmitted), len(records), sum(r.cached_tokens for r in readmitted),
-                self.settings.resume_file,
-            )
+        if self.session is not None:
+            self.resume(scheduler)
         if self.session is None and self.skipped is None:
             try:
                 pools.describe(kv)
                 self.skip("the KV pool was not allocated through the plugin's custody hook")
             except pools.UnsupportedPoolError as exc:
                 self.skip(str(exc))
+
+    def resume(self, scheduler: Any) -> None:
+        """Insert every request of the group the sidecar can restore into the scheduler's radix cache.
+
+        Mutates the scheduler's allocator and tree, `restored` and `readmissions`. Raises
+        resume.ResumeError and grpc.RpcError."""
+        session = self.session
+        if session is None:
+            return
+        self.restored = resume.read_restored(session.client, session.group)
+        allocator = scheduler.token_to_kv_pool_allocator
+        self.readmissions = resume.restore_all(scheduler.tree_cache, allocator, self.restored)
+        if self.restored:
+            log.info(
+                "restored %d of %d requests of %s into the radix cache (%d tokens)",
+                len(self.readmissions), len(self.restored), session.group,
+                sum(r.cached_tokens for r in self.readmissions),
+            )
 
     def after_forward(self, result: Any, worker: Any, batch: Any = None, *args: Any, **kwargs: Any) -> None:
         """AFTER TpModelWorker.forward_batch_generation: commit the chunks the pass completed."""
@@ -147,14 +162,21 @@ class Runtime:
             batch, tracker=self.tracker, req_to_token=req_to_token, commit=self.commit
         )
 
-    def commit(self, chunk: chunks.Chunk, tokens: Sequence[int], prompt_len: int) -> None:
-        """Send one chunk to the sidecar; rank 0 also records the request's tokens for resume."""
+    def commit(
+        self, chunk: chunks.Chunk, tokens: Sequence[int], prompt_len: int, max_new_tokens: int
+    ) -> None:
+        """Send one chunk to the sidecar; rank 0 also records the request's tokens and budget for resume.
+
+        Raises adapter.AdapterError when the sidecar rejects either call (not when it is unreachable:
+        serving then goes on unprotected)."""
         session = self.session
         if session is None:
             return
         session.commit(chunk.request_id, chunk.index, chunk.slots, chunk.token_ids)
         if session.rank == 0:
-            session.record_tokens(chunk.request_id, tokens, prompt_tokens=prompt_len)
+            session.record_tokens(
+                chunk.request_id, tokens, prompt_tokens=prompt_len, max_new_tokens=max_new_tokens
+            )
 
     def after_release(self, result: Any, req: Any, *args: Any, **kwargs: Any) -> None:
         """AFTER mem_cache.common.release_kv_cache: a finished or retracted request leaves the ledger."""

@@ -46,8 +46,6 @@ class PluginSettings:
     survivor_policy: SurvivorPolicy = SurvivorPolicy.DETACH_EXIT
     rpc_timeout: float = 5.0
     worker_id: str = ""
-    # JSON list of restored requests (resume.load_records) inserted into the radix cache at start.
-    resume_file: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> PluginSettings:
@@ -95,7 +93,6 @@ class PluginSettings:
             survivor_policy=policy,
             rpc_timeout=timeout,
             worker_id=get("WORKER_ID", ""),
-            resume_file=get("RESUME_FILE", "") or None,
         )
 
 
