@@ -255,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lengths, chunk, ovh = (
             args.lengths or [512, 2048],
             64,
-            dict(requests=3, prompt=256, new=24, reps=2, rate_per_s=4.0),
+            dict(requests=2, prompt=256, new=16, reps=2, rate_per_s=4.0),
         )
     else:
         lengths, chunk, ovh = (
