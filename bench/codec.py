@@ -20,15 +20,14 @@ import argparse
 import dataclasses
 import datetime
 import json
-import os
 import pathlib
-import platform
 import re
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import benchlib
 import ghostserve.kernels as gk
 import numpy as np
 from ghostserve.kernels import gf256, isal
@@ -100,17 +99,7 @@ def best_interleaved(
 
 
 def machine() -> dict[str, Any]:
-    model = platform.processor() or "unknown"
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = os.cpu_count() or 0
-    slug = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")[:40]
-    return {"cpu": model, "cores": cores, "slug": f"{slug}-{cores}c", "python": sys.version.split()[0]}
+    return benchlib.machine()
 
 
 def versions() -> dict[str, str]:

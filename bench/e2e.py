@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import math
-import os
 import pathlib
 import platform
 import shutil
@@ -27,6 +26,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import benchlib
 import torch
 from ghostserve.engine import sidecar_process
 from ghostserve.engine.reference import config, engine, harness, workload
@@ -40,7 +40,7 @@ DEMO = config.ModelConfig(vocab=1024, hidden=256, layers=4, heads=8, kv_heads=4,
 
 
 def machine() -> str:
-    return f"{platform.machine()}-{os.cpu_count()}c"
+    return str(benchlib.machine()["slug"])
 
 
 def _opts(tp: int, code: str, chunk: int, tokens: int, **kw: Any) -> engine.Options:
@@ -319,13 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "quick": args.quick,
         "seconds": time.perf_counter() - t0,
-        "machine": {
-            "name": machine(),
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpus": os.cpu_count(),
-            "note": "shared development machine: other jobs were running",
-        },
+        "machine": benchlib.machine(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "model": cfg.__dict__,
         "tp": args.tp,

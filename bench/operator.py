@@ -22,15 +22,14 @@ import datetime
 import functools
 import importlib.metadata
 import json
-import os
 import pathlib
-import platform
-import re
 import statistics
 import sys
 import tempfile
 import time
 from typing import Any
+
+import benchlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -47,14 +46,7 @@ TP = 8
 
 
 def machine() -> dict[str, Any]:
-    model = platform.processor() or "unknown"
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    cores = os.cpu_count() or 0
-    slug = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")[:40]
-    return {"cpu": model, "cores": cores, "slug": f"{slug}-{cores}c", "python": sys.version.split()[0]}
+    return benchlib.machine()
 
 
 def versions() -> dict[str, str]:

@@ -21,7 +21,6 @@ import datetime
 import functools
 import json
 import logging
-import os
 import pathlib
 import platform
 import secrets
@@ -33,6 +32,7 @@ import time
 import tracemalloc
 from typing import Any
 
+import benchlib
 import ghostserve.kernels
 import grpc
 import numpy as np
@@ -48,7 +48,7 @@ CODES = {"xor": (pb.XOR, 1, 1), "rdp": (pb.RDP, 2, 2), "rs": (pb.RS, 2, 2)}  # c
 
 
 def machine() -> str:
-    return f"{platform.machine()}-{os.cpu_count()}c"
+    return str(benchlib.machine()["slug"])
 
 
 def best(times: list[float]) -> float:
@@ -338,13 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "sidecar",
         "backend": "cpu",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "name": machine(),
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpus": os.cpu_count(),
-            "note": "shared development machine: other jobs were running",
-        },
+        "machine": benchlib.machine(),
         "versions": {
             "python": platform.python_version(),
             "numpy": np.__version__,

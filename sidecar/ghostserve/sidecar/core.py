@@ -273,6 +273,7 @@ class Custodian:
             raise
         arrays = [rp.segment.array for rp in g.ranks if rp.segment is not None]
         job = _EncodeJob(self, g, request_id, chunk, item, arrays)
+        job.generations = [rp.generation for rp in g.ranks]
         if not self.queue.submit(g.name, job.run):
             self.store.release(g.owner(request_id), chunk.index)
             self._unprotect(chunk, ledger.Failure.NOT_PROTECTED, "encoder-behind")
@@ -401,6 +402,11 @@ class _EncodeJob:
             item,
             arrays,
         )
+        # Pool generations when the chunk was queued. A rank lost before the encode finished (MarkLost)
+        # means the encode read memory that, on a real device fault, no longer holds the KV: its parity
+        # and checksums would describe garbage and a later rebuild would "verify" it. Such a chunk is
+        # left unprotected instead.
+        self.generations: list[int] = []
 
     def run(self) -> None:
         c, g, chunk = self.c, self.g, self.chunk
@@ -432,6 +438,12 @@ class _EncodeJob:
             if not current:
                 if spilled and c.spill:
                     c.spill.delete_chunk(g.name, self.rid, chunk.index)
+                return
+            if [rp.generation for rp in g.ranks] != self.generations:
+                if spilled and c.spill:
+                    c.spill.delete_chunk(g.name, self.rid, chunk.index)
+                c.store.release(g.owner(self.rid), chunk.index)
+                c._unprotect(chunk, ledger.Failure.NOT_PROTECTED, "rank-lost-during-encode")
                 return
             c.store.commit(self.item)
             chunk.state, chunk.checksums, chunk.parity_bytes = (

@@ -1,0 +1,33 @@
+"""What every benchmark records about the machine it ran on (imported by the scripts beside it)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import platform
+import re
+import sys
+from typing import Any
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, core count, a file-name slug (e.g. `amd-epyc-7b13-2c`) and the Python version."""
+    model = platform.processor() or "unknown"
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:  # not Linux: platform.processor() is the best there is
+        pass
+    cores = os.cpu_count() or 0
+    slug = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")[:40]
+    return {
+        "cpu": model,
+        "cores": cores,
+        "slug": f"{slug}-{cores}c",
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        # Benchmarks report ratios measured side by side, but a busy machine still skews them: say how busy.
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
