@@ -12,7 +12,7 @@ each on a different deployment, and timed on one clock (this process runs the em
 
 Ratios are against the 1-deployment run of the same invocation. Also reports the operator's RSS.
 Usage: python bench/operator.py [--quick] [--sizes 1,100,500] [--faults 7]
-Writes bench/results/operator-<machine>.json.
+Writes bench/results/operator-<machine>.json (operator-quick-<machine>.json with --quick).
 """
 
 from __future__ import annotations
@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         "sidecar: in-process gRPC stand-in; operator: a real `ghostserve operator` subprocess. "
         "The machine was shared with other jobs.",
     }
-    out = args.out or ROOT / "bench" / "results" / f"operator-{info['slug']}.json"
+    kind = "operator-quick" if args.quick else "operator"
+    out = args.out or ROOT / "bench" / "results" / f"{kind}-{info['slug']}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     console.print(f"wrote {out}")
     return 0
