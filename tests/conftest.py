@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import pathlib
+from collections.abc import Iterator
 
 import pytest
+import shm_leak
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -46,14 +48,10 @@ def short_tmp(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 
 @pytest.fixture
-def no_shm_leak() -> object:
+def no_shm_leak() -> Iterator[None]:
     """Fails the test if it leaves new ghostserve segments in /dev/shm."""
-    shm = pathlib.Path("/dev/shm")
-    before = {p.name for p in shm.glob("gs*")} if shm.exists() else set()
-    yield None
-    after = {p.name for p in shm.glob("gs*")} if shm.exists() else set()
-    leaked = after - before
-    assert not leaked, f"leaked shared memory segments: {sorted(leaked)}"
+    with shm_leak.check():
+        yield
 
 
 os.environ.setdefault("GHOSTSERVE_LOG_LEVEL", "WARNING")

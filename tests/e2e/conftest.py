@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pathlib
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 
 import pytest
+import shm_leak
 from e2e_support import CFG, options, requests
 from ghostserve.engine import sidecar_process
 from ghostserve.engine.reference import harness
@@ -53,15 +53,7 @@ def baseline(
 
 @pytest.fixture
 def no_shm_leak() -> Iterator[None]:
-    """tests/conftest.py's leak check for the segments these tests' sidecar creates (``gs-`` + 16 hex
-    digits): other suites name theirs with private prefixes (gs-t…, gs-sgl…) and check them
-    themselves, and may run beside these on a shared machine."""
-    shm = pathlib.Path("/dev/shm")
-
-    def ours() -> set[str]:
-        return {p.name for p in shm.glob("gs-*") if re.fullmatch(r"gs-[0-9a-f]{16}", p.name)}
-
-    before = ours()
-    yield None
-    leaked = ours() - before
-    assert not leaked, f"leaked shared memory segments: {sorted(leaked)}"
+    """tests/conftest.py's leak check narrowed to the segments a default sidecar creates (``gs-`` + 16
+    hex digits): other suites name theirs with private prefixes and may run beside these."""
+    with shm_leak.check(r"gs-[0-9a-f]{16}"):
+        yield
