@@ -15,11 +15,11 @@ import grpc
 import numpy as np
 from ghostserve.kernels import layout as layout_mod
 from ghostserve.sidecar import client as client_mod
+from ghostserve.sidecar import convert
 from ghostserve.v1 import sidecar_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float16": pb.FLOAT16, "bfloat16": pb.BFLOAT16, "float8": pb.FLOAT8, "float32": pb.FLOAT32}
 CODES = {"none": pb.NONE, "replicate": pb.REPLICATE, "xor": pb.XOR, "rdp": pb.RDP, "rs": pb.RS}
 # Codes the sidecar needs no parity count for; the others default to their natural M.
 DEFAULT_PARITY = {"none": 0, "replicate": 1, "xor": 1, "rdp": 2, "rs": 2}
@@ -57,14 +57,7 @@ class Protection:
 
 
 def layout_to_proto(layout: layout_mod.KVLayout) -> pb.KVLayout:
-    return pb.KVLayout(
-        layers=layout.layers,
-        kv_heads=layout.kv_heads,
-        head_dim=layout.head_dim,
-        dtype=DTYPES[layout.dtype],
-        page_size=layout.page_size,
-        pool_slots=layout.pool_slots,
-    )
+    return convert.layout_to(layout)
 
 
 class EngineAdapter(Protocol):
