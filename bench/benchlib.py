@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import platform
@@ -31,3 +32,10 @@ def machine() -> dict[str, Any]:
         # Benchmarks report ratios measured side by side, but a busy machine still skews them: say how busy.
         "load_average_1m": round(os.getloadavg()[0], 2),
     }
+
+
+def write_report(path: pathlib.Path, report: dict[str, Any]) -> pathlib.Path:
+    """Write a benchmark's JSON report (creating bench/results/ if needed); returns the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return path

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import pathlib
 import re
 import sys
@@ -405,8 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "summary": summary,
     }
     out = args.out or RESULTS / f"codec-{args.backend}-{info['slug']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    benchlib.write_report(out, result)
     console.print(f"wrote {out}")
     return 0
 

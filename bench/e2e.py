@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import pathlib
 import platform
@@ -328,8 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "recovery": rec_res,
         "host_memory": mem_res,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    benchlib.write_report(args.out, report)
     console.print(f"wrote {args.out}")
     return 0
 

@@ -21,7 +21,6 @@ import argparse
 import datetime
 import functools
 import importlib.metadata
-import json
 import pathlib
 import statistics
 import sys
@@ -238,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     kind = "operator-quick" if args.quick else "operator"
     out = args.out or ROOT / "bench" / "results" / f"{kind}-{info['slug']}.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    benchlib.write_report(out, report)
     console.print(f"wrote {out}")
     return 0
 

@@ -19,7 +19,6 @@ import concurrent.futures
 import contextlib
 import datetime
 import functools
-import json
 import logging
 import pathlib
 import platform
@@ -349,8 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         "metadata_per_kv_byte": metadata_ratio,
         "codes": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    benchlib.write_report(args.out, report)
     console.print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
     return 0
 
