@@ -1,0 +1,1 @@
+"""Resume gateway: an HTTP proxy that keeps client streams alive across a backend restart."""

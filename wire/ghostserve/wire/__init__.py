@@ -1,0 +1,1 @@
+"""The wire layer: conversions between protobuf messages and the kernels' value types."""
