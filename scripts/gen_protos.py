@@ -42,6 +42,11 @@ def main() -> int:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     generate(args.out)
+    if args.out == PROTO_ROOT:
+        # The typed client methods follow the service (scripts/gen_client.py).
+        import subprocess
+
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_client.py")], check=True)
     return 0
 
 

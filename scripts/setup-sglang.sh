@@ -19,6 +19,10 @@ LIGHT=(
   safetensors orjson psutil pybase64 requests starlette anyio msgspec pydantic pyzmq tqdm IPython dill
   gguf einops aiohttp fastapi uvicorn partial_json_parser setproctitle
 )
+# What `python -m sglang.launch_server` needs on top to serve on CPU (tests/sglang/test_real_server.py).
+# xgrammar without its dependencies: they are the light ones above, plus torch.
+SERVE=("uvloop==0.23.0" "soundfile==0.13.1" "python-multipart==0.0.34")
+SERVE_NODEPS=("xgrammar==0.2.7")
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup-sglang] creating $VENV"
@@ -36,6 +40,8 @@ echo "[setup-sglang] installing into $VENV ($TORCH, sglang==0.5.23 --no-deps)"
 "${PIP[@]}" --no-deps "sglang==0.5.23"
 # torch is named in every later call so that no resolver can move it.
 "${PIP[@]}" "$TORCH" "${LIGHT[@]}"
+"${PIP[@]}" "$TORCH" "${SERVE[@]}"
+"${PIP[@]}" --no-deps "${SERVE_NODEPS[@]}"
 "${PIP[@]}" "$TORCH" -e ".[dev]"
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as md
@@ -48,5 +54,6 @@ assert "ghostserve" in names, names
 import sglang.srt.managers.io_struct, sglang.srt.managers.scheduler, sglang.srt.managers.tp_worker  # noqa
 import sglang.srt.mem_cache.allocator.paged, sglang.srt.mem_cache.common, sglang.srt.mem_cache.radix_cache  # noqa
 import ghostserve.engine.sglang.plugin, ghostserve.engine.sglang.resume  # noqa
+import sglang.launch_server, uvloop, xgrammar, soundfile, multipart  # noqa
 PY
 echo "$want" > "$stamp"

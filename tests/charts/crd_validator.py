@@ -24,7 +24,7 @@ import jsonschema
 # OpenAPI keywords that mean the same in JSON Schema; everything else is handled or dropped.
 _SAME = (
     "type", "enum", "minimum", "maximum", "minLength", "maxLength", "pattern",
-    "minItems", "maxItems", "format",
+    "minItems", "maxItems", "minProperties", "maxProperties", "format",
 )  # fmt: skip
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})")
 FORMATS = jsonschema.FormatChecker(formats=())

@@ -33,13 +33,12 @@ AGREED: dict[str, tuple[str, Any, int | None, int | None, list[str] | None]] = {
     "protection.chunkTokens": ("integer", 256, 16, 65536, None),
     "protection.pageSize": ("integer", 16, 1, 4096, None),
     "protection.hostMemoryBudget": ("string", "64Gi", None, None, None),
-    "protection.recompute": ("string", "hybrid", None, None, ["hybrid", "always-recompute", "rebuild-only"]),
+    "protection.recompute": ("string", None, None, None, None),  # removed: declared only to be rejected
     "recovery.faultPolicy": ("string", "rank", None, None, ["rank", "group"]),
     "recovery.maxRecoveriesPerHour": ("integer", 6, 0, 1000, None),
     "recovery.backoffSeconds": ("integer", 10, 0, 3600, None),
-    "sidecar.socketDir": ("string", "/run/ghostserve", None, None, None),
-    "sidecar.port": ("integer", 7443, 1, 65535, None),
 }
+REMOVED_GROUPS = {"sidecar"}  # declared (unknown fields kept) only so that a CEL rule rejects them
 STATUS_FIELDS = {
     "phase", "observedGeneration", "conditions", "readyRanks", "totalRanks", "ready", "ranks", "protection",
     "recoveries", "recentRecoveries", "lastRecovery", "recovery", "kopf",
@@ -71,8 +70,40 @@ EXPECTED_REJECTIONS: dict[str, set[tuple[str, str, str]]] = {
     },
     "memory-budget-not-quantity": {("schema", "pattern", "spec.protection.hostMemoryBudget")},
     "unknown-fault-policy": {("schema", "enum", "spec.recovery.faultPolicy")},
-    "sidecar-port-out-of-range": {("schema", "maximum", "spec.sidecar.port")},
     "name-not-dns-label": {("cel", "metadata.name must be a DNS-1035 label of at most 55 characters", "")},
+    "sidecar-socket-dir-from-cr": {
+        (
+            "cel",
+            "spec.sidecar was removed: the sidecar's socket directory and port come from the chart "
+            "(operator flags), never from a GhostServeDeployment",
+            "spec.sidecar",
+        )
+    },
+    "recompute-removed": {
+        (
+            "cel",
+            "protection.recompute was removed: the sidecar's planner chooses rebuild or recompute per "
+            "chunk by cost",
+            "spec.protection.recompute",
+        )
+    },
+    "model-path-dot-dot": {("cel", "model.path must not contain '..' segments", "spec.model.path")},
+    "resources-limits-not-a-map": {("schema", "type", "spec.engine.resources.limits")},
+    "resources-bad-quantity": {("schema", "pattern", "spec.engine.resources.limits.memory")},
+    "env-without-name": {("schema", "required", "spec.engine.env.0")},
+    "env-value-and-value-from": {
+        ("cel", "an env entry takes value or valueFrom, not both", "spec.engine.env.0")
+    },
+    "toleration-seconds-without-no-execute": {
+        ("cel", "tolerationSeconds needs effect NoExecute", "spec.engine.tolerations.0")
+    },
+    "toleration-exists-with-value": {
+        ("cel", "value must be empty when operator is Exists", "spec.engine.tolerations.0")
+    },
+    "toleration-equal-without-key": {
+        ("cel", "operator must be Exists when key is empty", "spec.engine.tolerations.0")
+    },
+    "args-too-many": {("schema", "maxItems", "spec.engine.args")},
 }
 
 
@@ -120,8 +151,12 @@ def test_spec_fields_are_exactly_the_agreed_ones(crd: dict[str, Any]) -> None:
     found = {
         f"{group}.{name}": node
         for group, group_node in spec["properties"].items()
+        if group not in REMOVED_GROUPS
         for name, node in group_node["properties"].items()
     }
+    assert set(spec["properties"]) - REMOVED_GROUPS == {"model", "engine", "protection", "recovery"}
+    for group in REMOVED_GROUPS:
+        assert "properties" not in spec["properties"][group]
     assert sorted(found) == sorted(AGREED)
     for path, (type_, default, minimum, maximum, enum) in AGREED.items():
         node = found[path]
@@ -136,7 +171,7 @@ def test_spec_fields_are_exactly_the_agreed_ones(crd: dict[str, Any]) -> None:
 def _walk(node: dict[str, Any], path: str) -> list[str]:
     """Paths of schema nodes that break the structural rules: a type everywhere, no empty objects that
     neither list properties nor keep unknown fields."""
-    bad = [] if "type" in node else [path]
+    bad = [] if "type" in node or node.get("x-kubernetes-int-or-string") else [path]
     if node.get("type") == "object" and not (
         "properties" in node
         or "additionalProperties" in node
@@ -200,10 +235,9 @@ def test_minimal_spec_gets_every_default(validator: crd_validator.CRDValidator) 
         "engine": {"kind": "sglang", "image": "i", "tensorParallel": 2, "replicas": 1, "gpusPerRank": 1},
         "protection": {
             "enabled": True, "code": "xor", "parityShards": 1, "chunkTokens": 256, "pageSize": 16,
-            "hostMemoryBudget": "64Gi", "recompute": "hybrid",
+            "hostMemoryBudget": "64Gi",
         },
         "recovery": {"faultPolicy": "rank", "maxRecoveriesPerHour": 6, "backoffSeconds": 10},
-        "sidecar": {"socketDir": "/run/ghostserve", "port": 7443},
     }  # fmt: skip
     assert "protection" not in minimal["spec"]  # defaulting worked on a copy
 

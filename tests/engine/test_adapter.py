@@ -15,6 +15,8 @@ from ghostserve.kernels import layout as layout_mod
 from ghostserve.sidecar import client as client_mod
 from ghostserve.sidecar import pools
 from ghostserve.v1 import sidecar_pb2 as pb
+from ghostserve.wire import layout as wire_layout
+from ghostserve.wire import protection as wire_protection
 
 LAYOUT = layout_mod.KVLayout(layers=2, kv_heads=1, head_dim=8, dtype="float32", page_size=4, pool_slots=64)
 PROT = adapter.Protection("xor", chunk_tokens=4)
@@ -120,12 +122,12 @@ def test_pool_replaced_after_restart_is_reported(sidecar, no_shm_leak):
 
 def test_protection_and_layout_conversion():
     assert adapter.Protection("rdp").m == 2 and adapter.Protection("rs", 3).m == 3
-    assert adapter.Protection("xor").to_proto().code == pb.XOR
+    assert wire_protection.protection_to(adapter.Protection("xor")).code == pb.XOR
     with pytest.raises(ValueError):
         adapter.Protection("raid6")
     with pytest.raises(ValueError):
         adapter.Protection("xor", chunk_tokens=0)
-    proto = adapter.layout_to_proto(LAYOUT)
+    proto = wire_layout.layout_to(LAYOUT)
     assert (proto.layers, proto.kv_heads, proto.head_dim, proto.dtype, proto.pool_slots) == (
         2,
         1,

@@ -59,7 +59,7 @@ def test_wheel_ships_every_package_and_kernel_source(repo_root: pathlib.Path, tm
     )  # fmt: skip
     (wheel,) = tmp_path.glob("ghostserve-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    roots = ["kernels", "protos", "sidecar", "engine", "operator", "cli"]
+    roots = ["kernels", "protos", "wire", "sidecar", "engine", "operator", "cli", "cluster", "gateway"]
     for root in roots:
         for init in (repo_root / root).rglob("__init__.py"):
             rel = init.relative_to(repo_root / root).as_posix()

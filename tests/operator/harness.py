@@ -27,10 +27,9 @@ from typing import Any
 
 import grpc.aio
 import kmock
+from ghostserve.cluster import apiserver as kmock_ext
 from ghostserve.v1 import sidecar_pb2, sidecar_pb2_grpc
 from kmock._internal import apps
-
-from tests.operator import kmock_ext
 
 PODS = kmock_ext.resource("v1/pods")
 NODES = kmock_ext.resource("v1/nodes")

@@ -26,7 +26,7 @@ def put(s: store.ParityStore, o: Owners, owner: str, key: int, nbytes: int = 100
 
 def test_short_requests_are_evicted_first_and_reported() -> None:
     s = store.ParityStore(400)
-    o = Owners({"long": 4000, "short": 300, "mid": 1000, "new": 100})
+    o = Owners({"long": 4000, "short": 300, "mid": 1000, "new": 2000})
     for owner, n in (("long", 2), ("short", 1), ("mid", 1)):
         for k in range(n):
             put(s, o, owner, k)
@@ -37,6 +37,45 @@ def test_short_requests_are_evicted_first_and_reported() -> None:
     assert o.evicted == [("short", [0]), ("mid", [0])]
     assert s.evictions == 2 and s.held_bytes == 400
     assert s.get("long", 0) is not None and s.get("short", 0) is None
+
+
+def test_a_new_chunk_of_a_cheaper_request_evicts_nothing() -> None:
+    """The documented policy weighs the asking request too (issue 13: a 64-token request evicted a
+    1024-token one). Fails before the fix: the long request's parity was evicted."""
+    s = store.ParityStore(200)
+    o = Owners({"long": 1024, "short": 64})
+    put(s, o, "long", 0)
+    put(s, o, "long", 1)
+    with pytest.raises(errors.ResourceExhausted, match="saves less recompute"):
+        s.reserve("short", 0, 100, tokens_of=o.tokens_of, on_evict=o.on_evict)
+    assert o.evicted == [] and s.get("long", 0) is not None and s.get("long", 1) is not None
+    assert s.get("short", 0) is None and s.held_bytes == 200
+
+
+def test_ledger_memory_counts_in_the_budget_and_evicts_parity() -> None:
+    s = store.ParityStore(300)
+    o = Owners({"a": 10, "b": 5000})
+    put(s, o, "a", 0)
+    put(s, o, "b", 0)
+    s.charge(150, tokens_of=o.tokens_of, on_evict=o.on_evict)
+    assert o.evicted == [("a", [0])] and s.used_bytes() <= 300
+    with pytest.raises(errors.ResourceExhausted, match="budget full"):
+        s.charge(500, tokens_of=o.tokens_of, on_evict=o.on_evict)
+    assert s.meta_bytes == 150
+    s.uncharge(150)
+    assert s.meta_bytes == 0
+
+
+def test_pinned_parity_is_neither_evicted_nor_recycled() -> None:
+    s = store.ParityStore(200)
+    o = Owners({"a": 10, "b": 5000})
+    pinned = put(s, o, "a", 0)
+    pinned.pins += 1
+    put(s, o, "b", 0)
+    put(s, o, "b", 1)  # room only by evicting: "a" (cheapest) is pinned, so b's own older chunk goes
+    assert o.evicted == [("b", [0])] and s.get("a", 0) is pinned
+    s.release("a")
+    assert all(pinned.buf is not b for bufs in s._free.values() for b in bufs)
 
 
 def test_reserved_items_are_never_evicted_and_full_budget_raises() -> None:

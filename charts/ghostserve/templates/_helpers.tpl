@@ -4,18 +4,28 @@
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
-{{/* Object-name prefix: the release name, plus the chart name unless the release already has it. */}}
+{{/*
+Object-name prefix: the release name, plus the chart name unless the release already has it.
+At most 45 characters, so that the longest derived name, "<prefix>-operator-metrics" (17 more), stays
+within the 63 of a DNS label for every release name Helm accepts (53 characters).
+*/}}
 {{- define "ghostserve.fullname" -}}
+{{- $full := "" -}}
 {{- if .Values.fullnameOverride -}}
-{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- $full = .Values.fullnameOverride -}}
 {{- else -}}
 {{- $name := include "ghostserve.name" . -}}
 {{- if contains $name .Release.Name -}}
-{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- $full = .Release.Name -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- $full = printf "%s-%s" .Release.Name $name -}}
 {{- end -}}
 {{- end -}}
+{{- $full = $full | trunc 45 | trimSuffix "-" -}}
+{{- if not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" $full) -}}
+{{- fail (printf "object-name prefix %q (from the release name or fullnameOverride) must start with a lowercase letter and hold only a-z, 0-9 and '-': Services need DNS-1035 labels" $full) -}}
+{{- end -}}
+{{- $full -}}
 {{- end -}}
 
 {{- define "ghostserve.operatorName" -}}
@@ -24,6 +34,41 @@
 
 {{- define "ghostserve.sidecarName" -}}
 {{- printf "%s-sidecar" (include "ghostserve.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "ghostserve.leaseName" -}}
+{{- printf "%s-leader" (include "ghostserve.fullname" .) -}}
+{{- end -}}
+
+{{/*
+Values the schema cannot check: ports that would clash inside one pod (or on the node, for the
+sidecar's hostPort), and memory sizes that would overflow. Included by every workload template.
+*/}}
+{{- define "ghostserve.validate" -}}
+{{- if eq (int .Values.operator.healthPort) (int .Values.operator.metricsPort) -}}
+{{- fail (printf "operator.healthPort and operator.metricsPort are both %d: the operator pod needs two ports" (int .Values.operator.healthPort)) -}}
+{{- end -}}
+{{- if eq (int .Values.sidecar.port) (int .Values.sidecar.metricsPort) -}}
+{{- fail (printf "sidecar.port and sidecar.metricsPort are both %d: the sidecar pod needs two ports" (int .Values.sidecar.port)) -}}
+{{- end -}}
+{{- $budget := include "ghostserve.quantityMi" .Values.sidecar.hostMemoryBudget | atoi -}}
+{{- $overhead := include "ghostserve.quantityMi" .Values.sidecar.memoryOverhead | atoi -}}
+{{- range $key, $dir := dict "sidecar.socketDir" .Values.sidecar.socketDir "sidecar.shmDir" .Values.sidecar.shmDir -}}
+{{- if or (eq $dir "/") (regexMatch "(^|/)[.][.]?(/|$)" $dir) (hasSuffix "/" $dir) -}}
+{{- fail (printf "%s %q: give a dedicated absolute directory (not /, no . or .. segments, no trailing /); rank pods mount it" $key $dir) -}}
+{{- end -}}
+{{- end -}}
+{{- if and (gt (int .Values.operator.replicas) 1) (not .Values.operator.leaderElection.enabled) -}}
+{{- fail "operator.replicas > 1 needs operator.leaderElection.enabled: two operators without a leader would both act on every fault" -}}
+{{- end -}}
+{{- with .Values.operator.leaderElection -}}
+{{- if not (and (lt (int .retrySeconds) (int .renewDeadlineSeconds)) (lt (int .renewDeadlineSeconds) (int .leaseSeconds))) -}}
+{{- fail (printf "operator.leaderElection needs retrySeconds < renewDeadlineSeconds < leaseSeconds, got %d, %d, %d" (int .retrySeconds) (int .renewDeadlineSeconds) (int .leaseSeconds)) -}}
+{{- end -}}
+{{- end -}}
+{{- if gt (add $budget $overhead) 67108864 -}}
+{{- fail (printf "sidecar.hostMemoryBudget + sidecar.memoryOverhead = %dMi is above 64Ti: no node has that much memory (a typo?)" (add $budget $overhead)) -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "ghostserve.labels" -}}
@@ -55,8 +100,8 @@ sidecar's memory limit is exact; anything else fails the render with a clear mes
 */}}
 {{- define "ghostserve.quantityMi" -}}
 {{- $q := toString . -}}
-{{- if not (regexMatch "^[0-9]+(Ki|Mi|Gi|Ti)$" $q) -}}
-{{- fail (printf "memory quantity %q: use a whole number with a Ki, Mi, Gi or Ti suffix" $q) -}}
+{{- if not (regexMatch "^[0-9]{1,9}(Ki|Mi|Gi|Ti)$" $q) -}}
+{{- fail (printf "memory quantity %q: use a whole number of at most 9 digits with a Ki, Mi, Gi or Ti suffix" $q) -}}
 {{- end -}}
 {{- $n := regexFind "^[0-9]+" $q | atoi -}}
 {{- $unit := regexFind "(Ki|Mi|Gi|Ti)$" $q -}}

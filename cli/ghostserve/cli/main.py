@@ -13,6 +13,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "codec-demo": ("ghostserve.kernels.demo", "encode KV-shaped tensors, destroy shards, rebuild them"),
     "sidecar": ("ghostserve.sidecar.server", "run the node-local sidecar (gRPC)"),
     "operator": ("ghostserve.operator.main", "run the Kubernetes operator (kopf)"),
+    "cluster": ("ghostserve.cluster.main", "run the embedded cluster: API, GPU nodes, sidecars, operator"),
+    "gateway": ("ghostserve.gateway.server", "resume gateway: keeps client streams alive across a backend failure"),
+    "serve": ("ghostserve.engine.reference.serve", "serve the reference engine over HTTP (sglang-style)"),
 }
 
 

@@ -14,15 +14,16 @@ from typing import Protocol
 import grpc
 import numpy as np
 from ghostserve.kernels import layout as layout_mod
+from ghostserve.kernels import protection as protection_mod
 from ghostserve.sidecar import client as client_mod
-from ghostserve.sidecar import convert
 from ghostserve.v1 import sidecar_pb2 as pb
+from ghostserve.wire import layout as wire_layout
+from ghostserve.wire import protection as wire_protection
 
 log = logging.getLogger(__name__)
 
-CODES = {"none": pb.NONE, "replicate": pb.REPLICATE, "xor": pb.XOR, "rdp": pb.RDP, "rs": pb.RS}
-# Codes the sidecar needs no parity count for; the others default to their natural M.
-DEFAULT_PARITY = {"none": 0, "replicate": 1, "xor": 1, "rdp": 2, "rs": 2}
+# How a group's KV is protected: defined once in ghostserve.kernels.protection (code, M, T).
+Protection = protection_mod.Protection
 
 
 class AdapterError(RuntimeError):
@@ -32,32 +33,6 @@ class AdapterError(RuntimeError):
 class PoolChangedError(AdapterError):
     """After a sidecar restart the rank's pool is a different segment: its KV is gone (treat as a device
     fault of this rank)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Protection:
-    """How a group's KV is protected: code ("none"|"replicate"|"xor"|"rdp"|"rs"), M and T."""
-
-    code: str = "xor"
-    parity_shards: int | None = None
-    chunk_tokens: int = 256
-
-    def __post_init__(self) -> None:
-        if self.code not in CODES:
-            raise ValueError(f"code must be one of {sorted(CODES)}, got {self.code!r}")
-        if self.chunk_tokens <= 0:
-            raise ValueError(f"chunk_tokens must be > 0, got {self.chunk_tokens}")
-
-    @property
-    def m(self) -> int:
-        return DEFAULT_PARITY[self.code] if self.parity_shards is None else self.parity_shards
-
-    def to_proto(self) -> pb.Protection:
-        return pb.Protection(code=CODES[self.code], parity_shards=self.m, chunk_tokens=self.chunk_tokens)
-
-
-def layout_to_proto(layout: layout_mod.KVLayout) -> pb.KVLayout:
-    return convert.layout_to(layout)
 
 
 class EngineAdapter(Protocol):
@@ -125,8 +100,10 @@ class SidecarSession:
         protection: Protection,
         worker_id: str = "",
         reconnect: Callable[[], client_mod.SidecarClient] | None = None,
+        device_uuid: str = "",
     ) -> None:
         self.client = client
+        self.device_uuid = device_uuid  # the rank's GPU (AttachRequest.device_uuid); "" on CPU
         # After UNAVAILABLE the session swaps in a client from ``reconnect``: a fresh channel dials at
         # once, where the old one would wait out gRPC's reconnect backoff (seconds) after a restart.
         self._reconnect = reconnect
@@ -139,6 +116,7 @@ class SidecarSession:
         self.worker_id = worker_id
         self.commits_sent = 0
         self.commits_failed = 0
+        self.commits_unprotected = 0  # accepted but not protected (parity budget full)
         self.reattaches = 0
         self.pool: pb.PoolHandle | None = None
 
@@ -149,9 +127,10 @@ class SidecarSession:
                 group=self.group,
                 rank=self.rank,
                 world_size=self.world_size,
-                layout=layout_to_proto(self.layout),
-                protection=self.protection.to_proto(),
+                layout=wire_layout.layout_to(self.layout),
+                protection=wire_protection.protection_to(self.protection),
                 worker_id=self.worker_id,
+                device_uuid=self.device_uuid,
             )
         except grpc.RpcError as exc:
             raise AdapterError(
@@ -169,9 +148,10 @@ class SidecarSession:
             group=self.group,
             rank=self.rank,
             world_size=self.world_size,
-            layout=layout_to_proto(self.layout),
-            protection=self.protection.to_proto(),
+            layout=wire_layout.layout_to(self.layout),
+            protection=wire_protection.protection_to(self.protection),
             worker_id=self.worker_id,
+            device_uuid=self.device_uuid,
         )
         self.reattaches += 1
         self.pool = reply.pool
@@ -210,6 +190,11 @@ class SidecarSession:
                 self._reattach()
                 self.client.commit_chunk(msg)
         except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                # The sidecar recorded the chunk as committed but holds no parity for it (budget full,
+                # nothing evictable): serving goes on, the chunk is recomputed after a device fault.
+                self.commits_unprotected += 1
+                return False
             if _transient(exc):
                 self.commits_failed += 1
                 log.warning("chunk %d of %s left unprotected: %s", chunk_index, request_id, exc.code())

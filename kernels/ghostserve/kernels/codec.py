@@ -13,13 +13,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ghostserve.kernels import backend as backend_mod
-from ghostserve.kernels import codes, errors
+from ghostserve.kernels import codes, errors, protection
 from ghostserve.kernels import layout as kvlayout
 
-CODES = ("xor", "rdp", "rs")
+CODES = protection.ERASURE_CODES
 BACKENDS = ("cpu", "numpy", "torch", "cuda")
-_FIXED_PARITY = {"xor": 1, "rdp": 2}
-MAX_RS_PARITY = 8
 
 
 def make_backend(name: str) -> backend_mod.Backend:
@@ -49,16 +47,10 @@ def _check_counts(code: str, n_data: int, n_parity: int | None) -> int:
         raise errors.CodecError(f"unknown code {code!r}; choose one of {', '.join(CODES)}")
     if not isinstance(n_data, int) or isinstance(n_data, bool) or n_data < 1:
         raise errors.ShardCountError(f"n_data must be an int >= 1, got {n_data!r}")
-    if code in _FIXED_PARITY:
-        fixed = _FIXED_PARITY[code]
-        if n_parity not in (None, fixed):
-            raise errors.ShardCountError(
-                f"{code} has exactly {fixed} parity shard(s), got n_parity={n_parity}"
-            )
-        return fixed
-    m = 2 if n_parity is None else n_parity
-    if not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= MAX_RS_PARITY:
-        raise errors.ShardCountError(f"rs needs 1 <= n_parity <= {MAX_RS_PARITY}, got {n_parity!r}")
+    try:
+        m = protection.resolve_parity(code, n_parity)
+    except protection.ProtectionError as exc:
+        raise errors.ShardCountError(str(exc)) from exc
     if n_data + m > 255:
         raise errors.ShardCountError(f"rs over GF(2^8) needs n_data + n_parity <= 255, got {n_data + m}")
     return m

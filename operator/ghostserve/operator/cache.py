@@ -10,30 +10,25 @@ import collections
 from collections.abc import Mapping
 from typing import Any
 
-from ghostserve.operator import faults, specs
+from ghostserve.operator import faults, pods
 
 Key = tuple[str, str]  # (namespace, deployment name)
 
 
 class ClusterView:
     def __init__(self) -> None:
-        self._pods: dict[Key, dict[tuple[int, int], dict[str, Any]]] = collections.defaultdict(dict)
+        self._pods: dict[Key, dict[int, dict[str, Any]]] = collections.defaultdict(dict)
         self._nodes: dict[str, dict[str, Any]] = {}
         self._gpu_faults: dict[str, dict[str, faults.Fault]] = collections.defaultdict(dict)
         self._deleted_nodes: set[str] = set()
+        self._bad: dict[str, set[str]] = collections.defaultdict(set)  # node -> GPUs faulty since
 
     @staticmethod
-    def pod_key(pod: Mapping[str, Any]) -> tuple[Key, tuple[int, int]] | None:
-        meta = pod.get("metadata") or {}
-        labels = meta.get("labels") or {}
-        try:
-            slot = (int(labels[specs.GROUP_LABEL]), int(labels[specs.RANK_LABEL]))
-            return (meta["namespace"], labels[specs.DEPLOYMENT_LABEL]), slot
-        except (KeyError, ValueError):
-            return None
+    def pod_key(pod: Mapping[str, Any]) -> tuple[Key, int] | None:
+        return pods.replica_of(pod)
 
     def put_pod(self, pod: Mapping[str, Any]) -> Key | None:
-        """Record the latest state of a rank pod; returns its deployment key (None if not a rank pod)."""
+        """Record the latest state of a replica pod; returns its deployment key (None for other pods)."""
         found = self.pod_key(pod)
         if found is None:
             return None
@@ -52,8 +47,16 @@ class ClusterView:
             del self._pods[key][slot]
         return key
 
-    def pods(self, key: Key) -> dict[tuple[int, int], dict[str, Any]]:
+    def pods(self, key: Key) -> dict[int, dict[str, Any]]:
+        """Replica -> its pod, for one deployment."""
         return dict(self._pods.get(key, {}))
+
+    def all_pods(self) -> list[dict[str, Any]]:
+        """Every replica pod of every deployment (GPU accounting for placement)."""
+        return [p for found in self._pods.values() for p in found.values()]
+
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        return dict(self._nodes)
 
     def forget(self, key: Key) -> None:
         self._pods.pop(key, None)
@@ -82,8 +85,23 @@ class ClusterView:
     def put_gpu_fault(self, fault: faults.Fault) -> None:
         if fault.node is not None and fault.gpu is not None:
             self._gpu_faults[fault.node][fault.gpu] = fault
+            self._bad[fault.node].add(fault.gpu)
+
+    def gpu_healthy(self, node: str, gpu: str | None) -> None:
+        """The sidecar reported the GPU (None: every GPU of the node) healthy again."""
+        self.clear_gpu(node, gpu)
+        if gpu is None:
+            self._bad.pop(node, None)
+        else:
+            self._bad.get(node, set()).discard(gpu)
+
+    def bad_gpus(self) -> dict[str, int]:
+        """GPUs per node that had a fatal fault and were not reported healthy since (placement counts
+        them out even before the device plugin lowers the node's allocatable)."""
+        return {node: len(found) for node, found in self._bad.items() if found}
 
     def clear_gpu(self, node: str, gpu: str | None) -> None:
+        """The fault was acted on: it no longer triggers a recovery (it still counts in bad_gpus)."""
         if gpu is None:
             self._gpu_faults.pop(node, None)
         else:

@@ -1,22 +1,25 @@
-"""Classify fault signals of a rank into process | device | node (DESIGN §1, §4.4).
+"""Classify fault signals of a replica into process | device | node (docs/operator.md, "Detection").
 
 Pure functions over the raw dicts of pods, nodes and sidecar health events. What each kind means
 for the KV cache (and so for remediation):
 
-- process: the worker died but the node and GPU are fine; the KV pools are in the sidecar's custody,
+- process: the engine died but the node and GPUs are fine; the KV pools are in the sidecar's custody,
   nothing is lost (restart in place, 0 bytes rebuilt);
-- device: the rank's GPU can no longer be trusted; its KV is lost and is rebuilt from survivors +
-  parity (the node and its sidecar still work);
-- node: the node is gone or being drained; the rank must run elsewhere and its KV is recomputed.
+- device: ONE GPU, so one rank of one replica, can no longer be trusted; that rank's KV is lost and is
+  rebuilt from survivors + parity (the node and its sidecar still work);
+- node: the node is gone, drained or cordoned; the replica must run elsewhere; its KV moves with it
+  while the node's sidecar answers, else it is recomputed.
+
+A GPU signal names a GPU (UUID); it hits the rank that attached with that UUID and nothing else. A
+signal that names no GPU, or a GPU no rank holds, is reported and ignored: never guessed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
-
-from ghostserve.operator import specs
 
 PROCESS, DEVICE, NODE = "process", "device", "node"
 _SEVERITY = {PROCESS: 1, DEVICE: 2, NODE: 3}
@@ -37,6 +40,8 @@ DEFAULT_GPU_CONDITIONS = frozenset(
 )
 # HealthKind names (ghostserve.v1) that can mean a lost GPU, with their Event reasons.
 _FATAL_HEALTH_REASONS = {"XID": "Xid", "ECC_DOUBLE_BIT": "EccDoubleBit", "GPU_LOST": "GpuLost"}
+# NVIDIA GPU UUIDs as NVML, the device plugin and node-problem detectors print them.
+_GPU_UUID = re.compile(r"GPU-[0-9A-Za-z][0-9A-Za-z-]{3,63}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +52,11 @@ class Fault:
     reason: str  # CamelCase, used as the Event reason
     message: str
     node: str | None = None
-    gpu: str | None = None  # UUID (else index) of the bad GPU when the signal names one
+    gpu: str | None = None  # UUID of the bad GPU when the signal names one
     gpu_index: str | None = None  # its index on the node, when known
-    node_wide: bool = False  # every rank on `node` is affected
+    node_wide: bool = False  # the whole node is affected (node faults)
+    group: str | None = None  # sidecar group holding `gpu` (the sidecar's attribution), when known
+    rank: int | None = None  # rank of `group` attached with `gpu`
 
 
 def worst(faults: Iterable[Fault | None]) -> Fault | None:
@@ -99,7 +106,8 @@ def classify_pod(pod: Mapping[str, Any], *, known_restarts: int = 0) -> Fault | 
 def classify_node(
     node: Mapping[str, Any], *, gpu_conditions: frozenset[str] = DEFAULT_GPU_CONDITIONS
 ) -> Fault | None:
-    """Fault shown by a node, or None while it can run ranks."""
+    """Node fault shown by a node (NotReady, cordoned), or None while it can run replicas. GPU signals
+    are `node_gpu_faults`: they hit one rank, not the node. (`gpu_conditions` kept for callers.)"""
     name = (node.get("metadata") or {}).get("name")
     status, spec = node.get("status") or {}, node.get("spec") or {}
     conditions = status.get("conditions") or []
@@ -114,38 +122,34 @@ def classify_node(
             )
     if spec.get("unschedulable"):
         return Fault(NODE, "NodeCordoned", "node is cordoned (unschedulable)", node=name, node_wide=True)
-    for taint in spec.get("taints") or []:
+    return None
+
+
+def node_gpu_faults(
+    node: Mapping[str, Any], *, gpu_conditions: frozenset[str] = DEFAULT_GPU_CONDITIONS
+) -> list[Fault]:
+    """Device faults from a node's GPU taints (`nvidia.com/*` NoSchedule/NoExecute) and GPU conditions.
+
+    One fault per GPU UUID the signal names; a signal naming none gives one fault with gpu None, which
+    the caller reports and ignores (it cannot say which rank, and never hits every rank on the node)."""
+    name = (node.get("metadata") or {}).get("name")
+    signals: list[tuple[str, str]] = []
+    for taint in (node.get("spec") or {}).get("taints") or []:
         if str(taint.get("key", "")).startswith("nvidia.com/") and taint.get("effect") in {
             "NoSchedule",
             "NoExecute",
         }:
-            return Fault(
-                DEVICE,
-                "GpuTaint",
-                f"taint {taint['key']}={taint.get('value', '')}:{taint['effect']}",
-                node=name,
-                node_wide=True,
-            )
-    for cond in conditions:
+            signals.append(("GpuTaint", f"taint {taint['key']}={taint.get('value', '')}:{taint['effect']}"))
+    for cond in (node.get("status") or {}).get("conditions") or []:
         if cond.get("type") in gpu_conditions and cond.get("status") == "True":
-            return Fault(
-                DEVICE,
-                "GpuCondition",
-                f"{cond['type']}: {cond.get('message', '')}".strip(),
-                node=name,
-                node_wide=True,
-            )
-    capacity = (status.get("capacity") or {}).get("nvidia.com/gpu")
-    allocatable = (status.get("allocatable") or {}).get("nvidia.com/gpu")
-    if capacity is not None and allocatable is not None and int(allocatable) < int(capacity):
-        return Fault(
-            DEVICE,
-            "GpuAllocatableDropped",
-            f"allocatable nvidia.com/gpu {allocatable} < {capacity}",
-            node=name,
-            node_wide=True,
-        )
-    return None
+            signals.append(("GpuCondition", f"{cond['type']}: {cond.get('message', '')}".strip()))
+    out = []
+    for reason, message in signals:
+        uuids = sorted(set(_GPU_UUID.findall(message)))
+        out += [Fault(DEVICE, reason, message, node=name, gpu=u) for u in uuids] or [
+            Fault(DEVICE, reason, message, node=name)
+        ]
+    return out
 
 
 def classify_health(event: Mapping[str, Any], *, fallback_node: str | None = None) -> Fault | None:
@@ -156,50 +160,66 @@ def classify_health(event: Mapping[str, Any], *, fallback_node: str | None = Non
     if not event.get("fatal") or reason is None:
         return None
     index = str(event.get("gpu_index", 0))
-    gpu = event.get("gpu_uuid") or index
+    gpu = event.get("gpu_uuid") or None
     detail = f" {event['xid']}" if event.get("xid") else ""
+    group = str(event.get("group") or "") or None
     return Fault(
         DEVICE,
         reason,
-        f"GPU {gpu}: {reason}{detail} {event.get('message', '')}".strip(),
+        f"GPU {gpu or 'index ' + index}: {reason}{detail} {event.get('message', '')}".strip(),
         node=event.get("node") or fallback_node,
         gpu=gpu,
         gpu_index=index,
+        group=group,
+        rank=int(event.get("rank") or 0) if group else None,
     )
 
 
-def pod_gpus(pod: Mapping[str, Any]) -> set[str]:
-    """GPUs a rank pod runs on, from the annotation the engine writes (empty when unknown)."""
-    raw = ((pod.get("metadata") or {}).get("annotations") or {}).get(specs.GPU_ANNOTATION, "")
-    return {g.strip() for g in raw.split(",") if g.strip()}
+def attribute(fault: Fault, *, group: str, uuid_ranks: Mapping[str, int]) -> int | None:
+    """The rank of `group` a device fault hits, or None when it is not one of this group's GPUs.
+
+    The sidecar's own attribution (the event's group/rank) comes first; else the GPU UUID is looked up
+    in what the group's ranks attached with (`uuid_ranks`, from DescribeGroup)."""
+    if fault.group is not None:
+        return fault.rank if fault.group == group else None
+    if fault.gpu is not None and fault.gpu in uuid_ranks:
+        return uuid_ranks[fault.gpu]
+    return None
 
 
-def rank_fault(
+def replica_faults(
     pod: Mapping[str, Any] | None,
     node: Mapping[str, Any] | None,
     gpu_faults: Iterable[Fault],
     *,
+    group: str,
+    uuid_ranks: Mapping[str, int],
     known_restarts: int = 0,
     gpu_conditions: frozenset[str] = DEFAULT_GPU_CONDITIONS,
     node_deleted: bool = False,
-) -> Fault | None:
-    """The worst fault of one scheduled rank from every signal: its pod, its node, its node's GPU events.
+) -> list[tuple[int | None, Fault]]:
+    """Every fault of one scheduled replica pod: (None, fault) for the whole replica (its pod or its
+    node), (rank, fault) for a device fault of one rank. Empty while the replica is healthy.
 
-    A GPU event hits the rank when it names one of the rank's GPUs, or when the rank's GPUs are
-    unknown (no annotation): then the conservative answer is that it may be this rank.
-    `node_deleted`: the rank's Node object was seen and then deleted (node removed from the cluster)."""
+    `gpu_faults`: the GPU faults seen on the pod's node (sidecar health stream); node GPU taints and
+    conditions are added here. `node_deleted`: the pod's Node was seen and then deleted."""
     if pod is None or not (pod.get("spec") or {}).get("nodeName"):
-        return None
-    gpus = pod_gpus(pod)
+        return []
     node_name = pod["spec"]["nodeName"]
-    candidates: list[Fault | None] = [classify_pod(pod, known_restarts=known_restarts)]
+    out: list[tuple[int | None, Fault]] = []
+    whole = [classify_pod(pod, known_restarts=known_restarts)]
     if node_deleted:
-        candidates.append(
-            Fault(NODE, "NodeDeleted", f"node {node_name} was removed", node=node_name, node_wide=True)
-        )
+        gone = f"node {node_name} was removed"
+        whole.append(Fault(NODE, "NodeDeleted", gone, node=node_name, node_wide=True))
+    signals = list(gpu_faults)
     if node is not None:
-        candidates.append(classify_node(node, gpu_conditions=gpu_conditions))
-    for fault in gpu_faults:
-        if fault.gpu is None or not gpus or fault.gpu in gpus or fault.gpu_index in gpus:
-            candidates.append(fault)
-    return worst(candidates)
+        whole.append(classify_node(node, gpu_conditions=gpu_conditions))
+        signals += node_gpu_faults(node, gpu_conditions=gpu_conditions)
+    out += [(None, f) for f in whole if f is not None]
+    seen: set[int] = set()
+    for fault in signals:
+        rank = attribute(fault, group=group, uuid_ranks=uuid_ranks)
+        if rank is not None and rank not in seen:
+            seen.add(rank)
+            out.append((rank, fault))
+    return out

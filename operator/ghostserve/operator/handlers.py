@@ -9,13 +9,77 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
-from ghostserve.operator import kube, reconcile, runtime, sidecars, specs
+from ghostserve.operator import (
+    backoff,
+    conditions,
+    kube,
+    metrics,
+    podpolicy,
+    pods,
+    reconcile,
+    runtime,
+    sidecars,
+    specs,
+)
 
 CR = (specs.GROUP, specs.VERSION, specs.PLURAL)
 RANK_PODS = {specs.APP_LABEL: specs.APP_VALUE}
+IN_FLIGHT_KEY = "in_flight"  # memo: deployment key -> a recovery is recorded in its status
+POD_NODES_KEY = "pod_nodes"  # memo: (namespace, pod) -> node name ("" while unscheduled)
+DEFAULT_SIDECAR_PORT = 7443  # only fills {port} of a template main.config_from did not fill
+
+
+def _owned_by_deployment(pod: Mapping[str, Any]) -> bool:
+    """A pod is ours only when its controller is the GhostServeDeployment its label names: a look-alike
+    pod with our labels is neither adopted, rolled nor deleted."""
+    meta = pod.get("metadata") or {}
+    name = (meta.get("labels") or {}).get(specs.DEPLOYMENT_LABEL)
+    return any(
+        ref.get("controller")
+        and ref.get("kind") == specs.KIND
+        and str(ref.get("apiVersion", "")).startswith(f"{specs.GROUP}/")
+        and ref.get("name") == name
+        for ref in meta.get("ownerReferences") or []
+    )
+
+
+def _node_gone(
+    rt: runtime.Runtime, pod_nodes: Mapping[tuple[str, str], str], namespace: str, name: str
+) -> bool:
+    """Grace 0 is safe only when no kubelet can still run the container: never bound, or node deleted."""
+    node = pod_nodes.get((namespace, name))
+    return node == "" or (node is not None and rt.view.node_deleted(node))
+
+
+async def report(
+    rt: runtime.Runtime, body: kopf.Body, reason: str, message: str, generation: int | None = None
+) -> None:
+    """A Warning Event and Ready=False with the API's message (best effort: the API may be the problem)."""
+    kopf.warn(body, reason=reason, message=message[:1000])
+    meta = body.get("metadata") or {}
+    ready_false = conditions.with_ready_false(
+        (body.get("status") or {}).get("conditions") or [],
+        reason=reason,
+        message=message,
+        generation=generation if generation is not None else meta.get("generation"),
+        now=reconcile.now_iso(),
+    )
+    with contextlib.suppress(Exception):
+        await rt.kube.patch_status(str(meta["namespace"]), str(meta["name"]), {"conditions": ready_false})
+
+
+def failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, kube.NotOwned):
+        return "NotOwned"
+    if isinstance(exc, podpolicy.PolicyError):
+        return "PodPolicy"
+    if isinstance(exc, kube.KubeError) and 400 <= exc.status < 500 and exc.status != 409:
+        return "PodRejected" if exc.status == 422 else f"ApiError{exc.status}"
+    return "ReconcileError"
 
 
 @kopf.on.startup()
@@ -26,7 +90,14 @@ async def start(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     settings.batching.batch_window = 0.02  # fault signals must not wait for a burst to settle
     api = await kube.connect()
     port = sidecars.GrpcSidecars(timeout=config.sidecar_timeout_seconds, tls=config.tls)
-    memo["runtime"] = runtime.Runtime(config, kube.Kube(api), port)
+    rt = runtime.Runtime(config, kube.Kube(api, policy=memo.get("policy")), port)
+    pod_nodes: dict[tuple[str, str], str] = {}
+    rt.kube.node_gone = lambda namespace, name: _node_gone(rt, pod_nodes, namespace, name)
+    in_flight: dict[Any, bool] = {}
+    # The gauge is the number of deployments with a recorded recovery, not a count of starts minus ends
+    # (which a restart in the middle of a recovery leaves at 1 or -1 for good).
+    metrics.IN_FLIGHT.set_function(lambda: sum(in_flight.values()))
+    memo[POD_NODES_KEY], memo[IN_FLIGHT_KEY], memo["runtime"] = pod_nodes, in_flight, rt
 
 
 @kopf.on.cleanup()
@@ -61,7 +132,11 @@ async def reconcile_spec(
     assert namespace is not None  # the resource is namespaced
     service = specs.build_service(namespace, name)
     kopf.adopt(service, owner=body)
-    await rt.kube.create_service(namespace, service)
+    try:
+        await rt.kube.create_service(namespace, service)
+    except kube.NotOwned as exc:
+        await report(rt, body, "NotOwned", exc.message)
+        raise kopf.TemporaryError(exc.message, delay=60.0) from exc
     rt.wake((namespace, name))
 
 
@@ -73,14 +148,30 @@ async def control_loop(
     rt: runtime.Runtime = memo["runtime"]
     loop = reconcile.Reconciler(rt, body, logger)
     waker = rt.waker(loop.key)
+    retry = backoff.Backoff(base=1.0, cap=max(rt.config.resync_seconds, 1.0) * 10)
+    reported: tuple[str, str] | None = None
     while not stopped:
         waker.clear()
         try:
             delay = await loop.step()
-        except Exception as exc:  # API 5xx/409, sidecar errors: log, retry soon; the loop must survive
-            logger.warning(f"reconcile failed, retrying: {exc!r}")
-            delay = 1.0
-        timeout = rt.config.resync_seconds if delay is None else min(delay, rt.config.resync_seconds)
+        except Exception as exc:  # API errors, rejected pods, sidecar errors: report, back off; never die
+            wait = retry.fail()
+            reason, message = failure_reason(exc), str(exc)
+            logger.warning(f"reconcile failed ({reason}), retrying in {wait:.1f}s: {exc!r}")
+            if (reason, message) != reported:  # one Event per distinct failure, not one per retry
+                await report(rt, body, reason, message)
+                reported = (reason, message)
+            delay = wait
+        else:
+            if reported is not None:
+                loop.published = {}  # the next pass rewrites the conditions the failure report replaced
+                reported = None
+            retry.succeed()
+        memo[IN_FLIGHT_KEY][loop.key] = bool(getattr(loop, "status", {}).get("inFlight"))
+        if delay is not None and retry.failures:
+            timeout = delay  # a backoff may exceed the resync period
+        else:
+            timeout = rt.config.resync_seconds if delay is None else min(delay, rt.config.resync_seconds)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(waker.wait(), timeout=timeout)
 
@@ -89,7 +180,7 @@ async def control_loop(
 async def release(
     name: str,
     namespace: str | None,
-    spec: kopf.Spec,
+    body: kopf.Body,
     status: kopf.Status,
     memo: Any,
     logger: kopf.Logger,
@@ -99,19 +190,21 @@ async def release(
     rt: runtime.Runtime = memo["runtime"]
     assert namespace is not None  # the resource is namespaced
     key = (namespace, name)
-    nodes: dict[int, set[str]] = {}
-    for (group, _rank), pod in rt.view.pods(key).items():
-        nodes.setdefault(group, set()).add((pod.get("spec") or {}).get("nodeName") or "")
-        await rt.kube.delete_pod(namespace, pod["metadata"]["name"])
+    memo[IN_FLIGHT_KEY].pop(key, None)
+    nodes: dict[int, set[str]] = {}  # replica -> nodes whose sidecar may hold its group
+    for replica, pod in rt.view.pods(key).items():
+        nodes.setdefault(replica, set()).add((pod.get("spec") or {}).get("nodeName") or "")
+        await rt.kube.delete_pod(namespace, pod["metadata"]["name"], uid=pod["metadata"].get("uid"))
     for row in status.get("ranks") or []:
         nodes.setdefault(int(row["group"]), set()).add(row.get("node") or "")
-    await rt.kube.delete_service(namespace, name)
-    port = int((spec.get("sidecar") or {}).get("port", 7443))
-    for group, on in sorted(nodes.items()):
+    # Only the Service this deployment created (a pre-existing one of the same name is left alone).
+    await rt.kube.delete_service(namespace, name, owner_uid=(body.get("metadata") or {}).get("uid"))
+    for replica, on in sorted(nodes.items()):
         for node in sorted(n for n in on if n):
             try:
+                # The port is fixed into the address template from the chart (main.config_from).
                 await rt.sidecars.delete_group(
-                    rt.sidecar_address(node, port), specs.sidecar_group_id(namespace, name, group)
+                    rt.sidecar_address(node, DEFAULT_SIDECAR_PORT), pods.sidecar_group_id(namespace, name, replica)
                 )
             except Exception as exc:
                 raise kopf.TemporaryError(f"DeleteGroup on {node}: {exc}", delay=2.0) from exc
@@ -123,7 +216,16 @@ async def release(
 def pod_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
     rt: runtime.Runtime = memo["runtime"]
     pod = event["object"]
-    key = rt.view.drop_pod(pod) if event["type"] == "DELETED" else rt.view.put_pod(pod)
+    if not _owned_by_deployment(pod):
+        return
+    meta = pod.get("metadata") or {}
+    where = (str(meta.get("namespace")), str(meta.get("name")))
+    if event["type"] == "DELETED":
+        memo[POD_NODES_KEY].pop(where, None)
+        key = rt.view.drop_pod(pod)
+    else:
+        memo[POD_NODES_KEY][where] = (pod.get("spec") or {}).get("nodeName") or ""
+        key = rt.view.put_pod(pod)
     rt.wake(key)
 
 

@@ -1,22 +1,44 @@
-"""The operator's only Kubernetes writer besides kopf itself: pods, Services, CR status.
+"""The operator's only Kubernetes writer besides kopf itself: pods, Services, CR status, its Lease.
 
 Thin async wrappers over kubernetes_asyncio's ApiClient that send plain dicts and read plain JSON
-(no model (de)serialisation: it costs more than the request at hundreds of pods). Idempotency
-is decided here once: creating what exists and deleting what is gone both count as success.
+(no model (de)serialisation: it costs more than the request at hundreds of pods). Idempotency and
+ownership are decided here once: creating what exists counts as success only when the existing
+object belongs to the same owner (else NotOwned), deleting what is gone counts as success, and an
+object the deployment did not create is never deleted. Every pod passes `podpolicy.enforce` first.
+`CALLS` lists every (API group, resource, verb) used here; the chart's RBAC grants exactly these plus
+kopf's own (tests/operator/test_opsec_rbac.py compares them).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import kubernetes_asyncio.client as k8s_client
 import kubernetes_asyncio.config as k8s_config
-from ghostserve.operator import specs
+from ghostserve.operator import podpolicy, specs
 from kubernetes_asyncio.client.exceptions import ApiException
 
 MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+LEASES = "coordination.k8s.io"
+
+# (API group, resource, verb) of every call below: the RBAC contract of the application code.
+CALLS = frozenset(
+    {
+        ("", "pods", "create"),
+        ("", "pods", "get"),
+        ("", "pods", "delete"),
+        ("", "services", "create"),
+        ("", "services", "get"),
+        ("", "services", "delete"),
+        (specs.GROUP, f"{specs.PLURAL}/status", "patch"),
+        (LEASES, "leases", "get"),
+        (LEASES, "leases", "create"),
+        (LEASES, "leases", "patch"),
+    }
+)
 
 
 class KubeError(RuntimeError):
@@ -25,6 +47,41 @@ class KubeError(RuntimeError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
+        self.message = message
+
+
+class NotOwned(KubeError):
+    """An object of the name the deployment needs exists and belongs to someone else: left alone."""
+
+    def __init__(self, kind: str, namespace: str, name: str) -> None:
+        super().__init__(
+            409,
+            f"{kind} {namespace}/{name} already exists and was not created by this deployment "
+            "(no matching ownerReference); it is left alone: delete or rename it",
+        )
+        self.kind = kind
+
+
+def _api_message(raw: bytes) -> str:
+    """The API server's Status message (what `kubectl` would print), else the raw body."""
+    text = raw.decode(errors="replace")
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return text[:1000]
+    message = parsed.get("message") if isinstance(parsed, dict) else None
+    return str(message or text)[:1000]
+
+
+def owner_uids(obj: Mapping[str, Any] | None) -> set[str]:
+    return {str(ref.get("uid")) for ref in ((obj or {}).get("metadata") or {}).get("ownerReferences") or []}
+
+
+def _owner_uid(manifest: Mapping[str, Any]) -> str | None:
+    """The uid of the controller owner the caller put on a manifest (kopf.adopt), if any."""
+    refs = (manifest.get("metadata") or {}).get("ownerReferences") or []
+    uids = [str(r["uid"]) for r in refs if r.get("controller") and r.get("uid")]
+    return uids[0] if uids else None
 
 
 async def connect() -> k8s_client.ApiClient:
@@ -39,8 +96,18 @@ async def connect() -> k8s_client.ApiClient:
 class Kube:
     """Calls used by the operator. Every method raises KubeError on unexpected HTTP statuses."""
 
-    def __init__(self, api: k8s_client.ApiClient) -> None:
+    def __init__(
+        self,
+        api: k8s_client.ApiClient,
+        *,
+        policy: podpolicy.Policy | None = None,
+        node_gone: Callable[[str, str], bool] | None = None,
+    ) -> None:
         self._api = api
+        self.policy = policy or podpolicy.Policy()
+        # (namespace, pod) -> True when the pod's node is confirmed gone (or it never had one): only then
+        # is a pod deleted without a grace period. Wired by the handlers to the cluster view.
+        self.node_gone = node_gone or (lambda _namespace, _name: False)
 
     async def close(self) -> None:
         await self._api.close()
@@ -72,27 +139,50 @@ class Kube:
         except ApiException as exc:
             if exc.status in ok:
                 return None
-            raise KubeError(int(exc.status or 0), str(exc.reason)) from exc
+            message = _api_message(exc.body) if exc.body else str(exc.reason)
+            raise KubeError(int(exc.status or 0), message) from exc
         # Without preloading, kubernetes_asyncio does not check the status: every non-2xx is ours to judge.
         if not 200 <= response.status < 300:
             if response.status in ok:
                 return None
-            raise KubeError(int(response.status), raw.decode(errors="replace")[:300])
+            raise KubeError(int(response.status), _api_message(raw))
         parsed: dict[str, Any] = json.loads(raw) if raw else {}
         return parsed
 
-    async def create_pod(self, namespace: str, pod: Mapping[str, Any]) -> bool:
-        """True when created, False when a pod of that name already exists."""
-        return (
-            await self._call("POST", f"/api/v1/namespaces/{namespace}/pods", dict(pod), ok=frozenset({409}))
-            is not None
-        )
+    async def _create_owned(
+        self, kind: str, plural: str, namespace: str, manifest: Mapping[str, Any]
+    ) -> bool:
+        """True when created; False when an object of that name with the same owner exists (an earlier
+        attempt made it); NotOwned when it exists with another owner or none."""
+        base = f"/api/v1/namespaces/{namespace}/{plural}"
+        if await self._call("POST", base, dict(manifest), ok=frozenset({409})) is not None:
+            return True
+        name = manifest["metadata"]["name"]
+        existing = await self._call("GET", f"{base}/{name}", ok=frozenset({404}))
+        if existing is None:
+            raise KubeError(409, f"{kind} {namespace}/{name} is being deleted; retrying")
+        owner = _owner_uid(manifest)
+        if owner is None or owner not in owner_uids(existing):
+            raise NotOwned(kind, namespace, name)
+        return False
 
-    async def delete_pod(self, namespace: str, name: str, *, uid: str | None = None) -> bool:
-        """Delete at once (grace 0: the rank is already dead); only the pod with `uid` when given.
+    async def create_pod(self, namespace: str, pod: Mapping[str, Any]) -> bool:
+        """True when created, False when this owner's pod of that name already exists.
+
+        The pod passes the pod policy first (podpolicy.PolicyError: nothing is sent)."""
+        return await self._create_owned("Pod", "pods", namespace, podpolicy.enforce(pod, self.policy))
+
+    async def delete_pod(
+        self, namespace: str, name: str, *, uid: str | None = None, force: bool = False
+    ) -> bool:
+        """Delete with the pod's grace period; at once (grace 0) only with `force` or when its node is
+        confirmed gone, because a container on a partitioned node may still run and a replacement of
+        the same name must not run beside it. Only the pod with `uid` when given.
 
         False when it is already gone or was replaced (UID precondition failed)."""
-        options: dict[str, Any] = {"gracePeriodSeconds": 0, "propagationPolicy": "Background"}
+        options: dict[str, Any] = {"propagationPolicy": "Background"}
+        if force or self.node_gone(namespace, name):
+            options["gracePeriodSeconds"] = 0
         if uid:
             options["preconditions"] = {"uid": uid}
         return (
@@ -103,18 +193,18 @@ class Kube:
         )
 
     async def create_service(self, namespace: str, service: Mapping[str, Any]) -> bool:
-        return (
-            await self._call(
-                "POST", f"/api/v1/namespaces/{namespace}/services", dict(service), ok=frozenset({409})
-            )
-            is not None
-        )
+        """True when created, False when this owner's Service exists; NotOwned for anyone else's."""
+        return await self._create_owned("Service", "services", namespace, service)
 
-    async def delete_service(self, namespace: str, name: str) -> bool:
-        return (
-            await self._call("DELETE", f"/api/v1/namespaces/{namespace}/services/{name}", ok=frozenset({404}))
-            is not None
-        )
+    async def delete_service(self, namespace: str, name: str, *, owner_uid: str | None = None) -> bool:
+        """Delete the Service only when `owner_uid` owns it (pinned by a UID precondition); a Service
+        someone else created is never touched. False when gone or not ours."""
+        path = f"/api/v1/namespaces/{namespace}/services/{name}"
+        existing = await self._call("GET", path, ok=frozenset({404}))
+        if existing is None or owner_uid is None or owner_uid not in owner_uids(existing):
+            return False
+        options = {"preconditions": {"uid": existing["metadata"]["uid"]}}
+        return await self._call("DELETE", path, options, ok=frozenset({404, 409})) is not None
 
     async def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> bool:
         """Merge-patch the deployment's status subresource; False when the deployment is gone."""
@@ -124,4 +214,33 @@ class Kube:
                 "PATCH", path, {"status": dict(status)}, content_type=MERGE_PATCH, ok=frozenset({404})
             )
             is not None
+        )
+
+    # ---- leader election (ghostserve.operator.leader) -----------------------------------------
+    def _lease_path(self, namespace: str, name: str | None = None) -> str:
+        base = f"/apis/{LEASES}/v1/namespaces/{namespace}/leases"
+        return f"{base}/{name}" if name else base
+
+    async def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self._call("GET", self._lease_path(namespace, name), ok=frozenset({404}))
+
+    async def create_lease(self, namespace: str, lease: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The created Lease, or None when one of that name exists already (someone else was first)."""
+        return await self._call("POST", self._lease_path(namespace), dict(lease), ok=frozenset({409}))
+
+    async def replace_lease_spec(
+        self, namespace: str, name: str, resource_version: str, spec: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        """Set the Lease's spec only if it is still at `resource_version` (a JSON patch whose `test` op
+        fails when anyone wrote it since); None when someone else did."""
+        ops = [
+            {"op": "test", "path": "/metadata/resourceVersion", "value": resource_version},
+            {"op": "replace", "path": "/spec", "value": dict(spec)},
+        ]
+        return await self._call(
+            "PATCH",
+            self._lease_path(namespace, name),
+            ops,
+            content_type=JSON_PATCH,
+            ok=frozenset({409, 422}),
         )

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import os
+import socket
 import threading
+import uuid
 from collections.abc import Sequence
 
 import kopf
 import prometheus_client
-from ghostserve.operator import faults, runtime, sidecars, specs
+from ghostserve.operator import faults, kube, leader, podpolicy, runtime, sidecars, specs
+
+log = logging.getLogger("ghostserve.operator")
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -45,6 +51,26 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default="/dev/shm/ghostserve",
         help="host directory of the sidecar's CPU KV pools, mounted at /dev/shm in rank pods ('' = none)",
     )
+    p.add_argument(
+        "--sidecar-socket-dir",
+        default="/run/ghostserve",
+        help="host directory of the sidecar socket, mounted at /run/ghostserve in rank pods",
+    )
+    p.add_argument(
+        "--sidecar-port", type=int, default=7443, help="every node's sidecar TCP port ({port})"
+    )
+    p.add_argument(
+        "--rank-run-as-user", type=int, default=65532, help="non-root UID of rank pods that set none"
+    )
+    p.add_argument(
+        "--allow-root-ranks", action="store_true", help="let rank pods run as the image's user, root included"
+    )
+    p.add_argument("--leader-elect", action="store_true", help="run kopf only while holding a Lease (HA)")
+    p.add_argument("--leader-namespace", default=os.environ.get("POD_NAMESPACE", "default"))
+    p.add_argument("--leader-lease-name", default="ghostserve-operator")
+    p.add_argument("--leader-lease-seconds", type=float, default=15.0)
+    p.add_argument("--leader-renew-deadline-seconds", type=float, default=10.0)
+    p.add_argument("--leader-retry-seconds", type=float, default=2.0)
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus metrics port (0: off)")
     p.add_argument("--liveness", default=None, help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     p.add_argument("--resync-seconds", type=float, default=30.0)
@@ -58,6 +84,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         p.error("--tls-ca, --tls-cert and --tls-key go together")
     if not args.namespace and not args.all_namespaces:
         p.error("give --namespace NS (repeatable) or --all-namespaces")
+    if not all(d.startswith("/") for d in (args.sidecar_socket_dir, args.sidecar_shm_dir) if d):
+        p.error("--sidecar-socket-dir and --sidecar-shm-dir must be absolute paths")
+    if not 1 <= args.sidecar_port <= 65535:
+        p.error("--sidecar-port must be in [1, 65535]")
+    if args.rank_run_as_user <= 0 and not args.allow_root_ranks:
+        p.error("--rank-run-as-user must be a non-root UID (or pass --allow-root-ranks)")
     return args
 
 
@@ -68,7 +100,8 @@ def config_from(args: argparse.Namespace) -> runtime.Config:
         else None
     )
     return runtime.Config(
-        sidecar_address_template=args.sidecar_address_template,
+        # The port comes from the chart, never from a CR: it is fixed into the template here.
+        sidecar_address_template=args.sidecar_address_template.replace("{port}", str(args.sidecar_port)),
         tls=tls,
         gpu_conditions=frozenset(args.gpu_condition) or faults.DEFAULT_GPU_CONDITIONS,
         resync_seconds=args.resync_seconds,
@@ -79,6 +112,54 @@ def config_from(args: argparse.Namespace) -> runtime.Config:
             shm_dir=args.sidecar_shm_dir or None,
         ),
     )
+
+
+def policy_from(args: argparse.Namespace) -> podpolicy.Policy:
+    return podpolicy.Policy(
+        socket_dir=args.sidecar_socket_dir,
+        shm_dir=args.sidecar_shm_dir or None,
+        run_as_user=args.rank_run_as_user,
+        allow_root=args.allow_root_ranks,
+    )
+
+
+class Campaign:
+    """Leader election in a thread of its own (kopf owns the main thread's event loop): `won` is set
+    once this process holds the Lease; losing it afterwards ends the process at once."""
+
+    def __init__(self, settings: leader.Settings) -> None:
+        self.settings = settings
+        self.won = threading.Event()
+        self.done = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.thread = threading.Thread(target=asyncio.run, args=(self._run(),), name="leader", daemon=True)
+
+    async def _run(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        api = kube.Kube(await kube.connect())
+        elector = leader.Elector(api, self.settings)
+        try:
+            await elector.acquire()
+            self.won.set()
+            holding = asyncio.create_task(elector.hold())
+            stopping = asyncio.create_task(self._stop.wait())
+            await asyncio.wait({holding, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if holding.done():
+                # Another replica may act from now on: stop at once rather than after a graceful shutdown.
+                log.critical("lost the leader lease; exiting so that only the new leader acts")
+                logging.shutdown()
+                os._exit(1)
+            holding.cancel()
+            await elector.release()
+        finally:
+            await api.close()
+            self.done.set()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self.done.wait(timeout=10)
 
 
 def main(argv: Sequence[str], *, stop_flag: threading.Event | None = None) -> int:
@@ -93,12 +174,37 @@ def main(argv: Sequence[str], *, stop_flag: threading.Event | None = None) -> in
     logging.getLogger("ghostserve").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if args.metrics_port:
         prometheus_client.start_http_server(args.metrics_port)
-    kopf.run(
-        clusterwide=args.all_namespaces,
-        namespaces=args.namespace,
-        standalone=True,
-        liveness_endpoint=args.liveness,
-        memo=kopf.Memo(config=config_from(args)),
-        stop_flag=stop_flag,
-    )
+    campaign = None
+    if args.leader_elect:
+        identity = f"{os.environ.get('POD_NAME') or socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+        campaign = Campaign(
+            leader.Settings(
+                namespace=args.leader_namespace,
+                name=args.leader_lease_name,
+                identity=identity,
+                lease=args.leader_lease_seconds,
+                deadline=args.leader_renew_deadline_seconds,
+                retry=args.leader_retry_seconds,
+            )
+        )
+        log.info("leader election: %s waits for lease %s", identity, args.leader_lease_name)
+        campaign.thread.start()
+        while not campaign.won.wait(timeout=0.5):  # a follower stays up (and restartable) until it wins
+            if stop_flag is not None and stop_flag.is_set():
+                campaign.stop()
+                return 0
+    try:
+        kopf.run(
+            clusterwide=args.all_namespaces,
+            namespaces=args.namespace,
+            # One operator at a time is guaranteed by the Lease (or the chart's single replica), not by
+            # kopf's peering, which only pauses a lower-priority operator once it has noticed it.
+            standalone=True,
+            liveness_endpoint=args.liveness,
+            memo=kopf.Memo(config=config_from(args), policy=policy_from(args)),
+            stop_flag=stop_flag,
+        )
+    finally:
+        if campaign is not None:
+            campaign.stop()
     return 0

@@ -1,36 +1,18 @@
-"""Decide what to do about a classified fault, and in which recorded steps (pure).
-
-A recovery is a record kept in the deployment's `status.recovery` (camelCase dict) so that an
-operator restarted half-way finishes it: `plan_recovery` creates the record, `next_step` says
-which step comes after the one recorded.
-"""
+"""Decide what to do about a replica's faults, and the record of the recovery that does it (pure)."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-from ghostserve.operator import faults
+from ghostserve.operator import faults, record
 
-# Actions.
-RESTART_IN_PLACE = "RestartInPlace"  # process fault: same node, pools re-attached, nothing rebuilt
-RESCHEDULE = "Reschedule"  # device/node fault: elsewhere (other GPU or other node)
-RECORD_ONLY = "RecordOnly"  # kubelet already restarted the container in place
 WAIT = "Wait"  # inside the backoff window after the previous recovery
 GIVE_UP = "GiveUp"  # recovery budget for the last hour is spent
-
-# Steps of a recovery, in order. Each is recorded before the next one starts.
-DETECTED = "Detected"
-MARKED_LOST = "MarkedLost"  # device fault: the node's sidecar wiped and invalidated the lost pools
-PODS_DELETED = "PodsDeleted"
-REPLACEMENTS_CREATED = "ReplacementsCreated"
-RUNNING = "ReplacementsRunning"
-REBUILT = "Rebuilt"  # sidecar PlanRecovery + Rebuild done
-DONE = "Done"
-STEPS = (DETECTED, MARKED_LOST, PODS_DELETED, REPLACEMENTS_CREATED, RUNNING, REBUILT, DONE)
-
+RESTART_IN_PLACE, RESCHEDULE, RECORD_ONLY = record.RESTART_IN_PLACE, record.RESCHEDULE, record.RECORD_ONLY
 HOUR = 3600.0
+# Node faults after which the node's sidecar (and the KV it held) is gone: nothing to mark, rebuild or move.
+SOURCE_GONE = frozenset({"NodeNotReady", "NodeDeleted"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +31,7 @@ def decide(
     max_per_hour: int,
     backoff_seconds: float,
 ) -> Decision:
-    """Whether (and how) to recover from `fault` now, given the start times of recent recoveries.
+    """Whether (and how) to recover from `fault` (the replica's worst) now, given recent recoveries.
 
     The hourly budget is checked before the backoff, so an exhausted budget is reported at once."""
     in_last_hour = [t for t in recent_recoveries if now - t < HOUR]
@@ -67,62 +49,46 @@ def decide(
     return Decision(RESCHEDULE)
 
 
-def affected_ranks(failed: Iterable[int], *, policy: str, world_size: int) -> list[int]:
-    """Ranks to replace: the failed ones (policy rank) or the whole group (policy group)."""
-    return list(range(world_size)) if policy == "group" else sorted(set(failed))
-
-
-def plan_recovery(
-    fault: faults.Fault,
+def plan(
+    found: Sequence[tuple[int | None, faults.Fault]],
     decision: Decision,
     *,
-    group: int,
-    ranks: Iterable[int],
-    old_pods: Mapping[int, str],
+    replica: int,
+    old_uid: str,
+    node: str,
     protected: bool,
+    policy: str,
     detected_at: str,
     recovery_id: str,
-) -> dict[str, Any]:
-    """The in-flight record of a new recovery, at step DETECTED.
+) -> record.Recovery:
+    """A new recovery of one replica at step Detected, from every fault it shows.
 
-    `old_pods` maps rank -> UID of the failed pod, so that deletion never removes a replacement
-    created by an earlier attempt. `protected`: the group's KV is erasure coded (rebuild possible)."""
-    device = fault.kind == faults.DEVICE
-    node_level = fault.kind == faults.NODE or (device and fault.node_wide)
-    return {
-        "id": recovery_id,
-        "kind": fault.kind,
-        "reason": fault.reason,
-        "message": fault.message,
-        "action": decision.action,
-        "group": group,
-        "ranks": sorted(set(ranks)),
-        "oldPods": {str(r): uid for r, uid in sorted(old_pods.items())},
-        "node": fault.node,
-        "gpu": fault.gpu,
-        "pinNode": fault.node if decision.action == RESTART_IN_PLACE else None,
-        "preferNode": fault.node if device and not fault.node_wide else None,
-        "avoidNodes": [fault.node] if node_level and fault.node else [],
-        # Both names of the GPU: device plugins speak UUIDs, node-local tools indexes.
-        "avoidGpus": sorted({g for g in (fault.gpu, fault.gpu_index) if g}) if device else [],
-        # A device fault loses the rank's KV; the node's sidecar still holds parity and survivors.
-        "markLost": device,
-        "rebuild": device and protected,
-        "detectedAt": detected_at,
-        "step": DETECTED,
-    }
-
-
-def next_step(record: Mapping[str, Any]) -> str:
-    """The step to run after the one `record` has reached (DONE stays DONE)."""
-    step = record["step"]
-    if step == DONE:
-        return DONE
-    following = STEPS[STEPS.index(step) + 1]
-    if following == MARKED_LOST and not record.get("markLost"):
-        following = PODS_DELETED
-    if following == PODS_DELETED and record.get("action") == RECORD_ONLY:
-        return DONE
-    if following == REBUILT and not record.get("rebuild"):
-        following = DONE
-    return following
+    Only device-faulted ranks are lost (a process fault in the same replica loses nothing: its pools
+    are in custody). A node fault that took the sidecar leaves nothing to mark lost, rebuild or move."""
+    worst = faults.worst(f for _, f in found)
+    assert worst is not None
+    lost = sorted({r for r, f in found if r is not None and f.kind == faults.DEVICE})
+    source_alive = not any(f.kind == faults.NODE and f.reason in SOURCE_GONE for _, f in found)
+    avoid = [node] if worst.kind == faults.NODE else []
+    return record.Recovery(
+        id=recovery_id,
+        replica=replica,
+        kind=worst.kind,
+        reason=worst.reason,
+        message=worst.message[:500],
+        action=decision.action,
+        detected_at=detected_at,
+        faults=[
+            record.RankFault(-1 if r is None else r, f.kind, f.reason, f.gpu or "")
+            for r, f in sorted(found, key=lambda x: -1 if x[0] is None else x[0])
+        ],
+        lost_ranks=lost if source_alive else [],
+        old_uid=old_uid,
+        source=node,
+        source_alive=source_alive,
+        protected=protected,
+        reset=policy == "group",
+        # A process fault restarts in place: the pods' pools are on this node's sidecar.
+        target=node if decision.action == RESTART_IN_PLACE else "",
+        avoid=avoid,
+    )

@@ -65,10 +65,13 @@ class Runtime:
                 async for event in self.sidecars.watch_health(address):
                     delay = 0.5
                     fault = faults.classify_health(event, fallback_node=node)
+                    if fault is not None and fault.group is None:
+                        # Kept: DescribeGroup's device UUIDs may still attribute it; never a guess.
+                        log.warning("GPU fault not attributed to a rank by the sidecar: %s", fault.message)
                     if fault is not None:
                         on_fault(fault)
                     elif event.get("kind") == "HEALTHY":
-                        self.view.clear_gpu(event.get("node") or node, event.get("gpu_uuid") or None)
+                        self.view.gpu_healthy(event.get("node") or node, event.get("gpu_uuid") or None)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the sidecar restarts or is not up yet: reconnect with backoff

@@ -31,6 +31,19 @@ class GroupFigures:
     protected_chunks: int
     unprotected_chunks: int
     parity_bytes: int
+    # rank -> GPU UUID it attached with (C3; empty strings until the sidecar reports them)
+    device_uuids: dict[int, str] = dataclasses.field(default_factory=dict)
+    valid_ranks: int = 0  # ranks whose pool holds valid KV
+    world_size: int = 0
+    pool_bytes: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class MoveOutcome:
+    bytes_moved: int = 0
+    ranks_moved: int = 0
+    requests_moved: int = 0
+    resumed_from_bytes: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +59,7 @@ class SidecarPort(Protocol):
     async def plan_and_rebuild(self, address: str, group: str, ranks: Sequence[int]) -> RebuildOutcome: ...
     async def delete_group(self, address: str, group: str) -> bool: ...
     async def describe(self, address: str, group: str) -> GroupFigures | None: ...
+    async def move_group(self, address: str, group: str, target: str) -> MoveOutcome: ...
     def watch_health(self, address: str) -> AsyncIterator[dict[str, Any]]: ...
     async def close(self) -> None: ...
 
@@ -128,7 +142,30 @@ class GrpcSidecars:
             raise
         protected = sum(r.chunks_protected for r in desc.requests)
         committed = sum(r.chunks_committed for r in desc.requests)
-        return GroupFigures(protected, max(0, committed - protected), int(desc.parity_bytes))
+        return GroupFigures(
+            protected,
+            max(0, committed - protected),
+            int(desc.parity_bytes),
+            # getattr: device_uuid is the C3 addition; a sidecar built before it reports none.
+            {int(r.rank): str(getattr(r, "device_uuid", "")) for r in desc.ranks},
+            sum(1 for r in desc.ranks if r.pool_valid),
+            int(desc.world_size),
+            int(desc.pool_bytes),
+        )
+
+    async def move_group(self, address: str, group: str, target: str) -> MoveOutcome:
+        """MoveGroup on the SOURCE sidecar at `address`: it streams the group to the sidecar at `target`
+        (C3: chunked, checksummed, resumable; bytes_moved 0 when the target already holds all of it)."""
+        side: Any = self._client(address)
+        if not hasattr(side, "move_group"):
+            raise NotImplementedError("this sidecar client has no MoveGroup (C3 not built yet)")
+        reply = await side.move_group(group=group, target=target, timeout=self._timeout * 30)
+        return MoveOutcome(
+            int(reply.bytes_moved),
+            int(reply.ranks_moved),
+            int(reply.requests_moved),
+            int(reply.resumed_from_bytes),
+        )
 
     async def watch_health(self, address: str) -> AsyncIterator[dict[str, Any]]:
         """Health events as dicts (`kind` by HealthKind name), current state first; ends with the stream."""
@@ -144,6 +181,9 @@ class GrpcSidecars:
                     "message": event.message,
                     "time": event.time,
                     "node": event.node,
+                    # C3: the rank that attached with gpu_uuid (group empty: no rank holds that GPU).
+                    "group": getattr(event, "group", ""),
+                    "rank": getattr(event, "rank", 0),
                 }
         finally:
             call.cancel()

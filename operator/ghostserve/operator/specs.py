@@ -1,4 +1,4 @@
-"""GhostServeDeployment spec: defaults, validation and the rank pod / Service manifests.
+"""GhostServeDeployment spec: defaults, validation, names and the client Service manifest.
 
 Pure functions over plain dicts: no kopf, no I/O. The CRD in the chart rejects most bad specs
 server-side; `validate` repeats the checks because an API server without the schema (or an
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
+
+from ghostserve.operator import specchecks
 
 GROUP = "ghostserve.io"
 VERSION = "v1alpha1"
@@ -23,18 +23,13 @@ KIND = "GhostServeDeployment"
 APP_LABEL = "app.kubernetes.io/name"
 APP_VALUE = "ghostserve"
 DEPLOYMENT_LABEL = "ghostserve.io/deployment"
-GROUP_LABEL = "ghostserve.io/group"
-RANK_LABEL = "ghostserve.io/rank"
 SPEC_HASH_ANNOTATION = "ghostserve.io/spec-hash"
-# Set on a rank pod by the engine (or device plugin glue) to the GPU it runs on: a UUID or an index.
-GPU_ANNOTATION = "ghostserve.io/gpu"
-# Written by the operator on a replacement pod: GPUs the replacement must not be given.
-AVOID_GPUS_ANNOTATION = "ghostserve.io/avoid-gpus"
 
 SIDECAR_SOCKET_IN_POD = "unix:///run/ghostserve/sidecar.sock"
 SIDECAR_MOUNT_PATH = "/run/ghostserve"
 ENGINE_PORT = 30000
-DIST_PORT = 5000
+# Engine flags that spread one TP group over several nodes: refused, a stripe must stay in one sidecar.
+MULTI_NODE_FLAGS = ("--nnodes", "--node-rank", "--dist-init-addr", "--nccl-init-addr")
 
 CODES = ("none", "replicate", "xor", "rdp", "rs")
 RECOMPUTE = ("hybrid", "always-recompute", "rebuild-only")
@@ -47,7 +42,6 @@ DEFAULTS: dict[str, Any] = {
         "kind": "sglang",
         "args": [],
         "replicas": 1,
-        "gpusPerRank": 1,
         "resources": {},
         "env": [],
         "nodeSelector": {},
@@ -103,9 +97,13 @@ def validate(name: str, spec: Mapping[str, Any]) -> list[str]:
         errors.append(f"engine.kind must be 'sglang', got {engine.get('kind')!r}")
     _int_in(errors, "engine.tensorParallel", engine.get("tensorParallel"), 1, 64)
     _int_in(errors, "engine.replicas", engine.get("replicas"), 1, 64)
-    _int_in(errors, "engine.gpusPerRank", engine.get("gpusPerRank"), 1, 8)
     if not isinstance(engine.get("args"), list) or not all(isinstance(a, str) for a in engine["args"]):
         errors.append("engine.args must be a list of strings")
+    elif any(a.split("=", 1)[0] in MULTI_NODE_FLAGS for a in engine["args"]):
+        errors.append(
+            "engine.args: tensor parallelism across nodes (--nnodes/--node-rank/--dist-init-addr) is not "
+            "supported: a replica's ranks run in one pod on one node so one sidecar holds every stripe"
+        )
     code = prot.get("code")
     if code not in CODES:
         errors.append(f"protection.code must be one of {', '.join(CODES)}, got {code!r}")
@@ -131,115 +129,27 @@ def validate(name: str, spec: Mapping[str, Any]) -> list[str]:
     _int_in(errors, "sidecar.port", side.get("port"), 1, 65535)
     if not str(side.get("socketDir", "")).startswith("/"):
         errors.append("sidecar.socketDir must be an absolute path")
-    if not _DNS_LABEL.match(name) or len(rank_pod_name(name, 63, 63)) > 63:
-        errors.append(f"name {name!r} must be a DNS label short enough for '<name>-g63-r63' (63 chars)")
+    if not _DNS_LABEL.match(name) or len(f"{name}-gateway") > 63:
+        errors.append(f"name {name!r} must be a DNS label short enough for '<name>-gateway' (63 chars)")
+    errors.extend(specchecks.problems(name, spec))  # types, caps, quantities, env, tolerations, paths
     return errors
 
 
 def checked(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
     """The defaulted spec; raises SpecError listing every problem when it is unusable."""
+    shape = specchecks.shape_problems(spec)  # with_defaults needs mappings; report, do not raise TypeError
+    if shape:
+        raise SpecError(shape)
     full = with_defaults(spec)
-    errors = validate(name, full)
+    errors = validate(name, full) + specchecks.removed_fields(spec)
     if errors:
         raise SpecError(errors)
     return full
 
 
-def rank_pod_name(name: str, group: int, rank: int) -> str:
-    return f"{name}-g{group}-r{rank}"
-
-
-def sidecar_group_id(namespace: str, name: str, group: int) -> str:
-    """The group id the sidecar knows a replica group by (shared with the engine)."""
-    return f"{namespace}/{name}-g{group}"
-
-
-def rank_labels(name: str, group: int, rank: int) -> dict[str, str]:
-    return {APP_LABEL: APP_VALUE, DEPLOYMENT_LABEL: name, GROUP_LABEL: str(group), RANK_LABEL: str(rank)}
-
-
-def spec_hash(spec: Mapping[str, Any]) -> str:
-    """Hash of the fields that shape a rank pod: a change means the pods must be rolled."""
-    shaping = {
-        "model": spec.get("model"),
-        "engine": spec["engine"],
-        "protection": spec["protection"],
-        "sidecar": spec["sidecar"],
-    }
-    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def engine_args(name: str, spec: Mapping[str, Any], group: int, rank: int) -> list[str]:
-    """SGLang arguments of one rank: model, multi-node TP wiring, GhostServe protection flags."""
-    model, engine, prot = spec["model"], spec["engine"], spec["protection"]
-    tp = engine["tensorParallel"]
-    args = [
-        "--model-path",
-        model.get("path") or model["name"],
-        "--tp-size",
-        str(tp),
-        "--nnodes",
-        str(tp),
-        "--node-rank",
-        str(rank),
-        "--dist-init-addr",
-        f"{rank_pod_name(name, group, 0)}.{name}:{DIST_PORT}",
-        "--host",
-        "0.0.0.0",
-        "--port",
-        str(ENGINE_PORT),
-        "--page-size",
-        str(prot["pageSize"]),
-    ]
-    return args + list(engine["args"])
-
-
-def _engine_env(namespace: str, name: str, spec: Mapping[str, Any], group: int, rank: int) -> list[Any]:
-    # The plugin reads its settings from the environment, not sglang's argv: sglang spawns its
-    # scheduler processes (which inherit the environment) and rejects command-line flags it does not know.
-    prot = spec["protection"]
-    ours: list[dict[str, Any]] = [
-        {"name": "SGLANG_PLUGINS", "value": "ghostserve"},
-        {"name": "GHOSTSERVE_SGLANG", "value": "1" if prot["enabled"] else "0"},
-        {"name": "GHOSTSERVE_SIDECAR", "value": SIDECAR_SOCKET_IN_POD},
-        {"name": "GHOSTSERVE_CODE", "value": prot["code"]},
-        {"name": "GHOSTSERVE_PARITY_SHARDS", "value": str(prot["parityShards"])},
-        {"name": "GHOSTSERVE_CHUNK_TOKENS", "value": str(prot["chunkTokens"])},
-        {"name": "GHOSTSERVE_WORKER_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": "GHOSTSERVE_GROUP", "value": sidecar_group_id(namespace, name, group)},
-        {"name": "GHOSTSERVE_RANK", "value": str(rank)},
-        {"name": "GHOSTSERVE_WORLD_SIZE", "value": str(spec["engine"]["tensorParallel"])},
-        {"name": "GHOSTSERVE_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": "GHOSTSERVE_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
-    ]
-    taken = {e["name"] for e in ours}
-    return [e for e in spec["engine"]["env"] if e.get("name") not in taken] + ours
-
-
-def _affinity(*, avoid_nodes: Iterable[str], pin_node: str | None, prefer_node: str | None) -> dict[str, Any]:
-    terms: list[dict[str, Any]] = []
-    avoid = sorted(set(avoid_nodes) - {pin_node})
-    if avoid:
-        terms.append({"key": "kubernetes.io/hostname", "operator": "NotIn", "values": avoid})
-    if pin_node:
-        terms.append({"key": "kubernetes.io/hostname", "operator": "In", "values": [pin_node]})
-    node_affinity: dict[str, Any] = {}
-    if terms:
-        node_affinity["requiredDuringSchedulingIgnoredDuringExecution"] = {
-            "nodeSelectorTerms": [{"matchExpressions": terms}]
-        }
-    if prefer_node and not pin_node:
-        node_affinity["preferredDuringSchedulingIgnoredDuringExecution"] = [
-            {
-                "weight": 100,
-                "preference": {
-                    "matchExpressions": [
-                        {"key": "kubernetes.io/hostname", "operator": "In", "values": [prefer_node]}
-                    ]
-                },
-            }
-        ]
-    return {"nodeAffinity": node_affinity} if node_affinity else {}
+def sidecar_group_id(namespace: str, name: str, replica: int) -> str:
+    """The group id the node's sidecar knows replica `replica` by (the engine reads GHOSTSERVE_GROUP)."""
+    return f"{namespace}/{name}-r{replica}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,87 +164,13 @@ class NodeAccess:
     shm_dir: str | None = "/dev/shm/ghostserve"
 
 
-def build_rank_pod(
-    namespace: str,
-    name: str,
-    spec: Mapping[str, Any],
-    *,
-    group: int,
-    rank: int,
-    avoid_nodes: Iterable[str] = (),
-    avoid_gpus: Iterable[str] = (),
-    pin_node: str | None = None,
-    prefer_node: str | None = None,
-    node_access: NodeAccess = NodeAccess(),
-) -> dict[str, Any]:
-    """The manifest of one rank pod (owner references are added by the caller via kopf.adopt).
-
-    `avoid_nodes` become a required NotIn node affinity (node faults), `pin_node` a required In
-    (restart in place after a process fault), `prefer_node` a preferred In (device fault: same node,
-    another GPU, listed in the avoid-gpus annotation for the device plugin glue)."""
-    engine = spec["engine"]
-    resources = copy.deepcopy(engine.get("resources") or {})
-    gpus = str(engine["gpusPerRank"])
-    resources.setdefault("limits", {})["nvidia.com/gpu"] = gpus
-    resources.setdefault("requests", {})["nvidia.com/gpu"] = gpus
-    annotations = {SPEC_HASH_ANNOTATION: spec_hash(spec)}
-    bad_gpus = sorted(set(avoid_gpus))
-    if bad_gpus:
-        annotations[AVOID_GPUS_ANNOTATION] = ",".join(bad_gpus)
-    pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never",  # the operator restarts ranks: every restart is a recorded recovery
-        "hostname": rank_pod_name(name, group, rank),
-        "subdomain": name,
-        "nodeSelector": dict(engine.get("nodeSelector") or {}),
-        "tolerations": list(engine.get("tolerations") or []),
-        "containers": [
-            {
-                "name": "engine",
-                "image": engine["image"],
-                "args": engine_args(name, spec, group, rank),
-                "env": _engine_env(namespace, name, spec, group, rank),
-                "ports": [
-                    {"name": "http", "containerPort": ENGINE_PORT},
-                    {"name": "dist", "containerPort": DIST_PORT},
-                ],
-                "resources": resources,
-                "volumeMounts": [{"name": "ghostserve-sidecar", "mountPath": SIDECAR_MOUNT_PATH}],
-            }
-        ],
-        "volumes": [
-            {
-                "name": "ghostserve-sidecar",
-                "hostPath": {"path": spec["sidecar"]["socketDir"], "type": "Directory"},
-            }
-        ],
-    }
-    if node_access.socket_group is not None:
-        pod_spec["securityContext"] = {"supplementalGroups": [node_access.socket_group]}
-    if node_access.shm_dir:
-        pod_spec["containers"][0]["volumeMounts"].append(
-            {"name": "ghostserve-pools", "mountPath": "/dev/shm"}
-        )
-        pod_spec["volumes"].append(
-            {"name": "ghostserve-pools", "hostPath": {"path": node_access.shm_dir, "type": "Directory"}}
-        )
-    affinity = _affinity(avoid_nodes=avoid_nodes, pin_node=pin_node, prefer_node=prefer_node)
-    if affinity:
-        pod_spec["affinity"] = affinity
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": rank_pod_name(name, group, rank),
-            "namespace": namespace,
-            "labels": rank_labels(name, group, rank),
-            "annotations": annotations,
-        },
-        "spec": pod_spec,
-    }
+GATEWAY_PORT = 8000
+GATEWAY_COMPONENT = "gateway"
 
 
 def build_service(namespace: str, name: str) -> dict[str, Any]:
-    """Headless Service giving every rank pod a stable DNS name `<pod>.<name>` (rank discovery)."""
+    """The client Service `<name>`: the deployment's resume gateway, which fronts the replica pods and
+    keeps client streams alive across a replica's recovery (docs/gateway.md)."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -344,15 +180,11 @@ def build_service(namespace: str, name: str) -> dict[str, Any]:
             "labels": {APP_LABEL: APP_VALUE, DEPLOYMENT_LABEL: name},
         },
         "spec": {
-            "clusterIP": "None",
-            "publishNotReadyAddresses": True,  # ranks must find rank 0 before they are ready
-            "selector": {APP_LABEL: APP_VALUE, DEPLOYMENT_LABEL: name},
-            "ports": [{"name": "http", "port": ENGINE_PORT}, {"name": "dist", "port": DIST_PORT}],
+            "selector": {
+                APP_LABEL: APP_VALUE,
+                DEPLOYMENT_LABEL: name,
+                "app.kubernetes.io/component": GATEWAY_COMPONENT,
+            },
+            "ports": [{"name": "http", "port": GATEWAY_PORT, "targetPort": "http"}],
         },
     }
-
-
-def desired_ranks(spec: Mapping[str, Any]) -> list[tuple[int, int]]:
-    """(group, rank) of every pod the spec asks for, in order."""
-    engine = spec["engine"]
-    return [(g, r) for g in range(engine["replicas"]) for r in range(engine["tensorParallel"])]

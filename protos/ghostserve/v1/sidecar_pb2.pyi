@@ -121,20 +121,24 @@ class PoolHandle(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., shm_name: _Optional[str] = ..., nbytes: _Optional[int] = ..., row_bytes: _Optional[int] = ..., cuda_handle: _Optional[bytes] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
-    __slots__ = ("group", "rank", "world_size", "layout", "protection", "worker_id")
+    __slots__ = ("group", "rank", "world_size", "layout", "protection", "worker_id", "device_uuid", "parity_budget_bytes")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     PROTECTION_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    PARITY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     group: str
     rank: int
     world_size: int
     layout: KVLayout
     protection: Protection
     worker_id: str
-    def __init__(self, group: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., protection: _Optional[_Union[Protection, _Mapping]] = ..., worker_id: _Optional[str] = ...) -> None: ...
+    device_uuid: str
+    parity_budget_bytes: int
+    def __init__(self, group: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., protection: _Optional[_Union[Protection, _Mapping]] = ..., worker_id: _Optional[str] = ..., device_uuid: _Optional[str] = ..., parity_budget_bytes: _Optional[int] = ...) -> None: ...
 
 class AttachResponse(_message.Message):
     __slots__ = ("pool", "created", "needs_rebuild")
@@ -257,18 +261,20 @@ class DescribeGroupRequest(_message.Message):
     def __init__(self, group: _Optional[str] = ...) -> None: ...
 
 class RankState(_message.Message):
-    __slots__ = ("rank", "attached", "pool_valid", "worker_id", "pool")
+    __slots__ = ("rank", "attached", "pool_valid", "worker_id", "pool", "device_uuid")
     RANK_FIELD_NUMBER: _ClassVar[int]
     ATTACHED_FIELD_NUMBER: _ClassVar[int]
     POOL_VALID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
     rank: int
     attached: bool
     pool_valid: bool
     worker_id: str
     pool: PoolHandle
-    def __init__(self, rank: _Optional[int] = ..., attached: _Optional[bool] = ..., pool_valid: _Optional[bool] = ..., worker_id: _Optional[str] = ..., pool: _Optional[_Union[PoolHandle, _Mapping]] = ...) -> None: ...
+    device_uuid: str
+    def __init__(self, rank: _Optional[int] = ..., attached: _Optional[bool] = ..., pool_valid: _Optional[bool] = ..., worker_id: _Optional[str] = ..., pool: _Optional[_Union[PoolHandle, _Mapping]] = ..., device_uuid: _Optional[str] = ...) -> None: ...
 
 class RequestState(_message.Message):
     __slots__ = ("request_id", "chunks_committed", "chunks_protected", "tokens", "prompt_tokens", "parity_bytes")
@@ -287,7 +293,7 @@ class RequestState(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., chunks_committed: _Optional[int] = ..., chunks_protected: _Optional[int] = ..., tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., parity_bytes: _Optional[int] = ...) -> None: ...
 
 class GroupDescription(_message.Message):
-    __slots__ = ("group", "world_size", "layout", "protection", "ranks", "requests", "parity_bytes", "pool_bytes")
+    __slots__ = ("group", "world_size", "layout", "protection", "ranks", "requests", "parity_bytes", "pool_bytes", "parity_budget_bytes", "uid")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
@@ -296,6 +302,8 @@ class GroupDescription(_message.Message):
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     PARITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     POOL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PARITY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
     group: str
     world_size: int
     layout: KVLayout
@@ -304,7 +312,9 @@ class GroupDescription(_message.Message):
     requests: _containers.RepeatedCompositeFieldContainer[RequestState]
     parity_bytes: int
     pool_bytes: int
-    def __init__(self, group: _Optional[str] = ..., world_size: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., protection: _Optional[_Union[Protection, _Mapping]] = ..., ranks: _Optional[_Iterable[_Union[RankState, _Mapping]]] = ..., requests: _Optional[_Iterable[_Union[RequestState, _Mapping]]] = ..., parity_bytes: _Optional[int] = ..., pool_bytes: _Optional[int] = ...) -> None: ...
+    parity_budget_bytes: int
+    uid: str
+    def __init__(self, group: _Optional[str] = ..., world_size: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., protection: _Optional[_Union[Protection, _Mapping]] = ..., ranks: _Optional[_Iterable[_Union[RankState, _Mapping]]] = ..., requests: _Optional[_Iterable[_Union[RequestState, _Mapping]]] = ..., parity_bytes: _Optional[int] = ..., pool_bytes: _Optional[int] = ..., parity_budget_bytes: _Optional[int] = ..., uid: _Optional[str] = ...) -> None: ...
 
 class ListGroupsRequest(_message.Message):
     __slots__ = ()
@@ -479,7 +489,7 @@ class WatchHealthRequest(_message.Message):
     def __init__(self, initial_state: _Optional[bool] = ...) -> None: ...
 
 class HealthEvent(_message.Message):
-    __slots__ = ("gpu_index", "gpu_uuid", "kind", "xid", "fatal", "message", "time", "node")
+    __slots__ = ("gpu_index", "gpu_uuid", "kind", "xid", "fatal", "message", "time", "node", "group", "rank")
     GPU_INDEX_FIELD_NUMBER: _ClassVar[int]
     GPU_UUID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -488,6 +498,8 @@ class HealthEvent(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
     gpu_index: int
     gpu_uuid: str
     kind: HealthKind
@@ -496,7 +508,9 @@ class HealthEvent(_message.Message):
     message: str
     time: float
     node: str
-    def __init__(self, gpu_index: _Optional[int] = ..., gpu_uuid: _Optional[str] = ..., kind: _Optional[_Union[HealthKind, str]] = ..., xid: _Optional[int] = ..., fatal: _Optional[bool] = ..., message: _Optional[str] = ..., time: _Optional[float] = ..., node: _Optional[str] = ...) -> None: ...
+    group: str
+    rank: int
+    def __init__(self, gpu_index: _Optional[int] = ..., gpu_uuid: _Optional[str] = ..., kind: _Optional[_Union[HealthKind, str]] = ..., xid: _Optional[int] = ..., fatal: _Optional[bool] = ..., message: _Optional[str] = ..., time: _Optional[float] = ..., node: _Optional[str] = ..., group: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class InjectFaultRequest(_message.Message):
     __slots__ = ("gpu_index", "kind", "xid", "message")
@@ -535,7 +549,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("parity_bytes_held", "parity_budget_bytes", "pool_bytes_held", "chunks_protected", "chunks_unprotected", "chunks_queued", "evictions", "encode_bytes", "encode_seconds", "rebuild_bytes", "rebuild_seconds", "groups", "requests")
+    __slots__ = ("parity_bytes_held", "parity_budget_bytes", "pool_bytes_held", "chunks_protected", "chunks_unprotected", "chunks_queued", "evictions", "encode_bytes", "encode_seconds", "rebuild_bytes", "rebuild_seconds", "groups", "requests", "move_bytes_received", "moves_in_progress")
     PARITY_BYTES_HELD_FIELD_NUMBER: _ClassVar[int]
     PARITY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     POOL_BYTES_HELD_FIELD_NUMBER: _ClassVar[int]
@@ -549,6 +563,8 @@ class Stats(_message.Message):
     REBUILD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MOVE_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    MOVES_IN_PROGRESS_FIELD_NUMBER: _ClassVar[int]
     parity_bytes_held: int
     parity_budget_bytes: int
     pool_bytes_held: int
@@ -562,4 +578,110 @@ class Stats(_message.Message):
     rebuild_seconds: float
     groups: int
     requests: int
-    def __init__(self, parity_bytes_held: _Optional[int] = ..., parity_budget_bytes: _Optional[int] = ..., pool_bytes_held: _Optional[int] = ..., chunks_protected: _Optional[int] = ..., chunks_unprotected: _Optional[int] = ..., chunks_queued: _Optional[int] = ..., evictions: _Optional[int] = ..., encode_bytes: _Optional[int] = ..., encode_seconds: _Optional[float] = ..., rebuild_bytes: _Optional[int] = ..., rebuild_seconds: _Optional[float] = ..., groups: _Optional[int] = ..., requests: _Optional[int] = ...) -> None: ...
+    move_bytes_received: int
+    moves_in_progress: int
+    def __init__(self, parity_bytes_held: _Optional[int] = ..., parity_budget_bytes: _Optional[int] = ..., pool_bytes_held: _Optional[int] = ..., chunks_protected: _Optional[int] = ..., chunks_unprotected: _Optional[int] = ..., chunks_queued: _Optional[int] = ..., evictions: _Optional[int] = ..., encode_bytes: _Optional[int] = ..., encode_seconds: _Optional[float] = ..., rebuild_bytes: _Optional[int] = ..., rebuild_seconds: _Optional[float] = ..., groups: _Optional[int] = ..., requests: _Optional[int] = ..., move_bytes_received: _Optional[int] = ..., moves_in_progress: _Optional[int] = ...) -> None: ...
+
+class MoveGroupRequest(_message.Message):
+    __slots__ = ("group", "target", "target_server_name", "piece_bytes")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    TARGET_SERVER_NAME_FIELD_NUMBER: _ClassVar[int]
+    PIECE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    target: str
+    target_server_name: str
+    piece_bytes: int
+    def __init__(self, group: _Optional[str] = ..., target: _Optional[str] = ..., target_server_name: _Optional[str] = ..., piece_bytes: _Optional[int] = ...) -> None: ...
+
+class MoveGroupReply(_message.Message):
+    __slots__ = ("bytes_moved", "ranks_moved", "requests_moved", "resumed_from_bytes", "seconds")
+    BYTES_MOVED_FIELD_NUMBER: _ClassVar[int]
+    RANKS_MOVED_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_MOVED_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FROM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    bytes_moved: int
+    ranks_moved: int
+    requests_moved: int
+    resumed_from_bytes: int
+    seconds: float
+    def __init__(self, bytes_moved: _Optional[int] = ..., ranks_moved: _Optional[int] = ..., requests_moved: _Optional[int] = ..., resumed_from_bytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class MoveHeader(_message.Message):
+    __slots__ = ("group", "uid", "world_size", "layout", "protection", "parity_budget_bytes", "pool_checksums", "source_node")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    PROTECTION_FIELD_NUMBER: _ClassVar[int]
+    PARITY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    POOL_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_NODE_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    uid: str
+    world_size: int
+    layout: KVLayout
+    protection: Protection
+    parity_budget_bytes: int
+    pool_checksums: _containers.RepeatedScalarFieldContainer[int]
+    source_node: str
+    def __init__(self, group: _Optional[str] = ..., uid: _Optional[str] = ..., world_size: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., protection: _Optional[_Union[Protection, _Mapping]] = ..., parity_budget_bytes: _Optional[int] = ..., pool_checksums: _Optional[_Iterable[int]] = ..., source_node: _Optional[str] = ...) -> None: ...
+
+class MovePiece(_message.Message):
+    __slots__ = ("header", "offset", "data", "checksum", "ledger", "ledger_checksum", "commit")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    LEDGER_FIELD_NUMBER: _ClassVar[int]
+    LEDGER_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    header: MoveHeader
+    offset: int
+    data: bytes
+    checksum: int
+    ledger: bytes
+    ledger_checksum: int
+    commit: bool
+    def __init__(self, header: _Optional[_Union[MoveHeader, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., checksum: _Optional[int] = ..., ledger: _Optional[bytes] = ..., ledger_checksum: _Optional[int] = ..., commit: _Optional[bool] = ...) -> None: ...
+
+class ReceiveGroupReply(_message.Message):
+    __slots__ = ("received_bytes", "total_bytes", "complete")
+    RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    received_bytes: int
+    total_bytes: int
+    complete: bool
+    def __init__(self, received_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., complete: _Optional[bool] = ...) -> None: ...
+
+class MovedLedger(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[MovedRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[MovedRequest, _Mapping]]] = ...) -> None: ...
+
+class MovedRequest(_message.Message):
+    __slots__ = ("request_id", "token_ids", "prompt_tokens", "max_new_tokens", "chunks")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    prompt_tokens: int
+    max_new_tokens: int
+    chunks: _containers.RepeatedCompositeFieldContainer[MovedChunk]
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[MovedChunk, _Mapping]]] = ...) -> None: ...
+
+class MovedChunk(_message.Message):
+    __slots__ = ("chunk_index", "slots", "token_ids")
+    CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    chunk_index: int
+    slots: _containers.RepeatedScalarFieldContainer[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, chunk_index: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...

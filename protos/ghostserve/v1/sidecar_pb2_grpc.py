@@ -120,6 +120,16 @@ class SidecarStub:
                 request_serializer=ghostserve_dot_v1_dot_sidecar__pb2.FlushRequest.SerializeToString,
                 response_deserializer=ghostserve_dot_v1_dot_sidecar__pb2.FlushResponse.FromString,
                 _registered_method=True)
+        self.MoveGroup = channel.unary_unary(
+                '/ghostserve.v1.Sidecar/MoveGroup',
+                request_serializer=ghostserve_dot_v1_dot_sidecar__pb2.MoveGroupRequest.SerializeToString,
+                response_deserializer=ghostserve_dot_v1_dot_sidecar__pb2.MoveGroupReply.FromString,
+                _registered_method=True)
+        self.ReceiveGroup = channel.stream_unary(
+                '/ghostserve.v1.Sidecar/ReceiveGroup',
+                request_serializer=ghostserve_dot_v1_dot_sidecar__pb2.MovePiece.SerializeToString,
+                response_deserializer=ghostserve_dot_v1_dot_sidecar__pb2.ReceiveGroupReply.FromString,
+                _registered_method=True)
 
 
 class SidecarServicer:
@@ -245,6 +255,21 @@ class SidecarServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MoveGroup(self, request, context):
+        """Operator only. Move a whole group (pools, ledger, tokens) to another node's sidecar over TCP,
+        resumable; the target recomputes parity. The source keeps its copy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReceiveGroup(self, request_iterator, context):
+        """Sidecar to sidecar (operator identity only). Receive a moved group: header, pool pieces, commit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SidecarServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -332,6 +357,16 @@ def add_SidecarServicer_to_server(servicer, server):
                     servicer.Flush,
                     request_deserializer=ghostserve_dot_v1_dot_sidecar__pb2.FlushRequest.FromString,
                     response_serializer=ghostserve_dot_v1_dot_sidecar__pb2.FlushResponse.SerializeToString,
+            ),
+            'MoveGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.MoveGroup,
+                    request_deserializer=ghostserve_dot_v1_dot_sidecar__pb2.MoveGroupRequest.FromString,
+                    response_serializer=ghostserve_dot_v1_dot_sidecar__pb2.MoveGroupReply.SerializeToString,
+            ),
+            'ReceiveGroup': grpc.stream_unary_rpc_method_handler(
+                    servicer.ReceiveGroup,
+                    request_deserializer=ghostserve_dot_v1_dot_sidecar__pb2.MovePiece.FromString,
+                    response_serializer=ghostserve_dot_v1_dot_sidecar__pb2.ReceiveGroupReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -794,6 +829,60 @@ class Sidecar:
             '/ghostserve.v1.Sidecar/Flush',
             ghostserve_dot_v1_dot_sidecar__pb2.FlushRequest.SerializeToString,
             ghostserve_dot_v1_dot_sidecar__pb2.FlushResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MoveGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghostserve.v1.Sidecar/MoveGroup',
+            ghostserve_dot_v1_dot_sidecar__pb2.MoveGroupRequest.SerializeToString,
+            ghostserve_dot_v1_dot_sidecar__pb2.MoveGroupReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReceiveGroup(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/ghostserve.v1.Sidecar/ReceiveGroup',
+            ghostserve_dot_v1_dot_sidecar__pb2.MovePiece.SerializeToString,
+            ghostserve_dot_v1_dot_sidecar__pb2.ReceiveGroupReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,41 +1,8 @@
-"""Shard checksums (xxh3-64, the same value as `ghostserve.kernels.checksum` of the gathered shard),
-computed straight from a pool without gathering: the shard is hashed as a stream of contiguous pool
-pieces, one per (plane, run of consecutive slots)."""
+"""Compatibility re-export: the checksums are defined once, in ghostserve.kernels.checksums.
 
-from __future__ import annotations
+Import them from there; this module goes once nothing imports it (docs/design.md, "One definition").
+"""
 
-from typing import Any
+from ghostserve.kernels.checksums import checksum, runs, shard_checksum
 
-import numpy as np
-import numpy.typing as npt
-import xxhash
-from ghostserve.kernels import layout as kvlayout
-
-
-def runs(slots: npt.NDArray[np.int64]) -> list[tuple[int, int]]:
-    """[start, stop) ranges of consecutive increasing slot ids, in slot-list order."""
-    if slots.size == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(slots) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    stops = np.concatenate((breaks, [slots.size]))
-    return [(int(slots[a]), int(slots[b - 1]) + 1) for a, b in zip(starts, stops, strict=True)]
-
-
-def shard_checksum(
-    pool: npt.NDArray[np.uint8], layout: kvlayout.KVLayout, slots: npt.NDArray[np.int64]
-) -> int:
-    """xxh3-64 of the shard of `slots` in `pool` (flat uint8 of layout.pool_nbytes). Reads only."""
-    planes = pool.reshape(layout.planes, layout.pool_slots, layout.row_bytes)
-    digest = xxhash.xxh3_64()
-    slot_runs = runs(slots)
-    for p in range(layout.planes):
-        plane = planes[p]
-        for start, stop in slot_runs:
-            digest.update(plane[start:stop])
-    return int(digest.intdigest())
-
-
-def checksum(buf: Any) -> int:
-    """xxh3-64 of a contiguous buffer."""
-    return int(xxhash.xxh3_64_intdigest(buf))
+__all__ = ["checksum", "runs", "shard_checksum"]

@@ -6,7 +6,6 @@ REPLICATE keeps full copies of all N shards instead of parity; NONE never gets h
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -14,30 +13,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import xxhash
+from ghostserve.kernels import checksums
 from ghostserve.kernels import layout as kvlayout
-from ghostserve.sidecar import checksums
+from ghostserve.kernels import protection as protection_mod
 
-CODES = ("none", "replicate", "xor", "rdp", "rs")
-
-
-@dataclasses.dataclass(frozen=True)
-class Protection:
-    """code: one of CODES; parity_shards: M (XOR 1, RDP 2, RS 1..8, REPLICATE N copies, NONE 0)."""
-
-    code: str
-    parity_shards: int
-    chunk_tokens: int
-
-    def stored_shards(self, world_size: int) -> int:
-        """Shards of S bytes held per chunk."""
-        if self.code == "none":
-            return 0
-        return world_size if self.code == "replicate" else self.parity_shards
-
-    def tolerates(self, lost: int, world_size: int) -> bool:
-        if self.code == "none":
-            return False
-        return lost <= (world_size if self.code == "replicate" else self.parity_shards)
+# Defined once in kernels (docs/design.md, "One definition"); re-exported for the sidecar's modules.
+CODES = protection_mod.CODES
+Protection = protection_mod.Protection
 
 
 def make_codec(protection: Protection, world_size: int) -> Any:
@@ -133,15 +115,23 @@ def rebuild_chunk(
 ) -> dict[int, npt.NDArray[np.uint8]] | None:
     """Reconstruct the shards of the ranks whose pool is None from the others + `parity`.
 
-    Returns {rank: rebuilt shard} (buffers from `scratch`, valid until its next use) when every rebuilt
-    shard matches its recorded checksum, None on a mismatch (the caller must not use the bytes).
+    Returns {rank: rebuilt shard} (buffers from `scratch`, valid until its next use) when every
+    surviving shard still matches the checksum recorded at encode time (checked before it is used, for
+    every code: a survivor whose KV changed since means the chunk is no longer what was encoded) and
+    every rebuilt shard matches its own; None on any mismatch (the caller must not use the bytes).
     Reads pools and parity; mutates scratch only.
     """
+    if len(sums) != len(pools):
+        return None
     n = len(pools)
     lost = [r for r, p in enumerate(pools) if p is None]
     s = layout.shard_nbytes(slots.size)
     out: dict[int, npt.NDArray[np.uint8]] = {}
     if protection.code == "replicate":
+        slot_arr = np.asarray(slots, np.int64)
+        for r, pool in enumerate(pools):
+            if pool is not None and checksums.shard_checksum(pool, layout, slot_arr) != sums[r]:
+                return None
         copies = split(parity, n)
         for r in lost:
             dst = scratch.get(r, s)
@@ -153,6 +143,8 @@ def rebuild_chunk(
             if pool is not None:
                 shards[r] = scratch.get(r, s)
                 kvlayout.gather_shard(pool, layout, slots, shards[r])
+                if checksums.checksum(shards[r]) != sums[r]:
+                    return None
         for j, p in enumerate(split(parity, protection.parity_shards)):
             shards[n + j] = p
         out = {r: scratch.get(r, s) for r in lost}

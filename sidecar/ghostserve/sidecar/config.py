@@ -44,7 +44,12 @@ class Config:
     queue_depth: int = 4096
     node: str = ""
     fake_gpus: int | None = None
-    max_pool_bytes: int | None = None
-    shm_prefix: str = (
-        "gs-"  # segment names: prefix + 16 hex digits  # None: what /dev/shm has free at attach time
-    )
+    # A fake node's GPU directory (sidecar/fakegpu.py): per-node UUIDs, faults recorded on disk.
+    fake_gpu_dir: pathlib.Path | None = None
+    # Pools: all groups together, one group, and what /dev/shm must keep free after a new pool.
+    max_pool_bytes: int | None = None  # None: no cap beyond /dev/shm's free space
+    max_group_pool_bytes: int | None = None  # None: no per-group cap
+    shm_headroom_bytes: int = 0
+    shm_prefix: str = "gs-"  # segment names: prefix + 16 hex digits
+    max_rebuild_streams: int = 4  # StreamRebuild calls served at once (each holds one shard)
+    journal_compact_records: int = 4096  # rewrite a group's journal once it has this many stale lines

@@ -6,52 +6,35 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from ghostserve.engine import planner
 from ghostserve.kernels import layout as kvlayout
-from ghostserve.sidecar import coding, errors, group, ledger, pools, recovery
+from ghostserve.sidecar import coding, errors, group, ledger, planner, pools, recovery
 from ghostserve.v1 import sidecar_pb2 as pb
-
-DTYPES = {pb.FLOAT16: "float16", pb.BFLOAT16: "bfloat16", pb.FLOAT8: "float8", pb.FLOAT32: "float32"}
-DTYPE_IDS = {v: k for k, v in DTYPES.items()}
-CODES = {pb.NONE: "none", pb.REPLICATE: "replicate", pb.XOR: "xor", pb.RDP: "rdp", pb.RS: "rs"}
-CODE_IDS = {v: k for k, v in CODES.items()}
+from ghostserve.wire import layout as wire_layout
+from ghostserve.wire import protection as wire_protection
 
 
 def layout_from(msg: pb.KVLayout) -> kvlayout.KVLayout:
     """Raises InvalidArgument for a missing dtype or zero sizes."""
-    if msg.dtype not in DTYPES:
-        raise errors.InvalidArgument(f"layout.dtype must be set (got {msg.dtype})")
     try:
-        return kvlayout.KVLayout(
-            msg.layers, msg.kv_heads, msg.head_dim, DTYPES[msg.dtype], msg.page_size, msg.pool_slots
-        )
+        return wire_layout.layout_from(msg)
     except ValueError as exc:
         raise errors.InvalidArgument(str(exc)) from exc
 
 
 def layout_to(lay: kvlayout.KVLayout) -> pb.KVLayout:
-    return pb.KVLayout(
-        layers=lay.layers,
-        kv_heads=lay.kv_heads,
-        head_dim=lay.head_dim,
-        dtype=DTYPE_IDS[lay.dtype],
-        page_size=lay.page_size,
-        pool_slots=lay.pool_slots,
-    )
+    return wire_layout.layout_to(lay)
 
 
 def protection_from(msg: pb.Protection, world_size: int) -> coding.Protection:
-    if msg.code not in CODES:
-        raise errors.InvalidArgument(f"protection.code must be set (got {msg.code})")
-    code = CODES[msg.code]
-    m = {"none": 0, "replicate": 0, "xor": 1, "rdp": 2}.get(code, msg.parity_shards)
-    if code in ("xor", "rdp") and msg.parity_shards not in (0, m):
-        raise errors.InvalidArgument(f"{code} has {m} parity shard(s), got parity_shards={msg.parity_shards}")
-    return coding.Protection(code, m, msg.chunk_tokens)
+    """Raises InvalidArgument for a missing code or a parity count the code does not have."""
+    try:
+        return wire_protection.protection_from(msg)
+    except ValueError as exc:
+        raise errors.InvalidArgument(str(exc)) from exc
 
 
 def protection_to(p: coding.Protection) -> pb.Protection:
-    return pb.Protection(code=CODE_IDS[p.code], parity_shards=p.parity_shards, chunk_tokens=p.chunk_tokens)
+    return wire_protection.protection_to(p)
 
 
 def settings_from(msg: pb.AttachRequest) -> group.Settings:
@@ -87,6 +70,7 @@ def describe(g: group.Group) -> pb.GroupDescription:
             pool_valid=rp.valid,
             worker_id=rp.worker_id,
             pool=pool_to(g.pool_info(r)),
+            device_uuid=rp.device_uuid,
         )
         for r, rp in enumerate(g.ranks)
     ]
@@ -110,6 +94,8 @@ def describe(g: group.Group) -> pb.GroupDescription:
         requests=requests,
         parity_bytes=sum(r.parity_bytes for r in requests),
         pool_bytes=g.pool_bytes(),
+        parity_budget_bytes=g.budget_bytes,
+        uid=g.uid,
     )
 
 

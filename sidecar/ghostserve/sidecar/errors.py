@@ -50,3 +50,15 @@ class Unavailable(SidecarError):
     """The sidecar is shutting down."""
 
     code = "UNAVAILABLE"
+
+
+class PermissionDenied(SidecarError):
+    """The caller's identity may not do this (not the group's owner, not the operator)."""
+
+    code = "PERMISSION_DENIED"
+
+
+class Aborted(SidecarError):
+    """A concurrent change (a rank marked lost again) invalidated the operation; call it again."""
+
+    code = "ABORTED"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import secrets
+import threading
 from typing import Any
 
 from ghostserve.kernels import layout as kvlayout
@@ -29,24 +31,18 @@ class Settings:
 
 
 def check_settings(settings: Settings) -> None:
-    """Raises InvalidArgument for sizes, codes or chunk lengths the sidecar cannot hold."""
+    """Raises InvalidArgument for sizes or chunk lengths the sidecar cannot hold (codes and parity
+    counts were checked when the Protection was made: ghostserve.kernels.protection)."""
     n, lay, prot = settings.world_size, settings.layout, settings.protection
     if not 1 <= n <= 256:
         raise errors.InvalidArgument(f"world_size must be in [1, 256], got {n}")
     for name, limit in MAX_DIM.items():
         if getattr(lay, name) > limit:
             raise errors.InvalidArgument(f"layout.{name} {getattr(lay, name)} exceeds {limit}")
-    if prot.code not in coding.CODES:
-        raise errors.InvalidArgument(f"unknown code {prot.code!r}")
     if prot.chunk_tokens < 1 or prot.chunk_tokens % lay.page_size or prot.chunk_tokens > lay.pool_slots:
         raise errors.InvalidArgument(
             f"chunk_tokens {prot.chunk_tokens} must be a positive multiple of page_size {lay.page_size} "
             f"and at most pool_slots {lay.pool_slots}"
-        )
-    expected = {"xor": (1, 1), "rdp": (2, 2), "rs": (1, 8)}.get(prot.code)
-    if expected and not expected[0] <= prot.parity_shards <= expected[1]:
-        raise errors.InvalidArgument(
-            f"{prot.code} needs {expected[0]}..{expected[1]} parity shards, got {prot.parity_shards}"
         )
 
 
@@ -57,13 +53,24 @@ class RankPool:
     attached: bool = False
     worker_id: str = ""
     valid: bool = True
+    # GPU UUID given by the rank's last Attach ("" = unknown), and when it attached (a sidecar-wide
+    # counter): health events name the rank that holds a GPU now (ghostserve.sidecar.devices).
+    device_uuid: str = ""
+    attach_seq: int = 0
 
 
 class Group:
-    """A group's pools and ledger. Not thread safe: the custodian's lock guards it."""
+    """A group's pools and ledger, guarded by its own `lock` (taken before the custodian's lock, never
+    after it). `creator` is the identity whose Attach created it (authz: its owner)."""
 
-    def __init__(self, name: str, settings: Settings, *, codec: Any) -> None:
+    def __init__(self, name: str, settings: Settings, *, codec: Any, uid: str = "", creator: str = "") -> None:
         self.name = name
+        self.lock = threading.RLock()
+        self.creator = creator
+        # This incarnation of the group (kept by a move): the same id from another deployment differs.
+        self.uid = uid or secrets.token_hex(8)
+        # The group's own parity budget within the sidecar's (0 = none); set by Attach or a move.
+        self.budget_bytes = 0
         self.key = persist.key_of(name)
         self.settings = settings
         self.codec = codec
@@ -96,6 +103,13 @@ class Group:
             self.settings.kind, rp.segment.name, rp.segment.nbytes, self.layout.row_bytes, rp.generation
         )
 
+    def generations(self) -> tuple[int, ...]:
+        return tuple(rp.generation for rp in self.ranks)
+
+    def healthy(self) -> bool:
+        """Every rank holds a valid pool (nothing to rebuild)."""
+        return all(rp.valid and rp.segment is not None for rp in self.ranks)
+
     def pool_bytes(self) -> int:
         return sum(rp.segment.nbytes for rp in self.ranks if rp.segment is not None)
 
@@ -110,11 +124,15 @@ class Group:
             "layout": dataclasses.asdict(s.layout),
             "protection": dataclasses.asdict(s.protection),
             "kind": s.kind,
+            "uid": self.uid,
+            "creator": self.creator,
+            "budget_bytes": self.budget_bytes,
             "ranks": [
                 {
                     "shm_name": rp.segment.name if rp.segment else None,
                     "generation": rp.generation,
                     "valid": rp.valid,
+                    "device_uuid": rp.device_uuid,
                 }
                 for rp in self.ranks
             ],

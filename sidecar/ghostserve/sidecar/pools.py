@@ -18,6 +18,7 @@ import os
 import pathlib
 import re
 import secrets
+import stat
 from typing import Any, Protocol
 
 import numpy as np
@@ -60,8 +61,14 @@ class Segment:
 
     def unlink(self) -> None:
         """Remove the name from /dev/shm (the memory is freed once no process maps it) and close."""
-        (SHM_DIR / self.name).unlink(missing_ok=True)
+        discard(self.name)
         self.close()
+
+
+def discard(name: str) -> None:
+    """Remove a segment name from /dev/shm (a link is removed, never followed)."""
+    if _NAME.match(name):
+        (SHM_DIR / name).unlink(missing_ok=True)
 
 
 class Custody(Protocol):
@@ -97,7 +104,7 @@ class CpuCustody:
             raise errors.InvalidArgument(f"pool size must be positive, got {nbytes}")
         name = self.prefix + secrets.token_hex(8)
         path = SHM_DIR / name
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o660)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o660)
         try:
             os.fchmod(fd, 0o660)
             try:
@@ -115,19 +122,31 @@ class CpuCustody:
         return Segment(name, mm, nbytes)
 
     def adopt(self, name: str, nbytes: int) -> Segment:
-        """Map an existing segment (after a sidecar restart). Raises NotFound if it is gone or too small."""
-        return Segment(name, *_map(name, nbytes))
+        """Map an existing segment (after a sidecar restart). Raises NotFound if it is gone or too small,
+        FailedPrecondition if it is not one this sidecar could have made (not a regular file, a link,
+        another owner, or a mode beyond 0660): the caller discards it rather than trust its bytes."""
+        return Segment(name, *_map(name, nbytes, owner=os.geteuid()))
 
 
-def _map(name: str, nbytes: int) -> tuple[mmap.mmap, int]:
+def _map(name: str, nbytes: int, *, owner: int | None = None) -> tuple[mmap.mmap, int]:
     if not _NAME.match(name):
         raise errors.InvalidArgument(f"not a ghostserve segment name: {name!r}")
     try:
-        fd = os.open(SHM_DIR / name, os.O_RDWR)
+        fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError as exc:
         raise errors.NotFound(f"shared memory segment {name} does not exist") from exc
+    except OSError as exc:  # ELOOP: a symbolic link sits under the name
+        raise errors.FailedPrecondition(f"segment {name} is not a regular file: {exc}") from exc
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise errors.FailedPrecondition(f"segment {name} is not a regular file")
+        if owner is not None and (st.st_uid != owner or stat.S_IMODE(st.st_mode) & ~0o660):
+            raise errors.FailedPrecondition(
+                f"segment {name} has owner {st.st_uid} and mode {oct(stat.S_IMODE(st.st_mode))}, "
+                f"expected {owner} and at most 0660"
+            )
+        size = st.st_size
         if nbytes <= 0 or size < nbytes:
             raise errors.NotFound(f"segment {name} holds {size} bytes, expected {nbytes}")
         mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)

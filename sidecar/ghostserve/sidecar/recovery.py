@@ -17,9 +17,8 @@ from collections.abc import Generator
 
 import numpy as np
 import numpy.typing as npt
-from ghostserve.engine import planner
 from ghostserve.kernels import layout as kvlayout
-from ghostserve.sidecar import coding, core, errors, group, ledger
+from ghostserve.sidecar import coding, custodian, errors, group, ledger, planner, store
 
 log = logging.getLogger("ghostserve.sidecar")
 
@@ -79,30 +78,167 @@ def _selection(
     return out
 
 
-def _one(
-    c: core.Custodian, g: group.Group, lost: list[int], rid: str, idx: int, scratch: coding.Scratch
-) -> tuple[ledger.Chunk | None, dict[int, npt.NDArray[np.uint8]] | None, ledger.Failure]:
-    """Rebuild one chunk into scratch. Caller holds the lock."""
+@dataclasses.dataclass
+class _Work:
+    """What rebuilding one chunk needs, captured under the group's lock and used outside it."""
+
+    chunk: ledger.Chunk
+    item: store.Item
+    survivors: list[npt.NDArray[np.uint8] | None]
+
+
+def _prepare(
+    c: custodian.Custodian, g: group.Group, lost: list[int], rid: str, idx: int
+) -> tuple[ledger.Chunk | None, _Work | None, ledger.Failure]:
+    """Find chunk `idx` of `rid` and pin its parity (a concurrent eviction must not recycle the buffer
+    while it is read). Caller holds g.lock; the caller unpins with `_unpin`."""
     req = g.ledger.requests.get(rid)
     chunk = req.chunks.get(idx) if req else None
     if chunk is None:
         return None, None, ledger.Failure.NOT_PROTECTED
     if not g.protection.tolerates(len(lost), g.settings.world_size):
         return chunk, None, ledger.Failure.TOO_MANY_LOSSES
-    item = c.store.get(g.owner(rid), idx)
-    if chunk.state != ledger.State.PROTECTED or item is None or item.reserved:
-        return chunk, None, chunk.failure or ledger.Failure.NOT_PROTECTED
-    arrays = [None if r in lost else rp.segment.array if rp.segment else None for r, rp in enumerate(g.ranks)]
-    shards = coding.rebuild_chunk(
-        g.codec, g.protection, g.layout, arrays, chunk.slots, item.buf, chunk.checksums, scratch=scratch
+    with c.lock:
+        item = c.store.get(g.owner(rid), idx)
+        if chunk.state != ledger.State.PROTECTED or item is None or item.reserved:
+            return chunk, None, chunk.failure or ledger.Failure.NOT_PROTECTED
+        item.pins += 1
+    survivors = [
+        None if r in lost else rp.segment.array if rp.segment else None for r, rp in enumerate(g.ranks)
+    ]
+    return chunk, _Work(chunk, item, survivors), ledger.Failure.NONE
+
+
+def _unpin(c: custodian.Custodian, work: _Work) -> None:
+    with c.lock:
+        work.item.pins -= 1
+
+
+def _compute(g: group.Group, work: _Work, scratch: coding.Scratch) -> dict[int, npt.NDArray[np.uint8]] | None:
+    """Reconstruct and verify (no lock held): survivors and rebuilt shards against their checksums."""
+    ch = work.chunk
+    return coding.rebuild_chunk(
+        g.codec,
+        g.protection,
+        g.layout,
+        work.survivors,
+        ch.slots,
+        work.item.buf,
+        ch.checksums,
+        scratch=scratch,
     )
-    if shards is None:
-        return chunk, None, ledger.Failure.CHECKSUM_MISMATCH
-    return chunk, shards, ledger.Failure.NONE
+
+
+def _check_generations(g: group.Group, expected: tuple[int, ...]) -> None:
+    if g.generations() != expected:
+        raise errors.Aborted(
+            f"a rank of {g.name!r} was marked lost during the rebuild (generations {list(expected)} -> "
+            f"{list(g.generations())}); nothing was marked valid: rebuild again"
+        )
+
+
+class Rebuilder:
+    """A local rebuild in steps, so that nothing but the bookkeeping runs under the group's lock.
+
+    `phases()` yields after each phase of each chunk (prepare under the lock, reconstruct and write
+    without it, publish under it) and finally marks the lost ranks valid; `run()` drives it to the end.
+    Every publish and the final marking check that no rank's generation changed since the start: a
+    MarkLost during the rebuild ends it with Aborted and never marks the rank valid (bytes written
+    before that went into the old, unlinked segment the rebuild captured, never into the new one)."""
+
+    def __init__(
+        self,
+        c: custodian.Custodian,
+        name: str,
+        lost_ranks: list[int],
+        *,
+        request_ids: list[str],
+        first_chunk: dict[str, int],
+    ) -> None:
+        self.c, self.name = c, name
+        with c.locked(name) as g:
+            self.g = g
+            self.lost = _check_lost(g, lost_ranks)
+            self.todo = _selection(g, request_ids, first_chunk)
+            self.generations = g.generations()
+            self.targets = {r: g.ranks[r].segment.array for r in self.lost if g.ranks[r].segment}
+        self.results: dict[str, RequestResult] = {
+            rid: RequestResult(rid) for rid in (request_ids or [t[0] for t in self.todo])
+        }
+        self.drop: list[tuple[str, int]] = []
+        self.scratch = coding.Scratch()
+        self.report: Report | None = None
+
+    def phases(self) -> Generator[str, None, None]:
+        c, g = self.c, self.g
+        start = time.perf_counter()
+        for rid, idx, first in self.todo:
+            res = self.results.setdefault(rid, RequestResult(rid))
+            with c.locked(self.name):
+                _check_generations(g, self.generations)
+                if idx < first:
+                    self.drop.append((rid, idx))
+                    continue
+                chunk, work, failure = _prepare(c, g, self.lost, rid, idx)
+            if chunk is None:
+                continue
+            if work is None:
+                res.failed.append((idx, failure))
+                self.drop.append((rid, idx))
+                continue
+            yield "prepared"
+            t0 = time.perf_counter()
+            try:
+                shards = _compute(g, work, self.scratch)
+            finally:
+                _unpin(c, work)
+            if shards is None:
+                res.failed.append((idx, ledger.Failure.CHECKSUM_MISMATCH))
+                self.drop.append((rid, idx))
+                continue
+            for r, shard in shards.items():
+                kvlayout.scatter_shard(shard, g.layout, work.chunk.slots, self.targets[r])
+            yield "written"
+            with c.locked(self.name):
+                _check_generations(g, self.generations)
+                req = g.ledger.requests.get(rid)
+                if req is None or req.chunks.get(idx) is not work.chunk:
+                    continue  # released or dropped meanwhile
+                work.chunk.kv_lost = False
+                res.rebuilt.append(idx)
+                res.bytes_rebuilt += len(shards) * g.shard_nbytes
+            c.metrics.rebuild_seconds.observe(time.perf_counter() - t0)
+            yield "published"
+        with c.locked(self.name):
+            _check_generations(g, self.generations)
+            for rid, idx in self.drop:
+                c.drop_chunk(g, rid, idx)
+            for r in self.lost:
+                g.ranks[r].valid = True
+            c.save_state()
+            total = sum(r.bytes_rebuilt for r in self.results.values())
+            seconds = time.perf_counter() - start
+            with c.lock:
+                c.counters.rebuild_bytes += total
+                c.counters.rebuild_seconds += seconds
+        c.metrics.rebuild_bytes.inc(total)
+        failed = sum(len(r.failed) for r in self.results.values())
+        log.info(
+            json.dumps(
+                {"event": "rebuilt", "group": self.name, "lost": self.lost, "bytes": total, "failed": failed}
+            )
+        )
+        self.report = Report(list(self.results.values()), total, seconds)
+
+    def run(self) -> Report:
+        for _ in self.phases():
+            pass
+        assert self.report is not None
+        return self.report
 
 
 def rebuild(
-    c: core.Custodian,
+    c: custodian.Custodian,
     name: str,
     lost_ranks: list[int],
     *,
@@ -112,70 +248,13 @@ def rebuild(
     """Rebuild the lost ranks' shards of every selected protected chunk into their current pools.
 
     Mutates those pools, marks the lost ranks valid, drops skipped/failed chunks from the ledger.
-    Raises NotFound, InvalidArgument, FailedPrecondition (a rank not listed as lost has no valid pool)."""
-    start = time.perf_counter()
-    with c.lock:
-        g = c.get(name)
-        lost = _check_lost(g, lost_ranks)
-        todo = _selection(g, request_ids, first_chunk)
-    results: dict[str, RequestResult] = {
-        rid: RequestResult(rid) for rid in (request_ids or [t[0] for t in todo])
-    }
-    drop: list[tuple[str, int]] = []
-    scratch = coding.Scratch()
-    for rid, idx, first in todo:
-        res = results.setdefault(rid, RequestResult(rid))
-        with c.lock:
-            if c.groups.get(name) is not g:
-                raise errors.NotFound(f"group {name!r} was deleted during the rebuild")
-            if idx < first:
-                drop.append((rid, idx))
-                continue
-            t0 = time.perf_counter()
-            chunk, shards, failure = _one(c, g, lost, rid, idx, scratch)
-            if chunk is None:
-                continue
-            if shards is None:
-                res.failed.append((idx, failure))
-                drop.append((rid, idx))
-                continue
-            for r, shard in shards.items():
-                seg = g.ranks[r].segment
-                assert seg is not None
-                kvlayout.scatter_shard(shard, g.layout, chunk.slots, seg.array)
-            nbytes = len(shards) * g.shard_nbytes
-            chunk.kv_lost = False
-            res.rebuilt.append(idx)
-            res.bytes_rebuilt += nbytes
-            c.metrics.rebuild_seconds.observe(time.perf_counter() - t0)
-    with c.lock:
-        if c.groups.get(name) is g:
-            for rid, idx in drop:
-                c.drop_chunk(g, rid, idx)
-            for r in lost:
-                g.ranks[r].valid = True
-            c.save_state()
-        total = sum(r.bytes_rebuilt for r in results.values())
-        seconds = time.perf_counter() - start
-        c.counters.rebuild_bytes += total
-        c.counters.rebuild_seconds += seconds
-        c.metrics.rebuild_bytes.inc(total)
-    log.info(
-        json.dumps(
-            {
-                "event": "rebuilt",
-                "group": name,
-                "lost": lost,
-                "bytes": total,
-                "failed": sum(len(r.failed) for r in results.values()),
-            }
-        )
-    )
-    return Report(list(results.values()), total, seconds)
+    Raises NotFound, InvalidArgument, FailedPrecondition (a rank not listed as lost has no valid pool),
+    Aborted (a rank was marked lost meanwhile: nothing marked valid)."""
+    return Rebuilder(c, name, lost_ranks, request_ids=request_ids, first_chunk=first_chunk).run()
 
 
 def stream(
-    c: core.Custodian,
+    c: custodian.Custodian,
     name: str,
     lost_ranks: list[int],
     rank: int,
@@ -185,50 +264,58 @@ def stream(
 ) -> Generator[Piece, None, None]:
     """Yield `rank`'s rebuilt shard of every selected chunk (one at a time; nothing local changes).
 
-    Raises NotFound, InvalidArgument (rank not among lost_ranks), FailedPrecondition before the first
-    piece."""
-    with c.lock:
-        g = c.get(name)
+    While the consumer holds a piece, the stream keeps that one shard and nothing else (scratch is
+    freed between chunks), so a stalled reader costs one shard. Raises NotFound, InvalidArgument (rank
+    not among lost_ranks), FailedPrecondition before the first piece; Aborted when a rank of the group
+    is marked lost meanwhile."""
+    with c.locked(name) as g:
         lost = _check_lost(g, lost_ranks)
         if rank not in lost:
             raise errors.InvalidArgument(f"rank {rank} is not among the lost ranks {lost}")
         todo = _selection(g, request_ids, first_chunk)
-    scratch = coding.Scratch()
+        generations = g.generations()
     for rid, idx, first in todo:
         if idx < first:
             continue
-        with c.lock:
-            if c.groups.get(name) is not g:
-                return
+        with c.locked(name):
+            _check_generations(g, generations)
+            chunk, work, failure = _prepare(c, g, lost, rid, idx)
+        if chunk is None:
+            continue
+        data = None
+        if work is not None:
             t0 = time.perf_counter()
-            chunk, shards, failure = _one(c, g, lost, rid, idx, scratch)
-            if chunk is None:
-                continue
-            data = bytes(shards[rank]) if shards is not None else None
-            if shards is not None:
-                c.counters.rebuild_bytes += g.shard_nbytes
-                c.counters.rebuild_seconds += time.perf_counter() - t0
+            try:
+                shards = _compute(g, work, coding.Scratch())
+            finally:
+                _unpin(c, work)
+            if shards is None:
+                failure = ledger.Failure.CHECKSUM_MISMATCH
+            else:
+                data = bytes(shards[rank])
+                del shards
+                with c.lock:
+                    c.counters.rebuild_bytes += g.shard_nbytes
+                    c.counters.rebuild_seconds += time.perf_counter() - t0
                 c.metrics.rebuild_bytes.inc(g.shard_nbytes)
-            slots = chunk.slots
-        yield Piece(rid, idx, slots, data, failure)
+        yield Piece(rid, idx, chunk.slots, data, failure)
 
 
 def plan(
-    c: core.Custodian,
+    c: custodian.Custodian,
     name: str,
     lost_ranks: list[int],
     *,
     prefill_tokens_per_s: float,
     rebuild_bytes_per_s: float,
 ) -> planner.GroupPlan:
-    """Hybrid-recovery plan from the ledger (ghostserve.engine.planner). Raises NotFound, InvalidArgument."""
-    with c.lock:
-        g = c.get(name)
+    """Hybrid-recovery plan from the ledger (ghostserve.sidecar.planner). Raises NotFound, InvalidArgument."""
+    with c.locked(name) as g:
         if not lost_ranks:
             raise errors.InvalidArgument("no lost ranks given")
         for r in lost_ranks:
             g.check_rank(r)
-        if not rebuild_bytes_per_s and c.counters.rebuild_seconds > 0:
+        if not rebuild_bytes_per_s and c.counters.rebuild_seconds > 0:  # racy read of two floats: fine
             rebuild_bytes_per_s = c.counters.rebuild_bytes / c.counters.rebuild_seconds
         ledgers = []
         for rid in sorted(g.ledger.requests):

@@ -1,8 +1,10 @@
 """Start-up: re-adopt the groups of a previous sidecar run.
 
-Pools come back from the state file (a segment that vanished becomes a fresh pool marked for rebuild),
-chunk records from the ledger journal (as unprotected), parity from the spill dir (as protected, checked
-by the same checksums at rebuild time). Runs before the server accepts calls.
+Pools come back from the state file (a segment that vanished, or that is not a regular file owned by
+this uid with mode 0660 or tighter, becomes a fresh pool marked for rebuild), chunk records from the
+ledger journal (as unprotected), parity from the spill dir (as protected, checked by the same checksums
+at rebuild time). A spill record that does not check out is dropped alone: its chunk stays unprotected
+and the rest of the group is restored. Runs before the server accepts calls.
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ import logging
 from typing import Any
 
 import numpy as np
-from ghostserve.sidecar import coding, core, errors, group, ledger, persist
+from ghostserve.sidecar import coding, commits, custodian, errors, group, ledger, persist, pools
 
 log = logging.getLogger("ghostserve.sidecar")
 
 
-def restore(c: core.Custodian) -> int:
+def restore(c: custodian.Custodian) -> int:
     """Re-adopt the groups of a previous run from the state dir (pools) and spill dir (parity,
     ledger). A segment that is gone leaves its rank with a fresh pool marked for rebuild. Returns the
     number of groups restored."""
@@ -36,18 +38,36 @@ def restore(c: core.Custodian) -> int:
         return len(c.groups)
 
 
-def _restore_group(c: core.Custodian, name: str, data: dict[str, Any]) -> None:
+def _restore_group(c: custodian.Custodian, name: str, data: dict[str, Any]) -> None:
     settings = group.settings_from_state(data)
     group.check_settings(settings)
-    g = group.Group(name, settings, codec=coding.make_codec(settings.protection, settings.world_size))
+    g = group.Group(
+        name,
+        settings,
+        codec=coding.make_codec(settings.protection, settings.world_size),
+        uid=str(data.get("uid", "")),
+        creator=str(data.get("creator", "")),
+    )
+    g.budget_bytes = int(data.get("budget_bytes", 0))
     custody = c.custody(settings.kind)
     for rp, rank_data in zip(g.ranks, data["ranks"], strict=True):
         rp.generation = int(rank_data["generation"])
         rp.valid = bool(rank_data["valid"])
+        rp.device_uuid = str(rank_data.get("device_uuid", ""))
         if rank_data["shm_name"]:
+            shm_name = str(rank_data["shm_name"])
             try:
-                rp.segment = custody.adopt(rank_data["shm_name"], g.layout.pool_nbytes)
-            except errors.NotFound:
+                rp.segment = custody.adopt(shm_name, g.layout.pool_nbytes)
+            except (errors.NotFound, errors.FailedPrecondition, errors.InvalidArgument) as exc:
+                if not isinstance(exc, errors.NotFound):
+                    # Not a segment this sidecar made (a link, another owner, a loose mode): its bytes
+                    # are not trusted as KV. The name is removed (a link itself, never its target).
+                    log.warning(
+                        json.dumps(
+                            {"event": "pool-discarded", "group": name, "segment": shm_name, "why": str(exc)}
+                        )
+                    )
+                    pools.discard(shm_name)
                 rp.segment, rp.generation, rp.valid = (
                     custody.create(g.layout.pool_nbytes),
                     rp.generation + 1,
@@ -58,19 +78,13 @@ def _restore_group(c: core.Custodian, name: str, data: dict[str, Any]) -> None:
     _replay_journal(c, g)
     if c.spill:
         _restore_spill(c, g)
+    c.store.meta_bytes += sum(commits.request_cost(req) for req in g.ledger.requests.values())
     if c.journal:
-        c.journal.rewrite(
-            name,
-            [
-                core.chunk_record(rid, c)
-                for rid, req in g.ledger.requests.items()
-                for c in req.complete_chunks()
-            ],
-        )
+        commits.compact_journal(c, g)
     log.info(json.dumps({"event": "group-restored", "group": name, "requests": len(g.ledger.requests)}))
 
 
-def _replay_journal(c: core.Custodian, g: group.Group) -> None:
+def _replay_journal(c: custodian.Custodian, g: group.Group) -> None:
     """Chunks completed before the restart come back committed and unprotected (their parity is
     gone unless the spill dir has it)."""
     if c.journal is None:
@@ -94,29 +108,88 @@ def _replay_journal(c: core.Custodian, g: group.Group) -> None:
             chunk.state, chunk.failure = ledger.State.UNPROTECTED, ledger.Failure.NOT_PROTECTED
 
 
-def _restore_spill(c: core.Custodian, g: group.Group) -> None:
+def _restore_spill(c: custodian.Custodian, g: group.Group) -> None:
     assert c.spill is not None
-    for meta, path in c.spill.load_group(g.name):
-        rid, idx = str(meta["request_id"]), int(meta["index"])
+    for meta, meta_path, bin_path in c.spill.load_group(g.name):
+        try:
+            rid, idx, slots, tokens, sums = _check_record(g, meta)
+        except (KeyError, TypeError, ValueError, OverflowError, errors.SidecarError) as exc:
+            log.warning(
+                json.dumps(
+                    {
+                        "event": "spill-record-dropped",
+                        "group": g.name,
+                        "path": str(meta_path),
+                        "why": str(exc),
+                    }
+                )
+            )
+            c.spill.delete_record(meta_path)
+            continue
         known = g.ledger.requests.get(rid)
         if c.journal is not None and (known is None or idx not in known.chunks):
             # The journal is written before any spill: a record it lacks was released or dropped.
-            c.spill.delete_chunk(g.name, rid, idx)
+            c.spill.delete_record(meta_path)
             continue
-        slots = np.asarray(meta["slots"], dtype=np.int64)
-        tokens = np.asarray(meta["token_ids"], dtype=np.int64)
-        try:
-            for rank in range(g.settings.world_size):
-                g.ledger.commit(rank, rid, idx, slots=slots, token_ids=tokens)
-            chunk = g.ledger.requests[rid].chunks[idx]
-            item = c.store.reserve(
-                g.owner(rid), idx, g.parity_nbytes, tokens_of=c._tokens_of, on_evict=c._on_evict
+        if not _adopt_parity(c, g, rid, idx, slots, tokens, sums, bin_path):
+            log.warning(
+                json.dumps(
+                    {
+                        "event": "spill-record-dropped",
+                        "group": g.name,
+                        "path": str(meta_path),
+                        "why": "parity file unusable",
+                    }
+                )
             )
-        except errors.SidecarError:
-            c.spill.delete_chunk(g.name, rid, idx)
-            continue
-        with open(path, "rb") as f:
-            f.readinto(item.buf.data)
-        c.store.commit(item)
-        chunk.state, chunk.checksums = ledger.State.PROTECTED, tuple(int(s) for s in meta["checksums"])
-        chunk.parity_bytes = g.parity_nbytes
+            c.spill.delete_record(meta_path)
+
+
+def _check_record(g: group.Group, meta: dict[str, Any]) -> tuple[str, int, Any, Any, tuple[int, ...]]:
+    """The fields of a spill record, checked against the group. Raises on anything off."""
+    rid, idx = meta["request_id"], meta["index"]
+    if not isinstance(rid, str) or not isinstance(idx, int) or isinstance(idx, bool) or idx < 0:
+        raise ValueError("bad request id or chunk index")
+    ledger.check_request_id(rid)
+    slots = np.asarray(meta["slots"], dtype=np.int64)
+    tokens = np.asarray(meta["token_ids"], dtype=np.int64)
+    sums = tuple(int(s) for s in meta["checksums"])
+    if slots.ndim != 1 or tokens.ndim != 1:
+        raise ValueError("slots and token ids must be lists")
+    if len(sums) != g.settings.world_size or any(not 0 <= s < 1 << 64 for s in sums):
+        raise ValueError(f"{len(sums)} checksums for {g.settings.world_size} ranks")
+    if meta["parity_nbytes"] != g.parity_nbytes:
+        raise ValueError(f"parity of {meta['parity_nbytes']} B, the group's is {g.parity_nbytes} B")
+    return rid, idx, slots, tokens, sums
+
+
+def _adopt_parity(
+    c: custodian.Custodian,
+    g: group.Group,
+    rid: str,
+    idx: int,
+    slots: Any,
+    tokens: Any,
+    sums: tuple[int, ...],
+    path: Any,
+) -> bool:
+    """Commit the chunk for every rank (ledger checks slots and ids) and load its parity."""
+    assert c.spill is not None
+    try:
+        for rank in range(g.settings.world_size):
+            g.ledger.commit(rank, rid, idx, slots=slots, token_ids=tokens)
+        chunk = g.ledger.requests[rid].chunks[idx]
+        item = c.store.reserve(g.owner(rid), idx, g.parity_nbytes, tokens_of=c.tokens_of, on_evict=c.on_evict)
+    except errors.SidecarError:
+        return False
+    try:
+        ok = c.spill.read_parity(path, item.buf)
+    except OSError:
+        ok = False
+    if not ok:
+        c.store.release(g.owner(rid), idx)
+        chunk.state, chunk.failure = ledger.State.UNPROTECTED, ledger.Failure.NOT_PROTECTED
+        return False
+    c.store.commit(item)
+    chunk.state, chunk.checksums, chunk.parity_bytes = ledger.State.PROTECTED, sums, g.parity_nbytes
+    return True

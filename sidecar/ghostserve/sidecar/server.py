@@ -47,6 +47,15 @@ class Tls:
             require_client_auth=ca is not None,
         )
 
+    def peer_credentials(self) -> grpc.ChannelCredentials:
+        """What this sidecar presents when it dials another one (MoveGroup): its own certificate,
+        and the CA (when given) as the root the peer's certificate must chain to."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca.read_bytes() if self.ca else None,
+            private_key=self.key.read_bytes(),
+            certificate_chain=self.cert.read_bytes(),
+        )
+
 
 DEFAULT_SOCKET = "/run/ghostserve/sidecar.sock"
 
@@ -68,6 +77,7 @@ class SidecarServer:
         self.health = grpc_health.aio.HealthServicer()
         self.socket_path = socket_path
         health_pb2_grpc.add_HealthServicer_to_server(self.health, grpc_server)
+        self.servicer: service.Servicer | None = None  # set by create_server
 
     async def start(self) -> None:
         self.hub.start()
@@ -82,6 +92,8 @@ class SidecarServer:
         await self.health.enter_graceful_shutdown()
         await self.hub.stop()
         await self.grpc.stop(grace)
+        if self.servicer is not None:
+            self.servicer.receiver.close()  # moves to this node that never finished
         await asyncio.to_thread(self.custodian.close)
         if self.socket_path is not None:
             self.socket_path.unlink(missing_ok=True)
@@ -130,7 +142,15 @@ def create_server(
     custodian = core.Custodian(config, metrics_=metrics_)
     restore.restore(custodian)
     source: health.GpuHealthSource
-    if config.fake_gpus is not None:
+    if config.fake_gpu_dir is not None:
+        from ghostserve.sidecar import fakegpu
+
+        try:
+            source = fakegpu.FakeGpuDirSource(config.fake_gpu_dir)
+        except errors.SidecarError:
+            custodian.close()
+            raise
+    elif config.fake_gpus is not None:
         source = health.FakeHealthSource(config.fake_gpus)
     else:
         try:
@@ -142,7 +162,10 @@ def create_server(
         source, on_event=lambda e: custodian.metrics.health_events.labels(e.kind.name).inc()
     )
     server = grpc.aio.server(options=client.CHANNEL_OPTIONS)
-    pb_grpc.add_SidecarServicer_to_server(service.Servicer(custodian, hub, node=config.node), server)
+    servicer = service.Servicer(custodian, hub, node=config.node)
+    if tls is not None:
+        servicer.mover.credentials = tls.peer_credentials()
+    pb_grpc.add_SidecarServicer_to_server(servicer, server)
     path = _socket_path(address)
     if path is not None:
         if not path.is_absolute():
@@ -166,7 +189,9 @@ def create_server(
             raise RuntimeError(f"cannot bind {where}: {exc}") from exc
         if _socket_path(where) is None:
             port = bound
-    return SidecarServer(server, custodian, hub, socket_path=path), port
+    srv = SidecarServer(server, custodian, hub, socket_path=path)
+    srv.servicer = servicer
+    return srv, port
 
 
 def _json_str(exc: BaseException) -> str:
@@ -237,6 +262,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument(
         "--fake-nvml", type=int, metavar="N", help="fake N GPUs (tests, demos): enables InjectFault"
     )
+    p.add_argument(
+        "--fake-gpu-dir",
+        type=pathlib.Path,
+        metavar="DIR",
+        help="fake this node's GPUs from DIR/gpus.json (embedded cluster): enables InjectFault",
+    )
     p.add_argument("--shm-prefix", default="gs-", help="prefix of pool segment names in /dev/shm (gs...)")
     p.add_argument("--node", default=os.environ.get("NODE_NAME", socket.gethostname()))
     p.add_argument("--grace", type=float, default=5.0, help="seconds calls in flight get at shutdown")
@@ -273,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         queue_depth=args.queue_depth,
         node=args.node,
         fake_gpus=args.fake_nvml,
+        fake_gpu_dir=args.fake_gpu_dir,
         shm_prefix=args.shm_prefix,
     )
     tls = Tls(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None

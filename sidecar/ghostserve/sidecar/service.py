@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 from ghostserve.kernels import errors as codec_errors
-from ghostserve.sidecar import convert, core, errors, health, ledger, recovery
+from ghostserve.sidecar import convert, core, devices, errors, health, ledger, move, move_receive, recovery
 from ghostserve.v1 import sidecar_pb2 as pb
 from ghostserve.v1 import sidecar_pb2_grpc as pb_grpc
 
@@ -69,11 +69,22 @@ class Servicer(pb_grpc.SidecarServicer):
         self.c = custodian
         self.hub = hub
         self.node = node
+        # MoveGroup (source side) and ReceiveGroup (target side); the server sets mover.credentials.
+        self.mover = move.Mover(custodian)
+        self.receiver = move_receive.Receiver(custodian)
 
     @_mapped
     async def Attach(self, request: pb.AttachRequest, context: Any) -> pb.AttachResponse:
         settings = convert.settings_from(request)
-        res = self.c.attach(request.group, request.rank, settings, worker_id=request.worker_id)
+        self.receiver.check_attachable(request.group)
+        res = self.c.attach(
+            request.group,
+            request.rank,
+            settings,
+            worker_id=request.worker_id,
+            device_uuid=request.device_uuid,
+            budget_bytes=request.parity_budget_bytes,
+        )
         return pb.AttachResponse(
             pool=convert.pool_to(res.pool), created=res.created, needs_rebuild=res.needs_rebuild
         )
@@ -136,6 +147,8 @@ class Servicer(pb_grpc.SidecarServicer):
 
     @_mapped
     async def DeleteGroup(self, request: pb.DeleteGroupRequest, context: Any) -> pb.DeleteGroupResponse:
+        if self.receiver.discard(request.group):  # a move to this node that will not finish
+            return pb.DeleteGroupResponse()
         self.c.delete_group(request.group)
         return pb.DeleteGroupResponse()
 
@@ -231,7 +244,12 @@ class Servicer(pb_grpc.SidecarServicer):
                 yield self._event(event)
 
     def _event(self, e: health.Event) -> pb.HealthEvent:
+        with self.c.lock:
+            holder = devices.rank_of(self.c.groups, e.gpu_uuid)
+        group, rank = holder if holder is not None else ("", 0)
         return pb.HealthEvent(
+            group=group,
+            rank=rank,
             gpu_index=e.gpu_index,
             gpu_uuid=e.gpu_uuid,
             kind=convert.enum_value(e.kind),
@@ -277,6 +295,8 @@ class Servicer(pb_grpc.SidecarServicer):
                 rebuild_seconds=c.counters.rebuild_seconds,
                 groups=len(c.groups),
                 requests=sum(len(g.ledger.requests) for g in c.groups.values()),
+                move_bytes_received=self.receiver.bytes_received,
+                moves_in_progress=len(self.receiver.staged),
             )
 
     @_mapped
@@ -285,3 +305,20 @@ class Servicer(pb_grpc.SidecarServicer):
             self.c.flush, request.group, timeout=_wait(request.timeout_seconds)
         )
         return pb.FlushResponse(drained=drained, chunks_queued=pending)
+
+    @_mapped
+    async def MoveGroup(self, request: pb.MoveGroupRequest, context: Any) -> pb.MoveGroupReply:
+        # Operator only (see docs/sidecar.md, "Moving a group"): SIDECAR's authorization table lists it.
+        try:
+            return await self.mover.move(request)
+        except grpc.aio.AioRpcError as exc:
+            code, message = move.relay_error(exc, request.target)
+            await context.abort(code, message)
+            raise
+
+    @_mapped
+    async def ReceiveGroup(
+        self, request_iterator: AsyncIterator[pb.MovePiece], context: Any
+    ) -> pb.ReceiveGroupReply:
+        # Sidecar to sidecar with the operator's (or a peer sidecar's) identity only.
+        return await self.receiver.receive(request_iterator)

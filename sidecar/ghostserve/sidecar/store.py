@@ -1,13 +1,16 @@
 """Parity store: host buffers for parity, bounded by a byte budget, with eviction (pure: no I/O).
 
 Buffers are allocated once per size, pre-touched, and recycled through per-size free lists (first-touch
-page faults halve host-memory throughput, DESIGN §7). The budget bounds everything held: parity in use,
-parity reserved for encodes in flight, and free buffers kept for reuse.
+page faults halve host-memory throughput). The budget bounds everything held: parity in use, parity
+reserved for encodes in flight, free buffers kept for reuse, and the ledger's own memory (slots, token
+ids, recorded tokens: `charge`/`uncharge`).
 
 Eviction, when a reservation does not fit: free cached buffers of other sizes first, then drop the parity
 of whole requests in order of least recompute time saved per parity byte. Recomputing a request of n
 tokens costs about n * (1 + n / ATTENTION_TOKENS) token-units (linear layers + attention), and its parity
-grows with n, so short requests go first. Reservations (encodes in flight) are never evicted; when
+grows with n, so short requests go first. The request that asks for room is weighed too (with the new
+chunk counted): when it is worth less than every candidate victim, nothing is evicted and the reservation
+fails. Reservations (encodes in flight) and pinned items (a rebuild reading them) are never evicted; when
 nothing else is left, `reserve` raises ResourceExhausted.
 """
 
@@ -36,6 +39,7 @@ class Item:
     key: Hashable  # the chunk
     buf: npt.NDArray[np.uint8]
     reserved: bool = True
+    pins: int = 0  # rebuilds reading `buf` outside the lock: never evicted or recycled while > 0
 
 
 class ParityStore:
@@ -49,7 +53,37 @@ class ParityStore:
         self._free: dict[int, list[npt.NDArray[np.uint8]]] = {}
         self.held_bytes = 0  # items, reserved or not
         self.cached_bytes = 0  # free buffers kept for reuse
+        self.meta_bytes = 0  # the ledger's memory, charged by the custodian
         self.evictions = 0
+
+    def used_bytes(self) -> int:
+        return self.held_bytes + self.cached_bytes + self.meta_bytes
+
+    def charge(
+        self,
+        nbytes: int,
+        *,
+        tokens_of: Callable[[Hashable], int],
+        on_evict: Callable[[Hashable, list[Hashable]], None],
+    ) -> None:
+        """Count `nbytes` of ledger memory against the budget, evicting parity (least valuable first)
+        to make room. Raises ResourceExhausted, charging nothing, when even that cannot make room."""
+        if nbytes <= 0:
+            return
+        while self.used_bytes() + nbytes > self.budget:
+            if self._drop_cached(other_than=-1):
+                continue
+            victim = self._victim(exclude=None, tokens_of=tokens_of)
+            if victim is None:
+                raise errors.ResourceExhausted(
+                    f"sidecar memory budget full ({self.used_bytes()} of {self.budget} B in use; "
+                    f"{self.meta_bytes} B of it ledger)"
+                )
+            on_evict(victim, self._evict(victim))
+        self.meta_bytes += nbytes
+
+    def uncharge(self, nbytes: int) -> None:
+        self.meta_bytes = max(0, self.meta_bytes - max(nbytes, 0))
 
     def reserve(
         self,
@@ -94,7 +128,7 @@ class ParityStore:
             if free:
                 self.cached_bytes -= nbytes
                 return free.pop()
-            if self.held_bytes + self.cached_bytes + nbytes <= self.budget:
+            if self.used_bytes() + nbytes <= self.budget:
                 buf = np.zeros(nbytes, dtype=np.uint8)
                 buf.fill(0)  # pre-touch: the encode must not pay the page faults
                 return buf
@@ -105,7 +139,13 @@ class ParityStore:
                 victim = self._victim(exclude=None, tokens_of=tokens_of)
             if victim is None:
                 raise errors.ResourceExhausted(
-                    f"parity budget full ({self.held_bytes} of {self.budget} B held by encodes in flight)"
+                    f"parity budget full ({self.used_bytes()} of {self.budget} B held by encodes in "
+                    "flight, pinned parity and the ledger)"
+                )
+            if victim != owner and self._worth_less(owner, nbytes, than=victim, tokens_of=tokens_of):
+                raise errors.ResourceExhausted(
+                    "parity budget full and the new chunk's request saves less recompute per byte "
+                    "than any request holding parity"
                 )
             on_evict(victim, self._evict(victim))
 
@@ -117,12 +157,24 @@ class ParityStore:
                 return True
         return False
 
+    def _evictable(self, owner: Hashable) -> int:
+        return sum(i.buf.size for i in self._items.get(owner, {}).values() if not i.reserved and not i.pins)
+
+    def _worth_less(
+        self, owner: Hashable, extra: int, *, than: Hashable, tokens_of: Callable[[Hashable], int]
+    ) -> bool:
+        """Whether `owner`, holding `extra` more bytes, saves less recompute per byte than `than`."""
+        mine = sum(i.buf.size for i in self._items.get(owner, {}).values()) + extra
+        return recompute_score(tokens_of(owner), mine) < recompute_score(
+            tokens_of(than), self._evictable(than)
+        )
+
     def _victim(self, *, exclude: Hashable | None, tokens_of: Callable[[Hashable], int]) -> Hashable | None:
         best: tuple[float, Hashable] | None = None
-        for owner, items in self._items.items():
+        for owner in self._items:
             if owner == exclude:
                 continue
-            held = sum(i.buf.size for i in items.values() if not i.reserved)
+            held = self._evictable(owner)
             if not held:
                 continue
             score = recompute_score(tokens_of(owner), held)
@@ -132,7 +184,7 @@ class ParityStore:
 
     def _evict(self, owner: Hashable) -> list[Hashable]:
         items = self._items.get(owner, {})
-        keys = [k for k, i in items.items() if not i.reserved]
+        keys = [k for k, i in items.items() if not i.reserved and not i.pins]
         for k in keys:
             self._recycle(items.pop(k))
         if not items:
@@ -142,10 +194,10 @@ class ParityStore:
 
     def _recycle(self, item: Item) -> None:
         self.held_bytes -= item.buf.size
-        if item.reserved:
-            # An encode may still be writing into it: never hand it out again.
+        if item.reserved or item.pins:
+            # An encode may still be writing into it, or a rebuild reading it: never hand it out again.
             return
-        if self.held_bytes + self.cached_bytes + item.buf.size <= self.budget:
+        if self.used_bytes() + item.buf.size <= self.budget:
             self._free.setdefault(item.buf.size, []).append(item.buf)
             self.cached_bytes += item.buf.size
 
@@ -170,6 +222,10 @@ class ParityStore:
         if not items:
             self._items.pop(owner, None)
         return freed
+
+    def held_where(self, pred: Callable[[Hashable], bool]) -> int:
+        """Bytes held (reserved or not) by the owners `pred` accepts."""
+        return sum(i.buf.size for o, items in self._items.items() if pred(o) for i in items.values())
 
     def owners(self) -> list[Hashable]:
         return list(self._items)

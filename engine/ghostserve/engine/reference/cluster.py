@@ -30,9 +30,12 @@ _CTX.set_forkserver_preload(["torch", "torch.distributed", "ghostserve.engine.re
 class RankFault(RuntimeError):
     """One or more rank processes died (or closed their pipe) while the driver waited on them."""
 
-    def __init__(self, ranks: Sequence[int]) -> None:
+    def __init__(self, ranks: Sequence[int], exitcodes: dict[int, int] | None = None) -> None:
         super().__init__(f"rank(s) {list(ranks)} died")
         self.ranks = list(ranks)
+        # Exit status of every rank of the generation after it was torn down (-9: killed by us or
+        # SIGKILLed); a rank whose GPU died exits with devices.EXIT_DEVICE_ERROR.
+        self.exitcodes = dict(exitcodes or {})
 
 
 class RankError(RuntimeError):
@@ -83,8 +86,7 @@ class Cluster:
             except (BrokenPipeError, ConnectionResetError, OSError):
                 dead.append(i)
         if dead:
-            self.kill_all()
-            raise RankFault(dead)
+            raise RankFault(dead, self.kill_all())
 
     def collect(self, *, timeout_s: float = 600.0) -> list[Any]:
         """One reply payload per rank. Raises RankFault (after killing every rank) if one dies."""
@@ -108,8 +110,8 @@ class Cluster:
             left = deadline - time.monotonic()
             ready = multiprocessing.connection.wait(pending, timeout=max(0.0, left))
             if not ready:
-                self.kill_all()
-                raise RankFault([i for i in range(len(self.conns)) if i not in replies])
+                missing = [i for i in range(len(self.conns)) if i not in replies]
+                raise RankFault(missing, self.kill_all())
             dead = []
             for obj in ready:
                 if isinstance(obj, int):
@@ -122,8 +124,7 @@ class Cluster:
                 except (EOFError, ConnectionResetError, OSError):
                     dead.append(i)
             if dead:
-                self.kill_all()
-                raise RankFault(sorted(set(dead)))
+                raise RankFault(sorted(set(dead)), self.kill_all())
         return [replies[i] for i in range(len(self.conns))]
 
     def kill(self, rank: int) -> None:
@@ -133,14 +134,14 @@ class Cluster:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
-    def kill_all(self) -> None:
-        """SIGKILL every rank still alive and reap them all."""
+    def kill_all(self) -> dict[int, int]:
+        """SIGKILL every rank still alive and reap them all; returns each rank's exit status."""
         for p in self.procs:
             if p.is_alive() and p.pid is not None:
                 # A survivor may exit on its own (gloo error) between the check and the kill.
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(p.pid, signal.SIGKILL)
-        self._reap()
+        return self._reap()
 
     def stop(self, *, timeout_s: float = 30.0) -> None:
         """Ask every rank to exit; kill the ones that do not within the timeout."""
@@ -153,9 +154,11 @@ class Cluster:
             p.join(timeout_s)
         self.kill_all()
 
-    def _reap(self) -> None:
+    def _reap(self) -> dict[int, int]:
         for p in self.procs:
             p.join()
+        codes = {i: p.exitcode for i, p in enumerate(self.procs) if p.exitcode is not None}
         for c in self.conns:
             c.close()
         self.procs, self.conns = [], []
+        return codes

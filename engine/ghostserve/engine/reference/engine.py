@@ -3,7 +3,9 @@
 The driver is the scheduler (every rank runs its decisions, so slot ids agree on all ranks) and the
 only holder of request state; rank processes are disposable. On any rank death the driver kills the
 whole generation of ranks, starts a new one (pools survive in the sidecar) and runs
-``recovery.recover``, which rebuilds what a device fault destroyed and recomputes the rest.
+``recovery.recover``, which rebuilds what a device fault destroyed and recomputes the rest. Every
+operation that talks to the ranks runs in ``resilience.guarded``, which starts recovery over on any
+further fault.
 """
 
 from __future__ import annotations
@@ -18,13 +20,10 @@ import grpc
 from ghostserve.engine import adapter
 from ghostserve.engine.reference import cluster as cluster_mod
 from ghostserve.engine.reference import config as config_mod
-from ghostserve.engine.reference import kvpool, recovery, schedule
+from ghostserve.engine.reference import devices, kvpool, recovery, resilience, schedule
 from ghostserve.engine.reference import rank as rank_mod
 from ghostserve.kernels import layout as layout_mod
 from ghostserve.sidecar import client as client_mod
-
-# A step that kills its ranks this many times in a row is a bug, not a fault.
-MAX_ATTEMPTS = 3
 
 
 class EngineError(RuntimeError):
@@ -77,6 +76,12 @@ class Options:
     plan_rebuild_bytes_per_s: float | None = None
     # Prefill speed the planner assumes (tokens/s); None = measured from this engine's prefill steps.
     plan_prefill_tokens_per_s: float | None = None
+    # An operation (step, finish, recovery) that fails this many times in a row is a bug, not a fault.
+    max_attempts: int = 8
+    # How long a sidecar that stopped answering is waited for before serving ends.
+    sidecar_wait_s: float = 60.0
+    # Each rank's GPU (devices.Device.for_rank); empty: no GPU (CPU-only runs).
+    devices: tuple[devices.Device, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +112,7 @@ class Counters:
     step_tokens: int = 0  # every step, mixed prefill/decode included
     step_seconds: float = 0.0
     generations: int = 0
+    recovery_restarts: int = 0  # recoveries started over (a fault or sidecar outage during one)
 
 
 class ReferenceEngine:
@@ -155,6 +161,13 @@ class ReferenceEngine:
         self.cluster: cluster_mod.Cluster | None = None
         self.needs_rebuild: list[bool] = []
         self.on_recovered: Callable[[recovery.RecoveryReport], None] | None = None
+        # Ranks whose pools a device fault destroyed and that no recovery has finished restoring yet:
+        # a fault during that recovery must not make the next one take them for intact.
+        self.pending_lost: set[int] = set()
+        # Called at named points of driver operations ("step", "finish", "replay", "restore",
+        # "rebuild") while ranks are mid-operation: tests inject faults there.
+        self.fault_hook: Callable[[str], None] | None = None
+        self.last_recovery_end = 0.0  # perf_counter() when the last recovery finished
         self._t0 = time.monotonic()
 
     # ---- lifecycle --------------------------------------------------------------------------------
@@ -176,6 +189,7 @@ class ReferenceEngine:
                 self.protection,
                 self.opts.threads_per_rank,
                 protect=self.opts.protect,
+                device=self.opts.devices[r] if r < len(self.opts.devices) else devices.Device(),
             )
             for r in range(self.opts.tp)
         ]
@@ -199,6 +213,16 @@ class ReferenceEngine:
                 if exc.code() != grpc.StatusCode.NOT_FOUND:
                     raise
         self.client.close()
+
+    def replace_client(self, client: client_mod.SidecarClient) -> None:
+        """Use a fresh sidecar channel from now on (after the sidecar restarted)."""
+        old, self.client = self.client, client
+        self.session.client = client
+        old.close()
+
+    def hook(self, point: str) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook(point)
 
     @property
     def rank_pids(self) -> list[int]:
@@ -233,10 +257,21 @@ class ReferenceEngine:
         slots = self.alloc.ensure(req.request_id, b)
         return rank_mod.Work(req.request_id, tuple(req.tokens[a:b]), a, tuple(slots[a:b]))
 
+    def guarded(self, op: Callable[[], resilience.T], *, what: str) -> resilience.T:
+        """Run ``op`` in the recover-and-retry scope (resilience.guarded). Raises EngineError when
+        serving cannot go on (resilience.DeviceLost when a rank's GPU died)."""
+        try:
+            return resilience.guarded(self, op, what=what)
+        except resilience.Unrecoverable as exc:
+            if isinstance(exc, resilience.DeviceLost):
+                raise DeviceLost(exc.ranks) from exc
+            raise EngineError(str(exc)) from exc
+
     def step(self) -> int:
         """One continuous-batching step over every admitted request; returns requests stepped.
 
-        A rank fault during the step triggers recovery and the step is redone.
+        A rank fault during the step (or while finishing a request) triggers recovery and that part is
+        redone.
         """
         batch = self.active()
         if not batch:
@@ -244,25 +279,21 @@ class ReferenceEngine:
         work = [self._piece(r) for r in batch]
         prefill = all(w.start < len(self.requests[w.request_id].prompt) for w in work)
         t0 = time.perf_counter()
-        for attempt in range(MAX_ATTEMPTS + 1):
+
+        def forward() -> list[int]:
             assert self.cluster is not None
-            try:
-                self._prepare_faults()
-                self.cluster.broadcast(rank_mod.Step(tuple(work)))
-                self._maybe_inject()
-                replies = self.cluster.collect()
-                break
-            except cluster_mod.RankFault as fault:
-                if attempt == MAX_ATTEMPTS:
-                    raise EngineError(
-                        f"step {self.counters.steps} failed {attempt + 1} times in a row"
-                    ) from fault
-                report = recovery.recover(self, fault.ranks)
-                self.recoveries.append(report)
-                if self.on_recovered:
-                    self.on_recovered(report)
-                t0 = time.perf_counter()
-        self._advance(batch, work, replies[0])
+            self._prepare_faults()
+            self.cluster.broadcast(rank_mod.Step(tuple(work)))
+            self._maybe_inject()
+            self.hook("step")
+            replies = self.cluster.collect()
+            return list(replies[0])
+
+        tokens = self.guarded(forward, what=f"step {self.counters.steps}")
+        # A recovery during the step is not step time.
+        t0 = max(t0, self.last_recovery_end)
+        for req in self._advance(batch, work, tokens):
+            self.guarded(lambda req=req: self._finish(req), what=f"finishing {req.request_id}")
         # Step time includes the driver's bookkeeping (token records, releases): part of the overhead.
         seconds = time.perf_counter() - t0
         c = self.counters
@@ -280,8 +311,10 @@ class ReferenceEngine:
 
     def _advance(
         self, batch: Sequence[Request], work: Sequence[rank_mod.Work], next_tokens: list[int]
-    ) -> None:
+    ) -> list[Request]:
+        """Driver bookkeeping after a step (no rank calls, so never redone); returns finished requests."""
         t = self.opts.chunk_tokens
+        done = []
         for req, w, tok in zip(batch, work, next_tokens, strict=True):
             end = w.start + len(w.tokens)
             req.kv_len = end
@@ -295,13 +328,18 @@ class ReferenceEngine:
                     max_new_tokens=req.max_new_tokens,
                 )
             if req.done:
-                self._finish(req)
+                done.append(req)
+        return done
 
     def _finish(self, req: Request) -> None:
         assert self.cluster is not None
         if self.opts.record_digests:
-            req.digests = self.cluster.call(rank_mod.Digest(req.request_id, req.kv_len))
-        self.cluster.call(rank_mod.Drop(req.request_id))
+            self.cluster.broadcast(rank_mod.Digest(req.request_id, req.kv_len))
+            self.hook("finish")
+            req.digests = self.cluster.collect()
+        self.cluster.broadcast(rank_mod.Drop(req.request_id))
+        self.hook("finish")
+        self.cluster.collect()
         self.session.release(req.request_id)
         self.alloc.free(req.request_id)
         req.finished_s = time.monotonic() - self._t0
@@ -382,7 +420,9 @@ class ReferenceEngine:
                 slots = self.alloc.slots(rid)
                 work.append(rank_mod.Work(rid, tuple(req.tokens[a:b]), a, tuple(slots[a:b]), commit, rowwise))
                 total += b - a
-            self.cluster.call(rank_mod.Step(tuple(work), want_tokens=False))
+            self.cluster.broadcast(rank_mod.Step(tuple(work), want_tokens=False))
+            self.hook("replay")
+            self.cluster.collect()
         return total
 
     def resume_all(self) -> None:
@@ -401,3 +441,11 @@ class ReferenceEngine:
             return self.opts.plan_prefill_tokens_per_s
         c = self.counters
         return c.prefill_tokens / c.prefill_seconds if c.prefill_seconds else 0.0
+
+
+class DeviceLost(EngineError):
+    """A rank's GPU took a fatal fault: this process tree cannot go on (reschedule it without that GPU)."""
+
+    def __init__(self, ranks: Sequence[int]) -> None:
+        super().__init__(f"rank(s) {list(ranks)} lost their GPU")
+        self.ranks = list(ranks)

@@ -100,6 +100,26 @@ class PageAllocator:
             pages.append(self._free.pop(0))
         return self.slots(request_id)
 
+    def assign(self, request_id: str, layout: list[int | None]) -> list[int]:
+        """Give ``request_id`` exactly these pages in this order (None: any free page); pages it held
+        before and the layout does not name are freed. Returns its full slot list. Raises
+        PoolFullError (and changes nothing) when a named page belongs to another request or too few
+        pages are free."""
+        mine = set(self._pages.get(request_id, []))
+        named = [p for p in layout if p is not None]
+        taken = [p for p in named if p not in mine and p not in self._free]
+        if taken:
+            raise PoolFullError(f"request {request_id!r}: pages {taken[:8]} are not free")
+        spare = sorted((set(self._free) | mine) - set(named))
+        if layout.count(None) > len(spare):
+            raise PoolFullError(f"request {request_id!r} needs {layout.count(None)} more pages")
+        fresh = iter(spare)
+        pages = [p if p is not None else next(fresh) for p in layout]
+        used = set(pages)
+        self._free = [p for p in sorted(set(self._free) | mine) if p not in used]
+        self._pages[request_id] = pages
+        return self.slots(request_id)
+
     def free(self, request_id: str) -> None:
         self._free.extend(self._pages.pop(request_id, []))
 

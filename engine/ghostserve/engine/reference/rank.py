@@ -12,14 +12,16 @@ import dataclasses
 import datetime
 import os
 import sys
+import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 
+import grpc
 import numpy as np
 import torch
 import torch.distributed as dist
 from ghostserve.engine import adapter
-from ghostserve.engine.reference import commits, kvpool, model, schedule
+from ghostserve.engine.reference import commits, devices, kvpool, model, schedule
 from ghostserve.engine.reference import config as config_mod
 from ghostserve.kernels import layout as layout_mod
 from ghostserve.sidecar import client as client_mod
@@ -41,6 +43,9 @@ class RankSpec:
     threads: int = 1
     collective_timeout_s: float = 60.0
     protect: bool = True  # False: never commit chunks (protection off)
+    device: devices.Device = dataclasses.field(default_factory=devices.Device)
+    # While the sidecar restarts (UNAVAILABLE), attach is retried with backoff this long.
+    attach_timeout_s: float = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,8 +194,39 @@ def _run_step(
     return model.greedy(weights, last) if msg.want_tokens and ad.spec.rank == 0 else None
 
 
+def _check_device(spec: RankSpec) -> None:
+    """Exit as a CUDA process does when its GPU died (see devices.Device)."""
+    try:
+        spec.device.check()
+    except devices.DeviceError as exc:
+        sys.stderr.write(f"ghostserve rank {spec.rank}: device error: {exc}\n")
+        os._exit(devices.EXIT_DEVICE_ERROR)
+
+
+def _attach(spec: RankSpec, ad: RankAdapter) -> tuple[np.ndarray, bool]:
+    """allocate_pool, retried with backoff (fresh channels) while the sidecar is unreachable."""
+    deadline = time.monotonic() + spec.attach_timeout_s
+    delay = 0.05
+    while True:
+        try:
+            return ad.allocate_pool()
+        except adapter.AdapterError as exc:
+            cause = exc.__cause__
+            transient = isinstance(cause, grpc.RpcError) and cause.code() in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            )
+            if not transient or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(1.0, delay * 2)
+        ad.session.client.close()
+        ad.session.client = client_mod.SidecarClient(spec.sidecar)
+
+
 def main(spec: RankSpec, conn: Connection) -> None:
     """Process entry point. Replies ("ready", needs_rebuild) then one reply per message."""
+    _check_device(spec)
     torch.set_num_threads(spec.threads)
     dist.init_process_group(
         "gloo",
@@ -216,9 +252,10 @@ def main(spec: RankSpec, conn: Connection) -> None:
         protection=spec.protection,
         worker_id=f"rank{spec.rank}-pid{os.getpid()}",
         reconnect=lambda: client_mod.SidecarClient(spec.sidecar),
+        device_uuid=spec.device.uuid,
     )
     ad = RankAdapter(spec, session)
-    buf, needs_rebuild = ad.allocate_pool()
+    buf, needs_rebuild = _attach(spec, ad)
     pool = kvpool.as_tensor(buf, spec.shape)
     weights = model.build_weights(spec.config, tp=spec.tp, rank=spec.rank)
     coll = GlooCollective(spec.tp)
@@ -256,6 +293,7 @@ def _dispatch(
 ) -> None:
     spec = ad.spec
     if isinstance(msg, Step):
+        _check_device(spec)
         conn.send(("ok", _run_step(msg, ad, weights, pool, coll)))
     elif isinstance(msg, Resume):
         ad.resume(msg.request_id, msg.tokens, prompt_tokens=msg.prompt_tokens, slots=msg.slots)

@@ -7,6 +7,10 @@
    (PlanRecovery, calibrated with the measured prefill speed), rebuild chunks >= r from survivors +
    parity in the sidecar *while* the ranks recompute chunks < r, then recompute what could not be
    rebuilt and the unprotected tail, in position order, and commit the recomputed chunks again.
+
+A fault during any of this makes the caller (resilience.recover) start over; the lost ranks are kept
+in ``engine.pending_lost`` until a recovery completes, because after an interrupted one the sidecar
+may already list them as valid (its Rebuild finished) although the recompute of their head did not.
 """
 
 from __future__ import annotations
@@ -54,9 +58,11 @@ def recover(engine: engine_mod.ReferenceEngine, dead: Sequence[int]) -> Recovery
     assert engine.cluster is not None
     engine.cluster.kill_all()
     engine.start()
-    lost = [r for r, bad in enumerate(engine.needs_rebuild) if bad]
+    lost = sorted({r for r, bad in enumerate(engine.needs_rebuild) if bad} | engine.pending_lost)
+    engine.pending_lost = set(lost)
     report = RecoveryReport("device" if lost else "process", sorted(dead), lost)
     engine.resume_all()
+    engine.hook("restore")
     if not lost:
         _recommit(engine)
     report.restart_s = time.perf_counter() - t0
@@ -64,6 +70,7 @@ def recover(engine: engine_mod.ReferenceEngine, dead: Sequence[int]) -> Recovery
         t1 = time.perf_counter()
         _restore(engine, lost, report)
         report.restore_s = time.perf_counter() - t1
+    engine.pending_lost = set()
     report.total_s = time.perf_counter() - t0
     return report
 
@@ -71,7 +78,6 @@ def recover(engine: engine_mod.ReferenceEngine, dead: Sequence[int]) -> Recovery
 def _restore(engine: engine_mod.ReferenceEngine, lost: list[int], report: RecoveryReport) -> None:
     t = engine.opts.chunk_tokens
     active = [r for r in engine.requests.values() if r.kv_len]
-    engine.client.wait_ready(timeout=60.0)
     for req in active:
         engine.session.record_tokens(
             req.request_id, req.tokens, prompt_tokens=len(req.prompt), max_new_tokens=req.max_new_tokens
@@ -92,6 +98,7 @@ def _restore(engine: engine_mod.ReferenceEngine, lost: list[int], report: Recove
     # also runs when it has nothing to do (r = n everywhere): it is what marks the lost pools valid again.
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         future = pool.submit(_rebuild, engine, lost, first)
+        engine.hook("rebuild")
         head = {rid: [(0, r * t)] for rid, r in first.items() if r}
         th = time.perf_counter()
         report.tokens_recomputed += engine.replay(head)
@@ -136,7 +143,6 @@ def _recommit(engine: engine_mod.ReferenceEngine) -> None:
     """Commit again every complete chunk the sidecar does not list as committed: commits queued in the
     killed ranks never arrived (commits are idempotent, so over-committing is harmless)."""
     assert engine.cluster is not None
-    engine.client.wait_ready(timeout=60.0)
     known = {
         r.request_id: r.chunks_committed for r in engine.client.describe_group(group=engine.group).requests
     }

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from ghostserve.engine import planner
+from ghostserve.sidecar import planner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -154,6 +154,6 @@ def test_fit_recovers_coefficients():
 
 
 def test_planner_is_import_light():
-    code = "import sys, ghostserve.engine.planner; print({'torch', 'numpy', 'grpc'} & set(sys.modules))"
+    code = "import sys, ghostserve.sidecar.planner; print({'torch', 'numpy', 'grpc'} & set(sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "set()"

@@ -1,7 +1,7 @@
 """Hybrid-recovery planner: recompute the first r chunks of a request while the sidecar rebuilds the rest.
 
-Pure Python (stdlib only) so that the sidecar's PlanRecovery RPC can import it without pulling in
-torch or the rest of the engine. Everything here is a function of plain numbers.
+Pure Python (stdlib only): the sidecar's PlanRecovery RPC calls it, and everything here is a function of
+plain numbers, testable without a sidecar (tests/sidecar/test_planner.py).
 
 Cost model (GhostServe paper, MLSys 2026, ``get_recompute_units``): recomputing chunk ``i`` is a
 prefill of T tokens over a prefix of ``i*T`` tokens, so its cost grows with position:
@@ -23,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable, Sequence
+
+from ghostserve.kernels import protection
 
 
 class PlanError(ValueError):
@@ -228,13 +230,7 @@ def plan_group(
         raise PlanError(f"lost ranks {list(lost)} out of range for world size {world_size}")
     if shard_bytes < 0 or parity_shards < 0:
         raise PlanError("shard_bytes and parity_shards must be >= 0")
-    code = code.lower()
-    if code == "none":
-        rebuildable = False
-    elif code == "replicate":
-        rebuildable = True
-    else:
-        rebuildable = len(lost) <= parity_shards
+    rebuildable = protection.tolerates(code.lower(), parity_shards, len(lost), world_size)
     rebuild_chunk_bytes = len(lost) * shard_bytes
     plans = []
     total_recompute = total_rebuild = total_after = 0.0

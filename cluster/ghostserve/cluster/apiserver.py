@@ -1,4 +1,4 @@
-"""kmock's KubernetesEmulator with what kopf needs from a real API server (DESIGN §7).
+"""The embedded cluster's Kubernetes API server: kmock's KubernetesEmulator with what kopf needs.
 
 kmock 0.8 keeps no resourceVersion, does not understand JSON patches (kopf's finalizer patch is a
 JSON patch with a `test` op on resourceVersion), and its watches ignore `?resourceVersion=` and can
@@ -10,6 +10,9 @@ miss writes made between the initial listing and the watch. This subclass adds:
 - watches that resume from `resourceVersion` via an event log (410 Gone when it is too old), mark
   the event bus under the same lock as the snapshot, and filter by `labelSelector`;
 - delete with `preconditions.uid` (409 on mismatch) and finalizers (deletionTimestamp first);
+- with `graceful_pods`, graceful deletion of pods bound to a node as a real API server does: the
+  delete sets deletionTimestamp + deletionGracePeriodSeconds and the node's kubelet removes the object
+  (a delete with grace 0) once the containers stopped; grace 0 deletes at once;
 - fault injection: `inject(status, count, ...)` makes matching requests fail; `drop_watches()`
   ends every open watch stream (the client must re-watch from its last resourceVersion).
 """
@@ -115,6 +118,7 @@ class Emulator(kmock.KubernetesEmulator):
     # Test hooks: called (in the server loop) after each successful write, with (action, resource, object).
     listeners: list[Any] = attrs.field(factory=list, init=False)
     namespaces: list[str] = attrs.field(factory=lambda: ["test"])
+    graceful_pods: bool = False
 
     # ---- fault injection ----------------------------------------------------------------------
     def inject(
@@ -209,7 +213,8 @@ class Emulator(kmock.KubernetesEmulator):
             self._bump(raw)
             obj.history.append(raw)
             meta = raw["metadata"]
-            if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+            terminating = meta.get("deletionGracePeriodSeconds")  # the kubelet finishes the deletion
+            if meta.get("deletionTimestamp") and not meta.get("finalizers") and not terminating:
                 await self._delete_now(resource, key)
             else:
                 await self._emit(resource, "MODIFIED", raw)
@@ -220,13 +225,30 @@ class Emulator(kmock.KubernetesEmulator):
             if uid and obj.raw["metadata"].get("uid") != uid:
                 raise kmock.KubernetesError(status=409, reason="Conflict", message="uid precondition failed")
             meta = obj.raw["metadata"]
-            if meta.get("finalizers"):
+            grace = self._grace(resource, obj.raw, data)
+            if meta.get("finalizers") or grace:
                 if not meta.get("deletionTimestamp"):
-                    obj.patch({"metadata": {"deletionTimestamp": _now()}})
+                    marks: dict[str, Any] = {"deletionTimestamp": _now()}
+                    if grace:
+                        marks["deletionGracePeriodSeconds"] = grace
+                    obj.patch({"metadata": marks})
                     self._bump(obj.raw)
                     await self._emit(resource, "MODIFIED", obj.raw)
+                    self._notify("update", resource, obj.raw)
             else:
                 await self._delete_now(resource, key)
+
+    def _grace(self, resource: Any, raw: dict[str, Any], options: Any) -> int:
+        """Seconds a pod's containers get to stop before its object is removed (0: remove now)."""
+        spec = raw.get("spec") or {}
+        if not self.graceful_pods or resource != PODS or not spec.get("nodeName"):
+            return 0
+        if (raw.get("status") or {}).get("phase") in {"Failed", "Succeeded"}:
+            return 0
+        given = options.get("gracePeriodSeconds") if isinstance(options, dict) else None
+        if given is None:
+            given = spec.get("terminationGracePeriodSeconds", 30)
+        return max(0, int(given))
 
     async def _delete_now(self, resource: Any, key: Any) -> None:
         raw = copy.deepcopy(self._objects[key].raw)
@@ -387,7 +409,9 @@ def declare(emulator: Emulator) -> None:
     emulator.resources["v1/services"] = info(
         kind="Service", singular="service", namespaced=True, verbs=["list", "get", "create", "delete"]
     )
-    emulator.resources["v1/events"] = info(kind="Event", singular="event", namespaced=True, verbs=["create"])
+    emulator.resources["v1/events"] = info(
+        kind="Event", singular="event", namespaced=True, verbs=["create", "list", "watch"]
+    )
     emulator.resources["v1/namespaces"] = info(
         kind="Namespace", singular="namespace", namespaced=False, verbs=["list", "watch", "get"]
     )
@@ -403,3 +427,9 @@ def declare(emulator: Emulator) -> None:
 
 def resource(spec: str) -> references.resource:
     return references.resource(spec)
+
+
+PODS = resource("v1/pods")
+NODES = resource("v1/nodes")
+SERVICES = resource("v1/services")
+EVENTS = resource("v1/events")

@@ -1,0 +1,60 @@
+"""`python -m ghostserve.engine.reference.serve` / `ghostserve serve`: one pod's process tree.
+
+The process runs the HTTP server (asyncio, aiohttp) and the driver (a thread that owns the engine);
+the driver starts the tensor-parallel rank processes (forkserver children). Flags and variables:
+serveargs; endpoints: httpapi; serving and resubmission: service. Exit status: 0 after SIGTERM/SIGINT,
+2 for bad flags or variables, 4 when a rank's GPU died (the pod must be rescheduled without it), 1
+when serving failed otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+from ghostserve.engine.reference import httpapi, serveargs, service
+
+log = logging.getLogger("ghostserve.serve")
+
+
+async def _serve(svc: service.Service) -> int:
+    cfg = svc.cfg
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, done.set)
+    svc.on_exit = lambda _code: loop.call_soon_threadsafe(done.set)
+    runner = web.AppRunner(httpapi.make_app(svc), shutdown_timeout=2.0, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, cfg.port)
+    await site.start()
+    log.info("serving %s (tp=%d, group %s) on http://%s:%d", cfg.model_path, cfg.tp, cfg.group, cfg.host, cfg.port)
+    svc.start()
+    try:
+        await done.wait()
+    finally:
+        # Stop the driver first: it tells every open stream why it ends before the server closes them.
+        await asyncio.to_thread(svc.stop)
+        await runner.cleanup()
+    return svc.exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg, ignored = serveargs.parse(sys.argv[1:] if argv is None else argv, os.environ)
+    except serveargs.ServeArgsError as exc:
+        print(f"ghostserve serve: {exc}", file=sys.stderr)
+        return 2
+    if ignored:
+        log.warning("ignoring flags the reference engine has no use for: %s", " ".join(ignored))
+    return asyncio.run(_serve(service.Service(cfg)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

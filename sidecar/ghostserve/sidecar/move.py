@@ -1,0 +1,195 @@
+"""MoveGroup, the source side: stream a whole group (every rank's pool, the ledger, the token records)
+to another node's sidecar through its ReceiveGroup RPC.
+
+One move is two ReceiveGroup calls: a header-only call asks what the target already holds (nothing, a
+prefix of the pools from an interrupted move, or the whole group), then one stream sends the header,
+the remaining pool pieces (each with its xxh3-64) and a commit carrying the ledger. The target installs
+the group only once every byte arrived and every pool matches the checksum in the header, so a move
+cut at any point leaves nothing valid there, and calling MoveGroup again resumes from the target's
+offset. The source keeps its copy (the operator deletes it after the move succeeded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import grpc.aio
+import numpy as np
+import numpy.typing as npt
+from ghostserve.sidecar import checksums, client, convert, custodian, errors
+from ghostserve.v1 import sidecar_pb2 as pb
+from ghostserve.v1 import sidecar_pb2_grpc as pb_grpc
+
+log = logging.getLogger("ghostserve.sidecar")
+
+PIECE_BYTES = 4 * 1024 * 1024 - 64 * 1024  # the whole message stays under gRPC's default 4 MiB
+MIN_PIECE_BYTES = 4096
+PROBE_TIMEOUT_S = 30.0
+TARGET = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253}):[0-9]{1,5}$")
+
+
+@dataclasses.dataclass
+class Snapshot:
+    """What a move sends: the header, each rank's pool and the serialized ledger."""
+
+    header: pb.MoveHeader
+    pools: list[npt.NDArray[np.uint8]]
+    ledger: bytes
+    requests: int
+
+    @property
+    def total(self) -> int:
+        return sum(p.size for p in self.pools)
+
+
+def check_target(target: str) -> None:
+    if not TARGET.match(target):
+        raise errors.InvalidArgument(f"target must be host:port of the target sidecar, got {target[:80]!r}")
+
+
+def moved_ledger(c: custodian.Custodian, name: str) -> tuple[pb.MovedLedger, list[npt.NDArray[np.uint8]]]:
+    """The group's movable ledger (chunks whose KV is valid on every rank, token records) and its pools.
+
+    Raises NotFound (unknown group), FailedPrecondition (a rank without a valid pool: rebuild first)."""
+    with c.locked(name) as g:
+        bad = [r for r, rp in enumerate(g.ranks) if not rp.valid or rp.segment is None]
+        if bad:
+            raise errors.FailedPrecondition(
+                f"ranks {bad} of {name!r} hold no valid pool: rebuild them before moving the group"
+            )
+        out = pb.MovedLedger()
+        for rid, req in sorted(g.ledger.requests.items()):
+            chunks = [ch for _, ch in sorted(req.chunks.items()) if c.kv_valid(g, ch)]
+            if not chunks and not req.tokens.size:
+                continue
+            out.requests.append(
+                pb.MovedRequest(
+                    request_id=rid,
+                    token_ids=req.tokens.tolist(),
+                    prompt_tokens=req.prompt_tokens,
+                    max_new_tokens=req.max_new_tokens,
+                    chunks=[
+                        pb.MovedChunk(
+                            chunk_index=ch.index, slots=ch.slots.tolist(), token_ids=ch.token_ids.tolist()
+                        )
+                        for ch in chunks
+                    ],
+                )
+            )
+        return out, [rp.segment.array for rp in g.ranks if rp.segment is not None]
+
+
+def snapshot(c: custodian.Custodian, name: str) -> Snapshot:
+    """Blocking (hashes every pool): run it off the event loop."""
+    ledger_msg, pools = moved_ledger(c, name)
+    with c.locked(name) as g:
+        header = pb.MoveHeader(
+            group=name,
+            uid=g.uid,
+            world_size=g.settings.world_size,
+            layout=convert.layout_to(g.layout),
+            protection=convert.protection_to(g.protection),
+            parity_budget_bytes=g.budget_bytes,
+            source_node=c.config.node,
+        )
+    # Hashed outside the lock: the ranks are not running (the replica is being replaced), and a pool
+    # that did change would fail the target's check, never be installed wrong.
+    header.pool_checksums.extend(checksums.checksum(p) for p in pools)
+    return Snapshot(header, pools, ledger_msg.SerializeToString(), len(ledger_msg.requests))
+
+
+async def _header_only(header: pb.MoveHeader) -> AsyncIterator[pb.MovePiece]:
+    yield pb.MovePiece(header=header)
+
+
+async def _pieces(snap: Snapshot, start: int, piece_bytes: int) -> AsyncIterator[pb.MovePiece]:
+    """Header, pool pieces from `start` (never across two ranks' pools), then the commit."""
+    yield pb.MovePiece(header=snap.header)
+    base = 0
+    for pool in snap.pools:
+        end = base + pool.size
+        off = max(start, base)
+        while off < end:
+            view = pool[off - base : min(off - base + piece_bytes, pool.size)]
+            data = view.tobytes()
+            yield pb.MovePiece(offset=off, data=data, checksum=checksums.checksum(data))
+            off += len(data)
+        base = end
+    yield pb.MovePiece(ledger=snap.ledger, ledger_checksum=checksums.checksum(snap.ledger), commit=True)
+
+
+class Mover:
+    """Runs MoveGroup for one sidecar; `credentials` (mTLS to the peer sidecars) when TLS is on."""
+
+    def __init__(self, c: custodian.Custodian, *, credentials: grpc.ChannelCredentials | None = None) -> None:
+        self.c = c
+        self.credentials = credentials
+        self.bytes_sent = 0
+
+    def _channel(self, request: pb.MoveGroupRequest) -> grpc.aio.Channel:
+        options = list(client.CHANNEL_OPTIONS)
+        if self.credentials is None:
+            return grpc.aio.insecure_channel(request.target, options=options)
+        if request.target_server_name:
+            options.append(("grpc.ssl_target_name_override", request.target_server_name))
+        return grpc.aio.secure_channel(request.target, self.credentials, options=options)
+
+    async def move(self, request: pb.MoveGroupRequest) -> pb.MoveGroupReply:
+        """Raises sidecar errors; the target's refusals come back as grpc.aio.AioRpcError."""
+        check_target(request.target)
+        if request.piece_bytes and not MIN_PIECE_BYTES <= request.piece_bytes <= PIECE_BYTES:
+            raise errors.InvalidArgument(
+                f"piece_bytes must be 0 or in [{MIN_PIECE_BYTES}, {PIECE_BYTES}], got {request.piece_bytes}"
+            )
+        piece_bytes = request.piece_bytes or PIECE_BYTES
+        start_t = time.perf_counter()
+        snap = await asyncio.to_thread(snapshot, self.c, request.group)
+        async with self._channel(request) as channel:
+            stub = pb_grpc.SidecarStub(channel)
+            held = await stub.ReceiveGroup(_header_only(snap.header), timeout=PROBE_TIMEOUT_S)
+            if held.total_bytes != snap.total:
+                raise errors.FailedPrecondition(
+                    f"target expects {held.total_bytes} pool bytes, the group has {snap.total}"
+                )
+            reply = pb.MoveGroupReply(
+                ranks_moved=len(snap.pools),
+                requests_moved=snap.requests,
+                resumed_from_bytes=held.received_bytes,
+            )
+            if held.complete:
+                reply.seconds = time.perf_counter() - start_t
+                return reply
+            # No deadline: the caller's own deadline cancels this handler, which cancels the stream.
+            done = await stub.ReceiveGroup(_pieces(snap, held.received_bytes, piece_bytes))
+            if not done.complete:
+                raise errors.Unavailable(
+                    f"target holds {done.received_bytes} of {done.total_bytes} bytes after the stream"
+                )
+        reply.bytes_moved = snap.total - held.received_bytes + len(snap.ledger)
+        reply.seconds = time.perf_counter() - start_t
+        self.bytes_sent += reply.bytes_moved
+        log.info(
+            json.dumps(
+                {
+                    "event": "group-moved",
+                    "group": request.group,
+                    "target": request.target,
+                    "bytes": reply.bytes_moved,
+                    "resumed_from": reply.resumed_from_bytes,
+                    "seconds": round(reply.seconds, 3),
+                }
+            )
+        )
+        return reply
+
+
+def relay_error(exc: grpc.aio.AioRpcError, target: str) -> tuple[grpc.StatusCode, str]:
+    """The status a MoveGroup caller gets for the target's refusal (same code, the target named)."""
+    return exc.code(), f"target {target}: {exc.details()}"

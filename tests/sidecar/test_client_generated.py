@@ -1,0 +1,40 @@
+"""The clients' rpc methods are generated from the .proto (scripts/gen_client.py): the committed file is
+current, every rpc has a typed method on both clients, and a method takes a message or typed fields."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+
+import kv
+import pytest
+from ghostserve.sidecar import client
+from ghostserve.v1 import sidecar_pb2 as pb
+
+
+def test_generated_client_is_current() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(kv.REPO / "scripts" / "gen_client.py"), "--check"], cwd=kv.REPO, timeout=120
+    )
+    assert proc.returncode == 0, "client_rpcs.py is stale: run scripts/gen_protos.py"
+
+
+def test_methods_carry_the_request_fields_as_typed_keywords() -> None:
+    sig = inspect.signature(client.SidecarClient.attach)
+    fields = [f.name for f in pb.AttachRequest.DESCRIPTOR.fields]
+    assert [n for n in sig.parameters if n in fields] == fields
+    assert sig.parameters["layout"].annotation == "pb.KVLayout | None"
+    commit = inspect.signature(client.AsyncSidecarClient.commit_chunk)
+    assert commit.parameters["slots"].annotation == "Iterable[int] | None"
+    assert inspect.iscoroutinefunction(client.AsyncSidecarClient.attach)
+    assert not inspect.iscoroutinefunction(client.AsyncSidecarClient.watch_health)  # an async iterator
+
+
+def test_a_message_and_fields_together_are_refused() -> None:
+    c = client.SidecarClient("unix:///nonexistent/sock", timeout=0.1)
+    try:
+        with pytest.raises(TypeError, match="either a request message or its fields"):
+            c.describe_group(pb.DescribeGroupRequest(group="a"), group="b")
+    finally:
+        c.close()
