@@ -1,4 +1,5 @@
-"""What every benchmark records about the machine it ran on (imported by the scripts beside it)."""
+"""What every benchmark records about the machine it ran on, and how it summarises repeated samples
+(imported by the scripts beside it)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import os
 import pathlib
 import platform
 import re
+import statistics
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -39,3 +42,22 @@ def write_report(path: pathlib.Path, report: dict[str, Any]) -> pathlib.Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     return path
+
+
+def load_average() -> dict[str, float]:
+    """The 1/5/15-minute load averages now: record them before and after a run (a ratio measured on a
+    machine whose load rose during the run is less trustworthy than the before figure alone suggests)."""
+    one, five, fifteen = os.getloadavg()
+    return {"1m": round(one, 2), "5m": round(five, 2), "15m": round(fifteen, 2)}
+
+
+def spread(samples: Sequence[float], digits: int = 3) -> dict[str, Any]:
+    """Median, min and max of >= 3 samples (each a ratio measured side by side in one round)."""
+    if len(samples) < 3:
+        raise ValueError(f"need at least 3 samples for a median and spread, got {len(samples)}")
+    return {
+        "median": round(statistics.median(samples), digits),
+        "min": round(min(samples), digits),
+        "max": round(max(samples), digits),
+        "samples": [round(x, digits) for x in samples],
+    }

@@ -1,16 +1,31 @@
 """Codec throughput as ratios to baselines measured side by side on the same buffers in the same run.
 
 CPU cases (default): xor N=8, rdp N=4, rs N=4 M=2 over 256 MiB of data (`--quick`: 32 MiB), encode and
-reconstruct (the first M data shards lost). Contenders per case, timed interleaved (one run of each per
-round, best of the rounds): ours (`cpu`: ISA-L for GF work where libisal is installed; `numpy`: pure
-NumPy), the torch backend, numpy memcpy of the data bytes, ISA-L (`ec_encode_data` with the same Cauchy
-matrix; `xor_gen` for xor; RS(N, 2) for rdp, ISA-L has no RDP) and zfec (RS, allocates its outputs).
+reconstruct (the first M data shards lost). GPU cases (`--backend cuda`, needs cupy and a GPU): 2/4/8/16 GB
+where memory allows, vs a device-to-device copy and vs the torch backend.
 
-GPU cases (`--backend cuda`, needs cupy and a GPU): encode/reconstruct of 2/4/8/16 GB where memory allows,
-vs a device-to-device copy and vs the torch backend; bytes are counted as read + written on both sides
-(the code moves (N+M)/N of the data, a copy of X bytes moves 2X).
+Every ratio is normalised by the bytes each side moves (S = bytes per shard, N data, M parity, L = M lost):
+  encode, every coder (ours, numpy, torch, ISA-L, zfec)  reads N*S, writes M*S   -> (N+M)*S  (xor: (N+1)*S)
+  reconstruct, every coder                               reads N*S, writes L*S   -> (N+L)*S
+  memcpy / device copy of the N data shards              reads N*S, writes N*S   -> 2N*S
+so ratio = (ours' bytes / ours' seconds) / (baseline's bytes / baseline's seconds): how much faster we move
+bytes, not how much sooner one call returns (xor N=8 encode moves 9*S against memcpy's 16*S).
 
-Writes bench/results/codec-<backend>-<machine>.json with machine info, versions, date and a `summary`.
+Contenders. ours: the `cpu` backend. Where libisal is installed it calls ISA-L itself for xor (xor_gen)
+and for rs (ec_encode_data), so for xor and rs "ours vs ISA-L" is our wrapper against the library it
+wraps (summary key `..._vs_isal_it_wraps`: 1.0 = no overhead), not a competitor. For rdp the ISA-L
+contender is RS(N, 2) (ISA-L has no RDP): a real comparison (`..._vs_isal_rs`). numpy: the `numpy`
+backend, no ISA-L (`..._numpy_vs_isal` is a real comparison). torch: the torch backend. zfec: RS in C.
+
+Timing. Each round runs every contender once, back to back (after one warm-up run each); every ratio is
+computed within a round and reported as the median and range over >= 3 rounds. CPU cases: every
+contender runs on one thread (torch is pinned to 1; NumPy, ISA-L and zfec are single-threaded) and is
+timed in process CPU seconds (time.process_time), which time spent descheduled by other jobs on a shared
+machine does not inflate. GPU cases: wall seconds with a device synchronise. The load average is
+recorded before and after the run.
+
+Writes bench/results/codec-<backend>-<machine>.json with machine info, versions, date, `summary`
+(median ratios) and `spread` (median, min, max, samples of each ratio).
     python bench/codec.py [--quick] [-k N -m M --code rs --size 64MiB] [--backend cpu|cuda]
 """
 
@@ -21,6 +36,7 @@ import dataclasses
 import datetime
 import pathlib
 import re
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -46,15 +62,27 @@ class Case:
     n: int
     m: int
     data_bytes: int
-    seconds: dict[str, float]  # contender -> best seconds
+    samples: dict[str, list[float]]  # contender -> seconds of each round
+    moved: dict[str, int]  # contender -> bytes it reads + writes per call
 
     def gbps(self, who: str) -> float:
-        return self.data_bytes / self.seconds[who] / 1e9
+        """Median GB/s of bytes moved (read + written)."""
+        return self.moved[who] / statistics.median(self.samples[who]) / 1e9
 
-    def ratio(self, ours: str, base: str) -> float | None:
-        if ours not in self.seconds or base not in self.seconds:
+    def ratios(self, ours: str, base: str) -> list[float] | None:
+        """Per round: (ours' bytes / ours' seconds) / (base's bytes / base's seconds)."""
+        if ours not in self.samples or base not in self.samples:
             return None
-        return self.seconds[base] / self.seconds[ours]
+        scale = self.moved[ours] / self.moved[base]
+        return [
+            tb / to * scale for to, tb in zip(self.samples[ours], self.samples[base], strict=True)
+        ]
+
+
+def moved_bytes(op: str, n: int, m: int, shard: int) -> tuple[int, int]:
+    """(bytes a coder moves, bytes a copy of the data moves) per call; see the module docstring."""
+    coder = (n + m) * shard  # encode writes M parity shards; reconstruct writes the L = M lost ones
+    return coder, 2 * n * shard
 
 
 def parse_size(text: str) -> int:
@@ -79,22 +107,22 @@ def aligned_empty(nbytes: int, align: int = 64) -> np.ndarray:
     return raw[offset : offset + nbytes]
 
 
-def best_interleaved(
+def interleaved_samples(
     fns: dict[str, Callable[[], None]], rounds: int, *, clock: Callable[[], float] = time.perf_counter
-) -> dict[str, float]:
-    """Run every contender once per round (after a warm-up) and keep each one's best time: drift on a
-    shared machine then hits all contenders alike. `clock` is wall time by default; the CPU cases pass
-    `time.process_time` (CPU seconds of all this process's threads), which other jobs on a shared machine
-    disturb far less than wall time: being descheduled costs no CPU time."""
+) -> dict[str, list[float]]:
+    """Seconds of every contender in each of `rounds` rounds (one run each per round, back to back,
+    after a warm-up): a ratio taken within a round compares runs that shared the machine's state."""
+    if rounds < 3:
+        raise ValueError(f"need at least 3 rounds for a median and spread, got {rounds}")
     for fn in fns.values():
         fn()
-    best = dict.fromkeys(fns, float("inf"))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             start = clock()
             fn()
-            best[name] = min(best[name], clock() - start)
-    return best
+            samples[name].append(clock() - start)
+    return samples
 
 
 def machine() -> dict[str, Any]:
@@ -140,6 +168,7 @@ def cpu_case(code: str, n: int, m: int, data_bytes: int, op: str, rounds: int) -
     try:
         import torch
 
+        torch.set_num_threads(1)  # every contender on one thread: CPU seconds then compare like for like
         tdata = [torch.from_numpy(d) for d in data]
         tsurv = [None if s is None else torch.from_numpy(s) for s in survivors]
         touts = {i: torch.from_numpy(o) for i, o in outs.items()}
@@ -192,26 +221,26 @@ def cpu_case(code: str, n: int, m: int, data_bytes: int, op: str, rounds: int) -
             fns["zfec"] = lambda: dec_z.decode(tuple(zblocks), tuple(alive_z)) and None
     except ImportError:
         pass
-    seconds = best_interleaved(fns, rounds, clock=time.process_time)
-    name = f"{op}_{n}x{m}x{size_label(size * n)}"
-    return Case(name, op, code, n, m, size * n, seconds)
+    samples = interleaved_samples(fns, rounds, clock=time.process_time)
+    coder, copy = moved_bytes(op, n, m, size)
+    moved = {who: copy if who == "memcpy" else coder for who in samples}
+    return Case(f"{op}_{n}x{m}x{size_label(size * n)}", op, code, n, m, size * n, samples, moved)
 
 
-def cpu_summary(cases: Sequence[Case]) -> dict[str, float]:
-    summary: dict[str, float] = {}
+def cpu_summary(cases: Sequence[Case]) -> dict[str, dict[str, Any]]:
+    """Ratio name -> spread of its per-round values (median, min, max, samples)."""
+    out: dict[str, dict[str, Any]] = {}
     for c in cases:
         tag = f"{c.code}{c.n}" + (f"x{c.m}" if c.code == "rs" else "") + f"_{c.op}"
-        for base in ("memcpy", "isal", "zfec", "torch"):
-            r = c.ratio("ours", base)
+        isal = "isal_rs" if c.code == "rdp" else "isal_it_wraps"
+        pairs = [("ours", "memcpy", "vs_memcpy"), ("ours", "isal", f"vs_{isal}"), ("ours", "zfec", "vs_zfec"),
+                 ("ours", "torch", "vs_torch"), ("numpy", "isal", "numpy_vs_isal"),
+                 ("numpy", "memcpy", "numpy_vs_memcpy")]  # fmt: skip
+        for ours, base, label in pairs:
+            r = c.ratios(ours, base)
             if r is not None:
-                summary[f"{tag}_vs_{base}"] = round(r, 3)
-        r = c.ratio("numpy", "isal")
-        if r is not None:
-            summary[f"{tag}_numpy_vs_isal"] = round(r, 3)
-        r = c.ratio("numpy", "memcpy")
-        if r is not None:
-            summary[f"{tag}_numpy_vs_memcpy"] = round(r, 3)
-    return summary
+                out[f"{tag}_{label}"] = benchlib.spread(r)
+    return out
 
 
 def gpu_case(code: str, n: int, m: int, size: int, op: str, rounds: int) -> Case:
@@ -259,11 +288,10 @@ def gpu_case(code: str, n: int, m: int, size: int, op: str, rounds: int) -> Case
         fns["torch"] = run_torch
     except ImportError:
         pass
-    seconds = best_interleaved(fns, rounds)
-    # Bytes read + written: the code reads N shards and writes M (or the lost ones); the copy 2 x data.
-    moved = (n + len(lost) if op == "reconstruct" else n + m) * size
-    seconds["copy_equiv"] = seconds["copy"] * moved / (2 * n * size)
-    return Case(f"{op}_{n}x{m}x{size_label(size * n)}", op, code, n, m, size * n, seconds)
+    samples = interleaved_samples(fns, rounds)
+    coder, copy = moved_bytes(op, n, m, size)
+    moved = {who: copy if who == "copy" else coder for who in samples}
+    return Case(f"{op}_{n}x{m}x{size_label(size * n)}", op, code, n, m, size * n, samples, moved)
 
 
 def gpu_cases(args: argparse.Namespace, rounds: int, progress: Progress) -> list[Case]:
@@ -295,14 +323,15 @@ def gpu_cases(args: argparse.Namespace, rounds: int, progress: Progress) -> list
     return cases
 
 
-def gpu_summary(cases: Sequence[Case]) -> dict[str, float]:
-    summary: dict[str, float] = {}
+def gpu_summary(cases: Sequence[Case]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
     for c in cases:
         tag = f"{c.code}{c.n}x{c.m}_{c.op}_{size_label(c.data_bytes)}"
-        summary[f"{tag}_vs_copy_bandwidth"] = round(c.seconds["copy_equiv"] / c.seconds["ours"], 3)
-        if "torch" in c.seconds:
-            summary[f"{tag}_vs_torch"] = round(c.seconds["torch"] / c.seconds["ours"], 3)
-    return summary
+        for base, label in (("copy", "vs_copy_bandwidth"), ("torch", "vs_torch")):
+            r = c.ratios("ours", base)
+            if r is not None:
+                out[f"{tag}_{label}"] = benchlib.spread(r)
+    return out
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -325,6 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console()
     rounds = args.rounds or (3 if args.quick else 5)
     info = machine()
+    load_before = benchlib.load_average()
     if args.backend == "cuda":
         import cupy
 
@@ -357,34 +387,47 @@ def main(argv: Sequence[str] | None = None) -> int:
                     cases.append(cpu_case(code, n, m, total, op, rounds))
                     progress.advance(task)
             summary = cpu_summary(cases)
+    load_after = benchlib.load_average()
     table = Table(
-        title=f"codec throughput, GB/s of data per {'CPU' if args.backend == 'cpu' else 'wall'} second "
-        f"({info['cpu']}, {info['cores']} cores, shared)"
+        title=f"codec: GB/s of bytes moved (read + written), median of {rounds} rounds, per "
+        f"{'CPU' if args.backend == 'cpu' else 'wall'} second ({info['cpu']}, {info['cores']} cores, shared)"
     )
-    contenders = sorted({k for c in cases for k in c.seconds if k != "copy_equiv"})
+    contenders = sorted({k for c in cases for k in c.samples})
+    labels = {"isal": "isal (ours calls it for xor/rs)"} if args.backend == "cpu" else {}
     table.add_column("case")
     for who in contenders:
-        table.add_column(who, justify="right")
+        table.add_column(labels.get(who, who), justify="right")
     for c in cases:
         table.add_row(
-            c.name + f" ({c.code})", *(f"{c.gbps(w):.2f}" if w in c.seconds else "-" for w in contenders)
+            c.name + f" ({c.code})", *(f"{c.gbps(w):.2f}" if w in c.samples else "-" for w in contenders)
         )
     console.print(table)
-    for key, value in summary.items():
-        console.print(f"  {key:<40} {value:.3f}")
+    console.print(
+        f"ratios by bytes moved, median [min .. max] of {rounds} rounds (higher: ours faster)", markup=False
+    )
+    for key, stats in summary.items():
+        console.print(f"  {key:<40} {stats['median']:.3f}  [{stats['min']:.3f} .. {stats['max']:.3f}]")
+    console.print(f"load average before {load_before}, after {load_after} ({info['cores']} cores)")
     result = {
         "benchmark": "codec",
         "backend": args.backend,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": info,
+        "load_average_before": load_before,
+        "load_average_after": load_after,
         "versions": versions(),
         "ours_backend": gk.Codec("rs", 4, 2).backend if args.backend == "cpu" else "cuda",
         "quick": args.quick,
         "rounds": rounds,
-        "notes": "ratios = baseline seconds / our seconds on the same buffers in the same run (higher is "
-        "better); contenders interleaved per round, best round kept; the machine was shared with other jobs. "
+        "notes": "ratio = (bytes ours moves / our seconds) / (bytes the baseline moves / its seconds), "
+        "computed per round with the contenders run back to back; summary = median over rounds, spread = "
+        "median/min/max/samples. Bytes moved per call: coders (N+M)*S on encode, (N+L)*S on reconstruct; "
+        "memcpy/copy 2N*S. For xor and rs the ISA-L contender is the library ours calls (vs_isal_it_wraps "
+        "measures our wrapper's overhead); for rdp it is ISA-L RS(N,2). The machine was shared with other "
+        "jobs: see the load averages. "
         + (
-            "CPU cases time process CPU seconds (time.process_time, all threads), not wall time."
+            "CPU cases: every contender single-threaded (torch pinned to 1 thread), timed in process CPU "
+            "seconds (time.process_time)."
             if args.backend == "cpu"
             else "GPU cases time wall seconds with a device synchronise."
         ),
@@ -396,12 +439,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "n": c.n,
                 "m": c.m,
                 "data_bytes": c.data_bytes,
-                "seconds": c.seconds,
-                "gbps": {w: round(c.gbps(w), 3) for w in c.seconds},
+                "bytes_moved": c.moved,
+                "seconds": c.samples,
+                "gbps_moved_median": {w: round(c.gbps(w), 3) for w in c.samples},
             }
             for c in cases
         ],
-        "summary": summary,
+        "summary": {key: stats["median"] for key, stats in summary.items()},
+        "spread": summary,
     }
     out = args.out or RESULTS / f"codec-{args.backend}-{info['slug']}.json"
     benchlib.write_report(out, result)

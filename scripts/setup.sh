@@ -39,7 +39,7 @@ pip_q() {
     exit 1
   fi
 }
-pip_q --upgrade pip "setuptools>=77" wheel
+pip_q "${PINS[@]}" --upgrade pip setuptools wheel
 # Pinned first so nothing later can resolve an unpinned torch to a CUDA build.
 # GHOSTSERVE_TORCH_INDEX may name a CPU wheel index on machines whose default index serves CUDA builds.
 if [ -n "${GHOSTSERVE_TORCH_INDEX:-}" ]; then

@@ -14,7 +14,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 def _has_gpu() -> bool:
     try:
-        import cupy  # type: ignore[import-not-found]
+        import cupy
 
         return bool(cupy.cuda.runtime.getDeviceCount() > 0)
     except Exception:
@@ -36,12 +36,12 @@ def repo_root() -> pathlib.Path:
 
 
 @pytest.fixture
-def short_tmp(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+def short_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pathlib.Path]:
     """A short directory path: Unix socket paths are limited to ~107 bytes."""
     import tempfile
 
     d = pathlib.Path(tempfile.mkdtemp(prefix="gs-", dir="/tmp"))
-    yield d  # type: ignore[misc]
+    yield d
     for p in sorted(d.rglob("*"), reverse=True):
         p.unlink() if not p.is_dir() else p.rmdir()
     d.rmdir()

@@ -11,21 +11,34 @@ import chart_support
 import pytest
 import yaml
 
+# (group, resource, verb, resourceName or None). tests/operator/test_opsec_rbac.py checks these against
+# the calls the operator really makes; this table pins the rendered chart to them.
 OPERATOR_RULES = {
     # Framework (kopf)
-    ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
-    ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
-    ("", "namespaces", "list"),
-    ("", "namespaces", "watch"),
-    ("", "events", "create"),
+    ("apiextensions.k8s.io", "customresourcedefinitions", "list", None),
+    ("apiextensions.k8s.io", "customresourcedefinitions", "watch", None),
+    ("", "events", "create", None),
+    *{("ghostserve.io", "ghostservedeployments", v, None) for v in ("list", "watch", "patch")},
     # Application
-    *{("", "pods", v) for v in ("create", "delete", "get", "list", "watch", "patch")},
-    *{("", "services", v) for v in ("create", "delete", "get", "list", "watch", "patch")},
-    *{("", "nodes", v) for v in ("get", "list", "watch")},
-    *{("ghostserve.io", "ghostservedeployments", v) for v in ("get", "list", "watch", "patch")},
-    ("ghostserve.io", "ghostservedeployments/status", "get"),
-    ("ghostserve.io", "ghostservedeployments/status", "patch"),
+    *{("", "pods", v, None) for v in ("create", "delete", "get", "list", "watch")},
+    *{("", "services", v, None) for v in ("create", "delete", "get")},
+    *{("", "nodes", v, None) for v in ("list", "watch")},
+    ("ghostserve.io", "ghostservedeployments/status", "patch", None),
+    ("coordination.k8s.io", "leases", "create", None),
+    ("coordination.k8s.io", "leases", "get", "ghostserve-leader"),
+    ("coordination.k8s.io", "leases", "patch", "ghostserve-leader"),
 }
+USER_RULES = {
+    "view": {("ghostserve.io", r, v) for r in ("ghostservedeployments", "ghostservedeployments/status")
+             for v in ("get", "list", "watch")},
+    "edit": {("ghostserve.io", "ghostservedeployments", v)
+             for v in ("create", "update", "patch", "delete", "deletecollection")},
+}  # fmt: skip
+
+
+def _aggregated(role: dict[str, Any]) -> bool:
+    labels = role["metadata"].get("labels") or {}
+    return any(k.startswith("rbac.authorization.k8s.io/aggregate-to-") for k in labels)
 INIT = "socket-dir-permissions"
 
 
@@ -53,14 +66,30 @@ def test_rbac_has_no_wildcards(rendered: list[dict[str, Any]]) -> None:
 
 def test_rbac_grants_exactly_the_operator_rules(rendered: list[dict[str, Any]]) -> None:
     granted = {
-        (group, resource, verb)
+        (group, resource, verb, name)
         for role in _of_kind(rendered, "ClusterRole", "Role")
+        if not _aggregated(role)
         for rule in role["rules"]
         for group in rule["apiGroups"]
         for resource in rule["resources"]
         for verb in rule["verbs"]
+        for name in rule.get("resourceNames") or [None]
     }
     assert granted == OPERATOR_RULES
+
+
+def test_users_get_aggregated_view_and_edit_roles(default_objects: list[dict[str, Any]]) -> None:
+    roles = {r["metadata"]["name"].rsplit("-", 1)[-1]: r for r in _of_kind(default_objects, "ClusterRole")}
+    for kind, rules in USER_RULES.items():
+        role = roles[kind]
+        assert role["metadata"]["labels"][f"rbac.authorization.k8s.io/aggregate-to-{kind}"] == "true"
+        granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+                   for v in rule["verbs"]}  # fmt: skip
+        assert granted == rules
+    assert roles["edit"]["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    # status is the operator's: no user role may write it
+    assert not any("status" in r and v != "get" and v not in ("list", "watch")
+                   for rules in USER_RULES.values() for _, r, v in rules)  # fmt: skip
 
 
 def test_rbac_binds_only_the_operator_service_account(rendered: list[dict[str, Any]]) -> None:
@@ -89,7 +118,8 @@ def test_rbac_binds_only_the_operator_service_account(rendered: list[dict[str, A
 
 def test_rbac_rules_are_grouped_framework_then_application(render_script: ModuleType) -> None:
     for source, doc in render_script.render():
-        if yaml.safe_load(doc)["kind"] in ("ClusterRole", "Role"):
+        obj = yaml.safe_load(doc)
+        if obj["kind"] in ("ClusterRole", "Role") and not _aggregated(obj):
             framework, application = doc.find("# Framework (kopf):"), doc.find("# Application:")
             assert 0 <= framework < application, (source, doc)
 
@@ -175,8 +205,14 @@ def test_sidecar_runs_on_gpu_nodes_with_nvml_and_host_paths(default_objects: lis
 
 def test_operator_probes_and_arguments(default_objects: list[dict[str, Any]]) -> None:
     [deployment] = _of_kind(default_objects, "Deployment")
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"} and deployment["spec"]["replicas"] == 1
+    # Two replicas are safe because only the Lease holder acts (leader election on).
+    assert deployment["spec"]["replicas"] == 2 and deployment["spec"]["strategy"]["type"] == "RollingUpdate"
     operator = _container(deployment, "operator")
+    for arg in ("--leader-elect", "--leader-lease-name=ghostserve-leader", "--sidecar-port=7443",
+                "--sidecar-socket-dir=/run/ghostserve", "--sidecar-shm-dir=/dev/shm/ghostserve",
+                "--rank-run-as-user=65532"):  # fmt: skip
+        assert arg in operator["args"], arg
+    assert "--allow-root-ranks" not in operator["args"]
     assert operator["command"] == ["ghostserve"] and operator["args"][0] == "operator"
     ports = {p["name"]: p["containerPort"] for p in operator["ports"]}
     assert f"--liveness=http://0.0.0.0:{ports['health']}/healthz" in operator["args"]

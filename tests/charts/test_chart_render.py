@@ -40,8 +40,8 @@ def test_default_render_is_valid_kubernetes(default_objects: list[dict[str, Any]
     kinds = sorted(obj["kind"] for obj in default_objects)
     assert kinds == sorted(
         ["CustomResourceDefinition", "NetworkPolicy", "NetworkPolicy", "ServiceAccount", "ServiceAccount",
-         "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding", "Service", "Service",
-         "DaemonSet", "Deployment"]
+         "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding",
+         "ClusterRoleBinding", "Role", "RoleBinding", "Service", "Service", "DaemonSet", "Deployment"]
     )  # fmt: skip
     _assert_valid(default_objects)
 
@@ -67,11 +67,19 @@ def test_namespaced_install_grants_namespaced_rules_only_in_those_namespaces(
     roles = {
         (o["kind"], o["metadata"].get("namespace")) for o in objs if o["kind"] in ("Role", "RoleBinding")
     }
-    assert roles == {(k, ns) for k in ("Role", "RoleBinding") for ns in ("llm", "llm-staging")}
-    cluster_roles = [o for o in objs if o["kind"] == "ClusterRole"]
-    assert len(cluster_roles) == 1  # only the cluster-scoped rules stay cluster-wide
+    # The watched namespaces, plus the leader Lease's Role in the release namespace.
+    namespaces = ("llm", "llm-staging", "ghostserve-system")
+    assert roles == {(k, ns) for k in ("Role", "RoleBinding") for ns in namespaces}
+    leader = [o for o in objs if o["kind"] == "Role" and o["metadata"]["namespace"] == "ghostserve-system"]
+    assert {r for o in leader for rule in o["rules"] for r in rule["resources"]} == {"leases"}
+    # Only the cluster-scoped rules stay cluster-wide (plus the users' aggregated view/edit roles).
+    users = ("-view", "-edit")
+    cluster_roles = [
+        o for o in objs if o["kind"] == "ClusterRole" and not o["metadata"]["name"].endswith(users)
+    ]
+    assert len(cluster_roles) == 1
     assert {r for rule in cluster_roles[0]["rules"] for r in rule["resources"]} == {
-        "customresourcedefinitions", "namespaces", "nodes"
+        "customresourcedefinitions", "nodes"
     }  # fmt: skip
     args = next(o for o in objs if o["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0][
         "args"
@@ -91,7 +99,9 @@ def test_namespaced_install_grants_namespaced_rules_only_in_those_namespaces(
             "at '/sidecar': additional properties 'hostMemoryBuget' not allowed",
         ),
         ({"sidecar": {"port": 70000}}, "at '/sidecar/port': maximum"),
-        ({"operator": {"replicas": 2}}, "at '/operator/replicas': maximum"),
+        ({"operator": {"replicas": 4}}, "at '/operator/replicas': maximum"),
+        ({"sidecar": {"hostMemoryBudget": "99999999999Ti"}}, "at '/sidecar/hostMemoryBudget'"),
+        ({"rankPods": {"runAsUser": 0}}, "at '/rankPods/runAsUser': minimum"),
         ({"operator": {"logFormat": "xml"}}, "at '/operator/logFormat'"),
     ],
 )

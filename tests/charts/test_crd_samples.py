@@ -92,7 +92,8 @@ EXPECTED_REJECTIONS: dict[str, set[tuple[str, str, str]]] = {
     "resources-bad-quantity": {("schema", "pattern", "spec.engine.resources.limits.memory")},
     "env-without-name": {("schema", "required", "spec.engine.env.0")},
     "env-value-and-value-from": {
-        ("cel", "an env entry takes value or valueFrom, not both", "spec.engine.env.0")
+        ("cel", "an env entry takes value or valueFrom, not both", "spec.engine.env.0"),
+        ("schema", "maxProperties", "spec.engine.env.0"),
     },
     "toleration-seconds-without-no-execute": {
         ("cel", "tolerationSeconds needs effect NoExecute", "spec.engine.tolerations.0")
@@ -104,6 +105,15 @@ EXPECTED_REJECTIONS: dict[str, set[tuple[str, str, str]]] = {
         ("cel", "operator must be Exists when key is empty", "spec.engine.tolerations.0")
     },
     "args-too-many": {("schema", "maxItems", "spec.engine.args")},
+    "resource-limit-key-too-long": {
+        ("cel", "resource names are at most 317 characters", "spec.engine.resources.limits")
+    },
+    "resource-request-key-too-long": {
+        ("cel", "resource names are at most 317 characters", "spec.engine.resources.requests")
+    },
+    "node-selector-key-too-long": {
+        ("cel", "label keys are at most 317 characters", "spec.engine.nodeSelector")
+    },
 }
 
 

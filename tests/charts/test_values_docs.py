@@ -52,7 +52,11 @@ def _is_section(values: dict[str, Any], key: str) -> bool:
 def test_every_crd_field_and_column_is_in_the_docs(crd: dict[str, Any]) -> None:
     version = crd["spec"]["versions"][0]
     spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
-    fields = [f"spec.{group}.{name}" for group, node in spec.items() for name in node["properties"]]
+    fields = [
+        f"spec.{group}.{name}" if name else f"spec.{group}"
+        for group, node in spec.items()
+        for name in node.get("properties") or [""]  # a group without properties was removed: name it
+    ]
     status = [
         f"status.{name}"
         for name in version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]

@@ -9,7 +9,7 @@ import textwrap
 from typing import Any
 
 import pytest
-from conftest import pid_alive
+from cluster_support import pid_alive
 from ghostserve.cluster import api, embedded
 from ghostserve.v1 import sidecar_pb2 as pb
 
@@ -106,7 +106,8 @@ def test_deleting_a_pod_kills_its_whole_process_tree(bare_cluster: embedded.Clus
     c = bare_cluster
     code = """
         import os, subprocess, sys, time
-        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+        sleeper = [sys.executable, "-c", "import time; time.sleep(600)"]
+        child = subprocess.Popen(sleeper, start_new_session=True)
         signal_proof = subprocess.Popen([sys.executable, "-c",
             "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
         print(f"PIDS{os.getpid()},{child.pid},{signal_proof.pid}", flush=True)
@@ -174,8 +175,6 @@ def test_a_fatal_gpu_fault_lowers_allocatable_and_the_gpu_is_never_given_again(
     bare_cluster: embedded.Cluster,
 ) -> None:
     c = bare_cluster
-    bad = c.gpu_uuids("node-1")[0]
-
     def allocatable() -> str:
         return str(c.get(NODES, "node-1")["status"]["allocatable"]["nvidia.com/gpu"])  # type: ignore[index]
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -22,8 +24,15 @@ def workdir() -> Iterator[pathlib.Path]:
 
 
 @pytest.fixture(scope="module")
-def sidecar(workdir: pathlib.Path) -> Iterator[sidecar_process.SidecarProcess]:
-    sc = sidecar_process.SidecarProcess(workdir / "sidecar")
+def shm_prefix(workdir: pathlib.Path) -> str:
+    """Pool segment names private to this module's sidecar: the leak check then sees only ours, not the
+    segments of other suites running at the same time on the machine."""
+    return f"gs-e2e{os.getpid():x}{workdir.name[-6:].lower()}"
+
+
+@pytest.fixture(scope="module")
+def sidecar(workdir: pathlib.Path, shm_prefix: str) -> Iterator[sidecar_process.SidecarProcess]:
+    sc = sidecar_process.SidecarProcess(workdir / "sidecar", extra_args=("--shm-prefix", shm_prefix))
     sc.start()
     yield sc
     sc.stop()
@@ -52,8 +61,7 @@ def baseline(
 
 
 @pytest.fixture
-def no_shm_leak() -> Iterator[None]:
-    """tests/conftest.py's leak check narrowed to the segments a default sidecar creates (``gs-`` + 16
-    hex digits): other suites name theirs with private prefixes and may run beside these."""
-    with shm_leak.check(r"gs-[0-9a-f]{16}"):
+def no_shm_leak(shm_prefix: str) -> Iterator[None]:
+    """tests/conftest.py's leak check narrowed to the segments of this module's sidecar."""
+    with shm_leak.check(re.escape(shm_prefix) + r"-[0-9a-f]{16}"):
         yield

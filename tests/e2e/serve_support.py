@@ -186,11 +186,13 @@ class ServeProcess:
 
 
 def alive(pids: list[int]) -> list[int]:
+    """The pids that still run (a zombie waiting for its reaper counts as gone)."""
     out = []
     for pid in pids:
         try:
-            os.kill(pid, 0)
+            status = pathlib.Path(f"/proc/{pid}/status").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if "\nState:\tZ" not in status:
             out.append(pid)
-        except ProcessLookupError:
-            pass
     return out

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+from ghostserve.kernels.layout import ITEMSIZE as KV_ITEMSIZE
 
-ITEMSIZE = {"uint8": 1, "float8": 1, "float16": 2, "bfloat16": 2, "float32": 4}
+ITEMSIZE = {"uint8": 1, **KV_ITEMSIZE}  # the KV dtypes, plus plain bytes
 
 # NaN with payload bits, quiet and signalling NaN, +-0, +-inf, smallest and largest subnormals.
 SPECIALS: dict[str, list[int]] = {
@@ -44,7 +45,7 @@ def typed(raw: np.ndarray, dtype: str, backend: str) -> object:
             return torch.empty(0, dtype=tdt)
         return torch.from_numpy(raw.copy()).view(tdt)
     if backend == "cuda":
-        import cupy  # type: ignore[import-not-found]
+        import cupy
 
         ndt = {
             "uint8": "uint8",
@@ -67,7 +68,7 @@ def typed(raw: np.ndarray, dtype: str, backend: str) -> object:
 def to_backend(arr: np.ndarray, backend: str) -> object:
     """A copy of `arr` in the memory the backend works on (host numpy / torch CPU / cupy on the GPU)."""
     if backend == "cuda":
-        import cupy  # type: ignore[import-not-found]
+        import cupy
 
         return cupy.asarray(arr)
     if backend == "torch":
@@ -81,11 +82,11 @@ def to_host(buf: object) -> np.ndarray:
     """Raw bytes of any buffer as a flat uint8 numpy array."""
     module = type(buf).__module__.split(".")[0]
     if module == "cupy":
-        return buf.reshape(-1).view("uint8").get()  # type: ignore[attr-defined,no-any-return]
+        return buf.reshape(-1).view("uint8").get()  # type: ignore[attr-defined]
     if module == "torch":
         import torch
 
-        return buf.detach().cpu().reshape(-1).view(torch.uint8).numpy().copy()  # type: ignore[attr-defined,no-any-return]
+        return buf.detach().cpu().reshape(-1).view(torch.uint8).numpy().copy()  # type: ignore[attr-defined]
     return np.asarray(buf).reshape(-1).view(np.uint8).copy()
 
 

@@ -1,5 +1,6 @@
 """GPU only (skipped without one): the cuda and torch-on-CUDA backends match the CPU oracle bit for bit,
-with torch CUDA tensors of every dtype, the fused gather kernels and the unaligned fallbacks."""
+with torch CUDA tensors of every dtype, up to M lost shards, the fused gather kernels (checked to have
+run) and the unaligned fallbacks (checked to have been taken)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,22 @@ import numpy as np
 import pytest
 
 pytestmark = pytest.mark.gpu
+
+
+def loss_patterns(n: int, m: int, rng: np.random.Generator, *, limit: int = 24) -> list[tuple[int, ...]]:
+    """Every pattern of 1..m lost shards where there are at most `limit` of a size, else `limit` random
+    ones of that size (always including the first and the last m shards): up to the full M losses."""
+    out: list[tuple[int, ...]] = []
+    for k in range(1, m + 1):
+        every = list(itertools.combinations(range(n + m), k))
+        if len(every) <= limit:
+            out += every
+        else:
+            picks = {tuple(range(k)), tuple(range(n + m - k, n + m))}
+            while len(picks) < limit:
+                picks.add(tuple(sorted(int(i) for i in rng.choice(n + m, k, replace=False))))
+            out += sorted(picks)
+    return out
 
 
 def oracle(code: str, n: int, m: int, raw: list[np.ndarray]) -> list[np.ndarray]:
@@ -37,7 +54,7 @@ def test_cuda_tensors_bit_identical_to_cpu(backend: str, dtype: str, code: str, 
         assert all(np.array_equal(p.cpu().numpy(), w) for p, w in zip(parity, want, strict=True))
         full = [*data, *parity]
         host = [*raw, *want]
-        for lost in itertools.combinations(range(n + m), min(m, 2)):
+        for lost in loss_patterns(n, m, rng):
             out = {i: torch.full((nbytes,), 0xA5, dtype=torch.uint8, device="cuda") for i in lost}
             codec.reconstruct([None if i in lost else s for i, s in enumerate(full)], out=out)
             for i in lost:
@@ -60,10 +77,21 @@ def test_fused_gather_encode_matches_cpu(head_dim: int, code: str, m: int) -> No
         gk.gather_shard(pool, layout, slots, shard)
     want = oracle(code, n, m, shards)
     parity = [cupy.zeros(shards[0].size, dtype=cupy.uint8) for _ in range(m)]
-    gk.Codec(code, n, m, backend="cuda").encode_gather(
-        [cupy.asarray(p) for p in pools], layout, slots, parity
-    )
+    codec = gk.Codec(code, n, m, backend="cuda")
+    fused = codec._be.encode_gather_fused  # type: ignore[attr-defined]
+    ran: list[bool] = []
+
+    def spy(*args: object) -> bool:
+        ran.append(bool(fused(*args)))
+        return ran[-1]
+
+    codec._be.encode_gather_fused = spy  # type: ignore[attr-defined]
+    codec.encode_gather([cupy.asarray(p) for p in pools], layout, slots, parity)
     assert all(np.array_equal(p.get(), w) for p, w in zip(parity, want, strict=True))
+    # xor and rs run the one fused kernel when rows are whole 16-byte vectors, else fall back to the
+    # blocked path; rdp's diagonals never take the fused path.
+    expected = [layout.row_bytes % 16 == 0] if code in ("xor", "rs") else []
+    assert ran == expected, (code, head_dim, ran)
 
 
 def test_cuda_backend_refuses_host_memory() -> None:

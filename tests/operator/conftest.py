@@ -1,4 +1,5 @@
-"""Fixtures of the operator tests: an emulated cluster with three 2-GPU nodes."""
+"""Fixtures of the operator tests: an emulated cluster with three 4-GPU nodes, each with its own
+loopback IP and its own sidecar stand-in."""
 
 from __future__ import annotations
 
@@ -13,5 +14,5 @@ from tests.operator import harness
 def cluster() -> Iterator[harness.Cluster]:
     with harness.Cluster() as c:
         for i in range(3):
-            c.write("create", harness.NODES, None, None, harness.node_object(f"n{i}", gpus=2))
+            c.add_node(f"n{i}", gpus=4)
         yield c

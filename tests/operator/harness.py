@@ -1,10 +1,18 @@
-"""A cluster for operator tests: the API emulator, a scheduler+kubelet stand-in, a sidecar stand-in.
+"""A cluster for operator tests: the API emulator, a scheduler + kubelet + device plugin stand-in, and
+one recording sidecar stand-in PER NODE.
 
 Everything runs in one background thread with its own event loop (the operator itself runs as a
 real `ghostserve operator` subprocess against the emulator's HTTP port). There is no kubelet or
-scheduler in the emulator, so `Nodes` plays both: it binds pending rank pods to nodes (honouring
-node affinity, taints, cordons, GPU capacity and the avoid-gpus annotation) and marks them Running.
-The sidecar stand-in is a real gRPC server implementing the generated servicer that records calls.
+scheduler in the emulator, so `Nodes` plays them and the NVIDIA device plugin: each node has GPUs
+`GPU-<node>-<i>`; binding a pod hands it `nvidia.com/gpu` healthy free GPUs (recorded in the
+stand-in's own annotation, which the operator never reads), honouring required node affinity,
+taints and cordons; a pod that fits nowhere gets PodScheduled=False/Unschedulable like the real
+scheduler reports. `fail_gpu` marks a GPU unhealthy (allocatable drops, as the device plugin does).
+
+Each node has its own InternalIP on loopback (127.0.10.<n+1>, contracts C2) and its own sidecar
+stand-in there, on one port shared by all nodes. A running pod "attaches" its ranks to its node's
+stand-in with the GPU UUIDs it was given (what the engine does), so a health event for a GPU carries
+the group and rank holding it (C3), as the real sidecar stamps it.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import grpc
 import grpc.aio
 import kmock
 from ghostserve.cluster import apiserver as kmock_ext
@@ -37,26 +46,53 @@ SERVICES = kmock_ext.resource("v1/services")
 EVENTS = kmock_ext.resource("v1/events")
 GSD = kmock_ext.resource("ghostserve.io/v1alpha1/ghostservedeployments")
 REPO = pathlib.Path(__file__).resolve().parents[2]
+GPUS_ANNOTATION = "harness.ghostserve.io/gpus"  # the stand-in device plugin's allocation record
+
+
+def node_ip(index: int) -> str:
+    return f"127.0.10.{index + 1}"
 
 
 class StandInSidecar(sidecar_pb2_grpc.SidecarServicer):
-    """Records every call; Rebuild reports a fixed amount so the status can be checked end to end."""
+    """One node's sidecar stand-in: records every call, keeps the groups the node's pods attached.
+
+    Rebuild reports REBUILT_BYTES so the status can be checked end to end."""
 
     REBUILT_BYTES = 4096
 
-    def __init__(self) -> None:
+    POOL_BYTES = 8192  # what each rank's pool "holds": a move sends this much per rank
+
+    def __init__(self, node: str, peers: dict[str, StandInSidecar] | None = None) -> None:
+        self.node = node
+        self.peers = peers if peers is not None else {}  # "ip:port" -> that node's stand-in
         self.calls: list[tuple[str, Any, float]] = []
         self.health: asyncio.Queue[sidecar_pb2.HealthEvent] = asyncio.Queue()
+        self.groups: dict[str, dict[int, str]] = {}  # group -> rank -> device uuid
+        self.invalid: dict[str, set[int]] = {}
+        self.fail: dict[str, int] = {}  # RPC name -> calls still to fail with UNAVAILABLE
+        self.faulty: dict[str, sidecar_pb2.HealthEvent] = {}  # GPU uuid -> its fatal event
 
     def _log(self, name: str, request: Any) -> None:
         self.calls.append((name, request, time.monotonic()))
 
+    async def _maybe_fail(self, name: str, context: Any) -> None:
+        if self.fail.get(name, 0) > 0:
+            self.fail[name] -= 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"injected {name} failure")
+
     async def MarkLost(self, request: Any, context: Any) -> Any:
         self._log("MarkLost", request)
+        await self._maybe_fail("MarkLost", context)
+        if request.group not in self.groups:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown group")
+        self.invalid.setdefault(request.group, set()).update(request.ranks)
         return sidecar_pb2.MarkLostResponse()
 
     async def PlanRecovery(self, request: Any, context: Any) -> Any:
         self._log("PlanRecovery", request)
+        await self._maybe_fail("PlanRecovery", context)
+        if request.group not in self.groups:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown group")
         return sidecar_pb2.RecoveryPlan(
             group=request.group,
             lost_ranks=request.lost_ranks,
@@ -65,6 +101,10 @@ class StandInSidecar(sidecar_pb2_grpc.SidecarServicer):
 
     async def Rebuild(self, request: Any, context: Any) -> Any:
         self._log("Rebuild", request)
+        await self._maybe_fail("Rebuild", context)
+        if request.group not in self.groups:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown group")
+        self.invalid.pop(request.group, None)
         return sidecar_pb2.RebuildReport(
             group=request.group,
             bytes_rebuilt=self.REBUILT_BYTES,
@@ -78,26 +118,85 @@ class StandInSidecar(sidecar_pb2_grpc.SidecarServicer):
 
     async def DeleteGroup(self, request: Any, context: Any) -> Any:
         self._log("DeleteGroup", request)
+        await self._maybe_fail("DeleteGroup", context)
+        if self.groups.pop(request.group, None) is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown group")
         return sidecar_pb2.DeleteGroupResponse()
+
+    async def MoveGroup(self, request: Any, context: Any) -> Any:
+        """Source side of C3: the group's pools go to the target; idempotent (0 when already there)."""
+        self._log("MoveGroup", request)
+        await self._maybe_fail("MoveGroup", context)
+        ranks = self.groups.get(request.group)
+        if ranks is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown group")
+        if self.invalid.get(request.group):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a rank's pool is not valid")
+        target = self.peers.get(request.target)
+        if target is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"no sidecar at {request.target}")
+        if target.groups.get(request.group) is not None:
+            return sidecar_pb2.MoveGroupReply()
+        target.groups[request.group] = dict(ranks)
+        return sidecar_pb2.MoveGroupReply(
+            bytes_moved=self.POOL_BYTES * len(ranks), ranks_moved=len(ranks), requests_moved=1
+        )
 
     async def DescribeGroup(self, request: Any, context: Any) -> Any:
         self._log("DescribeGroup", request)
+        ranks = self.groups.get(request.group)
+        if ranks is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown group")
+        bad = self.invalid.get(request.group, set())
         return sidecar_pb2.GroupDescription(
             group=request.group,
+            world_size=len(ranks),
             parity_bytes=1024,
+            pool_bytes=self.POOL_BYTES * len(ranks),
+            ranks=[
+                sidecar_pb2.RankState(rank=r, attached=True, pool_valid=r not in bad, device_uuid=u)
+                for r, u in sorted(ranks.items())
+            ],
             requests=[sidecar_pb2.RequestState(request_id="req-1", chunks_committed=4, chunks_protected=4)],
         )
 
     async def WatchHealth(self, request: Any, context: Any) -> Any:
+        """Like the real sidecar: the current state of every faulty GPU first (stamped with whoever
+        holds it NOW), then live events."""
         self._log("WatchHealth", request)
+        if request.initial_state:
+            for event in list(self.faulty.values()):
+                held = self.holder(event.gpu_uuid)
+                yield sidecar_pb2.HealthEvent(
+                    gpu_index=event.gpu_index,
+                    gpu_uuid=event.gpu_uuid,
+                    kind=event.kind,
+                    xid=event.xid,
+                    fatal=True,
+                    message=event.message,
+                    node=self.node,
+                    group=held[0] if held else "",
+                    rank=held[1] if held else 0,
+                )
         while True:
             yield await self.health.get()
 
     def names(self) -> list[str]:
         return [name for name, _, _ in self.calls]
 
+    def attach(self, group: str, uuids: list[str]) -> None:
+        """What the engine's Attach does: rank i of the group on the i-th GPU of its pod."""
+        self.groups[group] = dict(enumerate(uuids))
 
-def node_object(name: str, *, gpus: int) -> dict[str, Any]:
+    def holder(self, uuid: str) -> tuple[str, int] | None:
+        for group, ranks in self.groups.items():
+            for rank, held in ranks.items():
+                if held == uuid:
+                    return group, rank
+        return None
+
+
+def node_object(name: str, *, gpus: int, ip: str = "127.0.0.1") -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Node",
@@ -106,7 +205,7 @@ def node_object(name: str, *, gpus: int) -> dict[str, Any]:
         "status": {
             "capacity": {"nvidia.com/gpu": str(gpus)},
             "allocatable": {"nvidia.com/gpu": str(gpus)},
-            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+            "addresses": [{"type": "InternalIP", "address": ip}],
             "conditions": [{"type": "Ready", "status": "True"}],
         },
     }
@@ -124,21 +223,30 @@ def _affinity_ok(pod: dict[str, Any], node: str) -> bool:
     return True
 
 
-def _preferred(pod: dict[str, Any]) -> set[str]:
-    prefs = ((pod["spec"].get("affinity") or {}).get("nodeAffinity") or {}).get(
-        "preferredDuringSchedulingIgnoredDuringExecution"
-    ) or []
-    return {v for p in prefs for e in p["preference"]["matchExpressions"] for v in e["values"]}
+def gpus_of(pod: dict[str, Any]) -> list[str]:
+    """GPU UUIDs the stand-in device plugin gave a pod (in NVIDIA_VISIBLE_DEVICES order)."""
+    raw = (pod["metadata"].get("annotations") or {}).get(GPUS_ANNOTATION, "")
+    return [g for g in raw.split(",") if g]
+
+
+def _wanted(pod: dict[str, Any]) -> int:
+    total = 0
+    for c in pod["spec"].get("containers") or []:
+        total += int(((c.get("resources") or {}).get("limits") or {}).get("nvidia.com/gpu", "0"))
+    return total
 
 
 class Nodes:
-    """Scheduler + kubelet stand-in: binds pending pods (least-allocated node first) and runs them."""
+    """Scheduler + kubelet + device plugin stand-in: binds pending pods to the least-allocated node
+    that fits, hands them GPUs, runs them, and attaches them to their node's sidecar stand-in."""
 
-    def __init__(self, emulator: kmock_ext.Emulator) -> None:
+    def __init__(self, emulator: kmock_ext.Emulator, sidecars: dict[str, StandInSidecar]) -> None:
         self.emulator = emulator
+        self.sidecars = sidecars
         self.kick = asyncio.Event()
         self.auto_run = True  # False: bound pods stay Pending (to hold a recovery mid-way)
         self.todo: set[tuple[str, str]] = set()
+        self.unhealthy: dict[str, set[str]] = {}
 
     def _used(self) -> dict[str, set[str]]:
         used: dict[str, set[str]] = {}
@@ -146,18 +254,13 @@ class Nodes:
             if res == PODS and not obj.deleted and obj.raw["spec"].get("nodeName"):
                 if obj.raw.get("status", {}).get("phase") in {"Failed", "Succeeded"}:
                     continue
-                gpu = obj.raw["metadata"].get("annotations", {}).get("ghostserve.io/gpu")
-                used.setdefault(obj.raw["spec"]["nodeName"], set()).add(gpu or "?")
+                used.setdefault(obj.raw["spec"]["nodeName"], set()).update(gpus_of(obj.raw))
         return used
 
     def _place(
         self, pod: dict[str, Any], nodes: list[dict[str, Any]], used: dict[str, set[str]]
-    ) -> tuple[str, str] | None:
-        avoid = set(
-            filter(
-                None, pod["metadata"].get("annotations", {}).get("ghostserve.io/avoid-gpus", "").split(",")
-            )
-        )
+    ) -> tuple[str, list[str]] | None:
+        want = _wanted(pod)
         options = []
         for node in nodes:
             name, spec = node["metadata"]["name"], node.get("spec") or {}
@@ -167,16 +270,19 @@ class Nodes:
             tainted = any(t.get("effect") in {"NoSchedule", "NoExecute"} for t in spec.get("taints") or [])
             if not ready or tainted or spec.get("unschedulable") or not _affinity_ok(pod, name):
                 continue
-            total = int(node["status"]["allocatable"].get("nvidia.com/gpu", "0"))
+            total = int(node["status"]["capacity"].get("nvidia.com/gpu", "0"))
+            bad = self.unhealthy.get(name, set())
             free = [
-                str(i) for i in range(total) if str(i) not in used.get(name, set()) and str(i) not in avoid
+                uuid
+                for i in range(total)
+                if (uuid := f"GPU-{name}-{i}") not in used.get(name, set()) and uuid not in bad
             ]
-            if free:
-                options.append((name not in _preferred(pod), len(used.get(name, set())), name, free[0]))
+            if len(free) >= want:
+                options.append((len(used.get(name, set())), name, free[:want]))
         if not options:
             return None
-        _, _, name, gpu = min(options)
-        return name, gpu
+        _, name, gpus = min(options)
+        return name, gpus
 
     async def run(self) -> None:
         while True:
@@ -210,19 +316,43 @@ class Nodes:
             if not pod["spec"].get("nodeName"):
                 placed = self._place(pod, nodes, used)
                 if placed is None:
+                    conds = pod.get("status", {}).get("conditions") or []
+                    if not any(c.get("type") == "PodScheduled" for c in conds):
+                        message = f"0/{len(nodes)} nodes are available: {_wanted(pod)} nvidia.com/gpu"
+                        await self._write(
+                            meta,
+                            {
+                                "status": {
+                                    "phase": "Pending",
+                                    "conditions": [
+                                        {
+                                            "type": "PodScheduled",
+                                            "status": "False",
+                                            "reason": "Unschedulable",
+                                            "message": message,
+                                        }
+                                    ],
+                                }
+                            },
+                        )
                     continue  # retried when nodes or pods change
-                node, gpu = placed
-                used.setdefault(node, set()).add(gpu)
+                node, gpus = placed
+                used.setdefault(node, set()).update(gpus)
                 await self._write(
                     meta,
                     {
-                        "metadata": {"annotations": {"ghostserve.io/gpu": gpu}},
+                        "metadata": {"annotations": {GPUS_ANNOTATION: ",".join(gpus)}},
                         "spec": {"nodeName": node},
-                        "status": {"phase": "Pending"},
+                        "status": {"phase": "Pending", "conditions": []},
                     },
                 )
             elif self.auto_run:
                 if pod.get("status", {}).get("phase") == "Pending":
+                    env = pod["spec"]["containers"][0].get("env") or []
+                    group = next((e["value"] for e in env if e["name"] == "GHOSTSERVE_GROUP"), None)
+                    side = self.sidecars.get(pod["spec"]["nodeName"])
+                    if group and side is not None:
+                        side.attach(group, gpus_of(pod))
                     await self._write(meta, running_status())
                 self.todo.discard((ns, name))
 
@@ -235,7 +365,7 @@ def running_status() -> dict[str, Any]:
     return {
         "status": {
             "phase": "Running",
-            "conditions": [{"type": "Ready", "status": "True"}],
+            "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}],
             "containerStatuses": [
                 {
                     "name": "engine",
@@ -249,9 +379,13 @@ def running_status() -> dict[str, Any]:
 
 
 class Cluster:
-    """The emulator, Nodes and the sidecar stand-in in a background event loop."""
+    """The emulator, Nodes and one sidecar stand-in per node in a background event loop."""
 
     def __init__(self) -> None:
+        self.sidecars: dict[str, StandInSidecar] = {}
+        self.peers: dict[str, StandInSidecar] = {}  # by address, for MoveGroup between stand-ins
+        self.node_names: list[str] = []
+        self._grpc: list[grpc.aio.Server] = []
         self.loop = asyncio.new_event_loop()
         self.changed = threading.Condition()
         self.version = 0
@@ -273,21 +407,72 @@ class Cluster:
         self.emulator = await self._stack.enter_async_context(kmock_ext.Emulator())
         kmock_ext.declare(self.emulator)
         self.server = await self._stack.enter_async_context(apps.Server(self.emulator))
-        self.nodes = Nodes(self.emulator)
+        self.nodes = Nodes(self.emulator, self.sidecars)
         self.emulator.listeners.append(self._on_write)
         self.nodes_task = asyncio.create_task(self.nodes.run())
-        self.sidecar = StandInSidecar()
-        self.grpc_server = grpc.aio.server()
-        sidecar_pb2_grpc.add_SidecarServicer_to_server(self.sidecar, self.grpc_server)
-        self.sidecar_port = self.grpc_server.add_insecure_port("127.0.0.1:0")
-        await self.grpc_server.start()
+        self.sidecar_port = free_port()  # every node's sidecar listens on it, each on its node's IP
 
     async def _stop(self) -> None:
         self.nodes_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.nodes_task
-        await self.grpc_server.stop(0)
+        for server in self._grpc:
+            await server.stop(0)
         await self._stack.aclose()
+
+    async def _serve(self, name: str, ip: str) -> None:
+        side = StandInSidecar(name, self.peers)
+        server = grpc.aio.server()
+        sidecar_pb2_grpc.add_SidecarServicer_to_server(side, server)
+        server.add_insecure_port(f"{ip}:{self.sidecar_port}")
+        await server.start()
+        self.sidecars[name] = side
+        self.peers[f"{ip}:{self.sidecar_port}"] = side
+        self._grpc.append(server)
+
+    def add_node(self, name: str, *, gpus: int, sidecar: bool = True) -> str:
+        """A node with its own loopback InternalIP and (unless sidecar=False) its own sidecar stand-in."""
+        ip = node_ip(len(self.node_names))
+        self.node_names.append(name)
+        if sidecar:
+            self.call(lambda: self._serve(name, ip))
+        self.write("create", NODES, None, None, node_object(name, gpus=gpus, ip=ip))
+        return ip
+
+    def fail_gpu(self, node: str, uuid: str, *, xid: int = 79, report: bool = True) -> None:
+        """A fatal GPU fault: the device plugin marks it unhealthy (allocatable drops) and, with
+        `report`, the node's sidecar streams the Xid with the group/rank attached to that GPU."""
+
+        async def fail() -> None:
+            self.nodes.unhealthy.setdefault(node, set()).add(uuid)
+            raw = self.emulator.objects[(NODES, None, node)].raw
+            total = int(raw["status"]["capacity"]["nvidia.com/gpu"])
+            left = str(total - len(self.nodes.unhealthy[node]))
+            patch = {"status": {"allocatable": {"nvidia.com/gpu": left}}}
+            await self.emulator.write("update", NODES, None, node, patch)
+            if report:
+                side = self.sidecars[node]
+                held = side.holder(uuid)
+                side.faulty[uuid] = event = sidecar_pb2.HealthEvent(
+                    gpu_index=int(uuid.rsplit("-", 1)[1]),
+                    gpu_uuid=uuid,
+                    kind=sidecar_pb2.XID,
+                    xid=xid,
+                    fatal=True,
+                    message="GPU has fallen off the bus",
+                    node=node,
+                    group=held[0] if held else "",
+                    rank=held[1] if held else 0,
+                )
+                side.health.put_nowait(event)
+
+        self.call(fail)
+
+    def calls(self, name: str | None = None) -> list[tuple[str, str, Any]]:
+        """(node, rpc, request) of every sidecar call, in time order across nodes."""
+        found = [(t, node, n, r) for node, side in self.sidecars.items() for n, r, t in side.calls]
+        ordered = sorted(found, key=lambda x: x[0])
+        return [(node, n, r) for _, node, n, r in ordered if name is None or n == name]
 
     def _on_write(self, action: str, resource: Any, raw: dict[str, Any]) -> None:
         self.nodes.note(action, resource, raw)
@@ -367,15 +552,15 @@ class Cluster:
                         "uid": obj["metadata"]["uid"],
                         "node": obj["spec"].get("nodeName"),
                         "status": obj.get("status"),
-                        "annotations": obj["metadata"].get("annotations"),
+                        "gpus": gpus_of(obj),
                     },
                     sort_keys=True,
                 )
             )
         return "\n".join(lines)
 
-    def push_health(self, event: sidecar_pb2.HealthEvent) -> None:
-        self.loop.call_soon_threadsafe(self.sidecar.health.put_nowait, event)
+    def push_health(self, node: str, event: sidecar_pb2.HealthEvent) -> None:
+        self.loop.call_soon_threadsafe(self.sidecars[node].health.put_nowait, event)
 
     def kubeconfig(self, path: pathlib.Path) -> pathlib.Path:
         path.write_text(
@@ -399,8 +584,18 @@ class OperatorProcess:
     metrics_url = ""
     liveness_url = ""
 
-    def __init__(self, kubeconfig: pathlib.Path, log: pathlib.Path, *extra: str) -> None:
+    def __init__(
+        self,
+        kubeconfig: pathlib.Path,
+        log: pathlib.Path,
+        *extra: str,
+        sidecar_port: int = 7443,
+        crash_at: str | None = None,
+    ) -> None:
         env = dict(os.environ, KUBECONFIG=str(kubeconfig), PYTHONUNBUFFERED="1")
+        env.pop("GHOSTSERVE_OPERATOR_CRASH_AT", None)
+        if crash_at:
+            env["GHOSTSERVE_OPERATOR_CRASH_AT"] = crash_at
         self.log = log
         self._out = log.open("ab")
         self.proc = subprocess.Popen(
@@ -412,7 +607,9 @@ class OperatorProcess:
                 "--namespace",
                 "test",
                 "--sidecar-address-template",
-                "127.0.0.1:{port}",
+                "{node_ip}:{port}",
+                "--sidecar-port",
+                str(sidecar_port),
                 "--log-format",
                 "plain",
                 "--resync-seconds",
@@ -429,6 +626,13 @@ class OperatorProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=30)
+
+    def killed_itself(self, timeout: float) -> bool:
+        """Wait for the process to die of its own SIGKILL (a crash point); False if it still runs."""
+        try:
+            return self.proc.wait(timeout=timeout) == -signal.SIGKILL
+        except subprocess.TimeoutExpired:
+            return False
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -447,12 +651,20 @@ class OperatorProcess:
 class RealSidecar:
     """`ghostserve sidecar` as a process on loopback TCP with fake NVML, named as node `node`."""
 
-    def __init__(self, workdir: pathlib.Path, *, node: str, gpus: int = 2) -> None:
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
+    def __init__(
+        self,
+        workdir: pathlib.Path,
+        *,
+        node: str,
+        gpus: int = 2,
+        ip: str = "127.0.0.1",
+        port: int | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        self.address = f"{ip}:{self.port}"
         self.prefix = f"gs-op{secrets.token_hex(3)}-"
-        self.log = workdir / "sidecar.log"
-        state = workdir / "sidecar-state"
+        self.log = workdir / f"sidecar-{node}.log"
+        state = workdir / f"sidecar-state-{node}"
         state.mkdir()
         cmd = [
             sys.executable,
@@ -461,6 +673,7 @@ class RealSidecar:
             "sidecar",
             "--listen",
             self.address,
+            "--insecure",
             "--fake-nvml",
             str(gpus),
             "--node",

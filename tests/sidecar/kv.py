@@ -14,9 +14,10 @@ import grpc
 import numpy as np
 from ghostserve.sidecar import client
 from ghostserve.v1 import sidecar_pb2 as pb
+from ghostserve.wire import protection as wire_protection
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-CODES = {"none": pb.NONE, "replicate": pb.REPLICATE, "xor": pb.XOR, "rdp": pb.RDP, "rs": pb.RS}
+CODES = wire_protection.CODE_IDS
 # 2 layers x 2 heads x 16 dims of fp16: 64-byte rows; a 16-token chunk is a 4 KiB shard.
 LAYOUT = pb.KVLayout(layers=2, kv_heads=2, head_dim=16, dtype=pb.FLOAT16, page_size=16, pool_slots=256)
 ROW_BYTES = 64
@@ -82,6 +83,8 @@ def start_sidecar(
     log = workdir / f"{name}.log"
     if listen:
         where, address = ["--listen", listen], listen
+        if "--tls-cert" not in args:
+            where.append("--insecure")
     else:
         sock = workdir / "run" / "sidecar.sock"
         where, address = ["--socket", str(sock)], f"unix://{sock}"

@@ -87,11 +87,14 @@ def read_pools(c: client.SidecarClient, group: str) -> list[np.ndarray]:
 
 class CuttingProxy:
     """Loopback TCP proxy to `upstream_port` that forwards until `cut_after` bytes went upstream, then
-    shuts both connections down (once; later connections pass everything)."""
+    shuts both connections down (once; later connections pass everything). With `stall`, it stops
+    forwarding instead and drops the connection only when the client's side closes (a source killed
+    mid-move, at a byte position the test controls)."""
 
-    def __init__(self, upstream_port: int, cut_after: int) -> None:
+    def __init__(self, upstream_port: int, cut_after: int, *, stall: bool = False) -> None:
         self.upstream = upstream_port
         self.cut_after = cut_after
+        self.stall = stall
         self.forwarded = 0
         self.cut = threading.Event()
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -121,6 +124,9 @@ class CuttingProxy:
                         over = self.forwarded > self.cut_after
                     if over:
                         self.cut.set()
+                        if self.stall:
+                            while src.recv(1 << 16):  # swallow until the client dies
+                                pass
                         for s in (src, dst):
                             with contextlib.suppress(OSError):
                                 s.shutdown(socket.SHUT_RDWR)

@@ -8,8 +8,9 @@ from collections.abc import Iterator
 import grpc
 import inproc
 import kv
+import numpy as np
 import pytest
-from ghostserve.sidecar import client, config, pools
+from ghostserve.sidecar import budget, client, config, pools
 from ghostserve.v1 import sidecar_pb2 as pb
 
 N = 2
@@ -17,8 +18,11 @@ N = 2
 
 @pytest.fixture
 def small(short_tmp: pathlib.Path, shm_prefix: str) -> Iterator[client.SidecarClient]:
-    # xor over 2 ranks: one 4 KiB parity shard per chunk; room for exactly 4 chunks.
-    cfg = config.Config(budget_bytes=4 * 4096, fake_gpus=2, shm_prefix=shm_prefix)
+    # xor over 2 ranks: one 4 KiB parity shard per chunk; room for exactly 4 chunks plus the ledger the
+    # first test ends with (its memory counts in the budget): 3 requests, 5 chunks, 40 recorded tokens.
+    slots, none = np.zeros(kv.CHUNK, np.int64), np.zeros(0, np.int64)
+    ledger = 3 * budget.REQUEST_OVERHEAD + 5 * budget.chunk_bytes(slots, none) + 40 * 8
+    cfg = config.Config(budget_bytes=4 * 4096 + ledger, fake_gpus=2, shm_prefix=shm_prefix)
     bg = inproc.Background(inproc.unix_address(short_tmp), cfg)
     c = client.SidecarClient(inproc.unix_address(short_tmp), timeout=20)
     try:

@@ -201,7 +201,8 @@ def test_corrupt_pieces_and_pools_are_rejected_and_nothing_is_installed(
         wrong = pb.MoveHeader()
         wrong.CopyFrom(header)
         wrong.pool_checksums[1] ^= 1
-        body = [p.tobytes() for p in pools]
+        whole = b"".join(p.tobytes() for p in pools)
+        body = [whole[i : i + (1 << 20)] for i in range(0, len(whole), 1 << 20)]  # messages < 4 MiB
         pieces = [pb.MovePiece(header=wrong)]
         off = 0
         for b in body:
@@ -228,9 +229,55 @@ def test_corrupt_pieces_and_pools_are_rejected_and_nothing_is_installed(
         assert code_of(invalid) == grpc.StatusCode.INVALID_ARGUMENT
         assert d.list_groups().groups == [] and d.get_stats().moves_in_progress == 0
 
-        # The real move still works after all that.
-        assert s.move_group(group=GROUP, target=dst.address).resumed_from_bytes == 0
+        # A hand-made but correct stream installs the group: pools, then the ledger in two parts.
+        ledger = pb.MovedLedger(
+            requests=[pb.MovedRequest(request_id="x", token_ids=list(range(70)), prompt_tokens=3)]
+        ).SerializeToString()
+        half = len(ledger) // 2
+        pieces[0] = pb.MovePiece(header=header)
+        pieces[-1:] = [
+            pb.MovePiece(ledger=ledger[:half]),
+            pb.MovePiece(ledger=ledger[half:], ledger_checksum=checksums.checksum(ledger), commit=True),
+        ]
+        assert d.receive_group(iter(pieces)).complete
+        assert list(d.describe_request(group=GROUP, request_id="x").token_ids) == list(range(70))
         assert np.array_equal(move_kit.read_pools(d, GROUP)[1], pools[1])
+        # Now the target holds it: the real move is a no-op.
+        assert s.move_group(group=GROUP, target=dst.address).bytes_moved == 0
+
+
+def test_source_sends_pools_then_the_ledger_in_parts() -> None:
+    import asyncio
+
+    from ghostserve.sidecar import move
+
+    pools_ = [np.arange(10, dtype=np.uint8), np.arange(10, 20, dtype=np.uint8)]
+    snap = move.Snapshot(pb.MoveHeader(group="g"), pools_, bytes(range(23)), 1)
+
+    async def collect() -> list[pb.MovePiece | bytes]:
+        return [p async for p in move._pieces(snap, 4, 8)]
+
+    got = [p if isinstance(p, pb.MovePiece) else pb.MovePiece.FromString(p) for p in asyncio.run(collect())]
+    assert got[0].header.group == "g"
+    data = [p for p in got if p.data]
+    assert [(p.offset, len(p.data)) for p in data] == [(4, 6), (10, 8), (18, 2)]
+    assert all(p.checksum == checksums.checksum(p.data) for p in data)
+    ledger = [p for p in got if p.ledger]
+    assert b"".join(p.ledger for p in ledger) == snap.ledger and [len(p.ledger) for p in ledger] == [8, 8, 7]
+    assert [p.commit for p in got[-3:]] == [False, False, True]
+    assert got[-1].ledger_checksum == checksums.checksum(snap.ledger)
+
+
+@pytest.mark.parametrize("offset", [0, 1, 127, 128, 300, 2**40 + 5])
+@pytest.mark.parametrize("size", [1, 127, 128, 20000])
+def test_encoded_piece_equals_the_generated_encoding(offset: int, size: int) -> None:
+    from ghostserve.sidecar import move
+
+    data = np.random.default_rng(size).integers(0, 256, size + 8, dtype=np.uint8)[3 : 3 + size]
+    wire = move.encode_piece(offset, data)
+    ref = pb.MovePiece(offset=offset, data=data.tobytes(), checksum=checksums.checksum(data.tobytes()))
+    assert pb.MovePiece.FromString(wire) == ref
+    assert wire == ref.SerializeToString()
 
 
 def test_target_holding_another_deployments_group_refuses(pair: tuple[kv.Sidecar, kv.Sidecar]) -> None:

@@ -38,7 +38,7 @@ def make_pki(d: pathlib.Path) -> None:
         cwd=d,
     )
     (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    for name in ("server", "client"):
+    for name in ("server", "client", "intruder", "tenant"):
         openssl(
             "req",
             "-newkey",
@@ -90,6 +90,10 @@ def test_mutual_tls_on_tcp_beside_a_plain_unix_socket(short_tmp: pathlib.Path, s
         str(short_tmp / "server.key"),
         "--tls-ca",
         str(short_tmp / "ca.pem"),
+        "--operator-identity",
+        "client",
+        "--tls-allow-client",
+        "tenant",
         "--socket",
         str(sock),
         listen=address,
@@ -109,5 +113,39 @@ def test_mutual_tls_on_tcp_beside_a_plain_unix_socket(short_tmp: pathlib.Path, s
             ):
                 c.list_groups()
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        # Certificates of the same CA that name nobody the sidecar was told about (the server's own
+        # included) get nothing (issue 13: before, any certificate of the CA got in).
+        for name in ("intruder", "server"):
+            creds = client.channel_credentials(
+                ca=str(short_tmp / "ca.pem"),
+                cert=str(short_tmp / f"{name}.pem"),
+                key=str(short_tmp / f"{name}.key"),
+            )
+            with client.SidecarClient(address, credentials=creds, timeout=5) as c:
+                with pytest.raises(grpc.RpcError) as err:
+                    c.list_groups()
+                assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        # An allowed client owns what it creates, and operator-only calls refuse it.
+        tenant = client.channel_credentials(
+            ca=str(short_tmp / "ca.pem"),
+            cert=str(short_tmp / "tenant.pem"),
+            key=str(short_tmp / "tenant.key"),
+        )
+        with client.SidecarClient(address, credentials=tenant, timeout=5) as t:
+            for r in range(2):
+                t.attach(group="t", rank=r, world_size=2, layout=kv.LAYOUT, protection=kv.protection("xor", 1))
+            for call in (
+                lambda: t.mark_lost(group="t", ranks=[0], reason="x"),
+                lambda: t.delete_group(group="t"),
+                lambda: t.rebuild(group="t", lost_ranks=[1]),
+                lambda: list(t.stream_rebuild(group="t", lost_ranks=[1], rank=1)),
+            ):
+                with pytest.raises(grpc.RpcError) as err:
+                    call()
+                assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert t.list_groups().groups == ["t"]
+        with client.SidecarClient(address, credentials=good) as op:
+            assert op.describe_group(group="t").ranks[0].attached
+            op.delete_group(group="t")
     finally:
         assert sc.terminate() == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 from ghostserve.sidecar import planner
@@ -92,7 +93,8 @@ def test_matches_brute_force(n, unprotected, tail, per_token, per_pair, bw, chun
 
 def test_plan_group_codes_and_losses():
     ledgers = [planner.RequestLedger("a", 6, frozenset({5}), tail_tokens=3), planner.RequestLedger("b", 2)]
-    kw = dict(world_size=4, chunk_tokens=T, shard_bytes=10**6, calibration=cal(per_token=1 / T))
+    kw: dict[str, Any] = {"world_size": 4, "chunk_tokens": T, "shard_bytes": 10**6}
+    kw["calibration"] = cal(per_token=1 / T)
     plan = planner.plan_group(ledgers, lost_ranks=[2], parity_shards=1, code="xor", **kw)
     a = plan.requests[0]
     assert a.recompute_chunks + len(a.rebuild_chunks) + len(a.unprotected_chunks) == 6
@@ -125,7 +127,7 @@ def test_plan_group_codes_and_losses():
     ],
 )
 def test_plan_group_rejects_bad_input(kwargs):
-    base = dict(parity_shards=1, chunk_tokens=T, shard_bytes=1, calibration=cal())
+    base: dict[str, Any] = dict(parity_shards=1, chunk_tokens=T, shard_bytes=1, calibration=cal())
     base.update(kwargs)
     with pytest.raises(planner.PlanError):
         planner.plan_group([planner.RequestLedger("a", 2)], **base)

@@ -209,3 +209,23 @@ def test_cli_rejects_bad_flags() -> None:
         assert server.main(["--socket", "/proc/forbidden/s.sock", "--fake-nvml", "0"]) == 1
     finally:
         logging.getLogger().handlers[:] = saved
+
+
+def test_cli_refuses_unauthenticated_tcp(capsys: pytest.CaptureFixture[str]) -> None:
+    """Plaintext TCP, and TLS that accepts any client, start only when asked for by name (issue 13:
+    plaintext TCP started without a warning). Fails before the fix: both started."""
+    import logging
+
+    from ghostserve.sidecar import server
+
+    saved = list(logging.getLogger().handlers)
+    try:
+        assert server.main(["--listen", "127.0.0.1:1", "--fake-nvml", "0"]) == 2
+        assert "--insecure" in capsys.readouterr().err
+        tls = ["--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"]
+        assert server.main(["--listen", "127.0.0.1:1", *tls, "--fake-nvml", "0"]) == 2
+        assert "--tls-no-client-auth" in capsys.readouterr().err
+        assert server.main(["--max-rebuild-streams", "0", "--fake-nvml", "0"]) == 2
+        assert server.main(["--max-pool-bytes", "lots", "--fake-nvml", "0"]) == 2
+    finally:
+        logging.getLogger().handlers[:] = saved

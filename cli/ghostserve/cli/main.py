@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 # command -> (module with `main(argv: list[str]) -> int`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("ghostserve.engine.demo", "local demo: a protected request survives an injected GPU fault"),
+    "demo": ("ghostserve.cluster.demo", "the embedded-cluster demo: GPU faults mid-decode, identical output"),
     "codec-demo": ("ghostserve.kernels.demo", "encode KV-shaped tensors, destroy shards, rebuild them"),
     "sidecar": ("ghostserve.sidecar.server", "run the node-local sidecar (gRPC)"),
     "operator": ("ghostserve.operator.main", "run the Kubernetes operator (kopf)"),

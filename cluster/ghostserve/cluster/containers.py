@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -130,15 +131,23 @@ def _rewrite(value: str, mounts: Mapping[str, pathlib.Path]) -> str:
 
 
 def _with_pod_ip(args: list[str], pod_ip: str) -> list[str]:
+    """Binding every interface inside a pod binds the pod's IP: `0.0.0.0` (alone, as `0.0.0.0:PORT`
+    or after `--flag=`) becomes the pod IP."""
     out = []
-    for i, arg in enumerate(args):
-        if arg in {"0.0.0.0", "::"} and i > 0 and args[i - 1] == "--host":
-            out.append(pod_ip)
-        elif arg in {"--host=0.0.0.0", "--host=::"}:
-            out.append(f"--host={pod_ip}")
-        else:
-            out.append(arg)
+    for arg in args:
+        flag, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        if value == "0.0.0.0" or value.startswith("0.0.0.0:"):
+            value = pod_ip + value[len("0.0.0.0") :]
+        out.append(f"{flag}{eq}{value}")
     return out
+
+
+_VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def _expand(value: str, env: Mapping[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion in command, args and env values; unknown references stay."""
+    return _VAR.sub(lambda m: env.get(m.group(1), m.group(0)), value)
 
 
 def launch(
@@ -162,7 +171,7 @@ def launch(
     env.update(HOSTNAME=pod["metadata"]["name"], PYTHONUNBUFFERED="1", KUBECONFIG=str(kubeconfig))
     for item in container.get("env") or []:
         if "value" in item:
-            env[item["name"]] = str(item["value"])
+            env[item["name"]] = _expand(str(item["value"]), env)
         elif "fieldRef" in (item.get("valueFrom") or {}):
             env[item["name"]] = _field(pod, item["valueFrom"]["fieldRef"]["fieldPath"])
         else:
@@ -173,8 +182,8 @@ def launch(
     env.update(device_env)
     argv = images.argv(
         container.get("image", ""),
-        container.get("command") or [],
-        [str(a) for a in container.get("args") or []],
+        [_expand(str(a), env) for a in container.get("command") or []],
+        [_expand(str(a), env) for a in container.get("args") or []],
     )
     argv = [argv[0], *(_rewrite(a, mounts) for a in _with_pod_ip(argv[1:], pod_ip))]
     return Launch(argv, env)

@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 from ghostserve.sidecar import client as client_mod
 from ghostserve.sidecar import fakegpu
+from ghostserve.v1 import sidecar_pb2 as pb
 
 log = logging.getLogger("ghostserve.cluster")
 
@@ -73,13 +74,17 @@ class DevicePlugin:
             fakegpu.ENV: str(self.fake_dir),
         }
 
-    def note(self, uuid: str, *, fatal: bool, message: str) -> bool:
-        """Apply one health event; True when the healthy set changed. Unknown UUIDs are ignored."""
+    def note(self, uuid: str, *, fatal: bool, healthy: bool, message: str) -> bool:
+        """Apply one health event; True when the healthy set changed. Unknown UUIDs are ignored.
+        A GPU turns healthy again only on a HEALTHY event (replaced or reset), not on a warning."""
         if uuid not in {g.uuid for g in self.gpus}:
             log.warning("device plugin: health event for unknown GPU %s ignored", uuid)
             return False
         if fatal and uuid not in self.unhealthy:
             self.unhealthy[uuid] = message
+            return True
+        if healthy and uuid in self.unhealthy:
+            del self.unhealthy[uuid]
             return True
         return False
 
@@ -90,7 +95,10 @@ class DevicePlugin:
                 call: Any = side.watch_health(initial_state=True)
                 try:
                     async for event in call:
-                        if self.note(event.gpu_uuid, fatal=event.fatal, message=event.message):
+                        healthy = event.kind == pb.HealthKind.HEALTHY
+                        if self.note(
+                            event.gpu_uuid, fatal=event.fatal, healthy=healthy, message=event.message
+                        ):
                             self.on_change()
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() not in {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}:

@@ -251,8 +251,12 @@ class Cluster:
         with self.sidecar_client(node) as side:
             side.inject_fault(
                 gpu_index=gpu_index, kind=pb.HealthKind.Value(kind), xid=xid if kind == "XID" else 0,
-                message=message or f"injected {kind} {xid if kind == 'XID' else ''}".strip(),
+                message=message or (f"injected Xid {xid}" if kind == "XID" else f"injected {kind}"),
             )  # fmt: skip
+
+    def repair_gpu(self, node: str, gpu_index: int) -> None:
+        """The broken GPU was replaced: HEALTHY through InjectFault; the device plugin offers it again."""
+        self.inject_gpu_fault(node, gpu_index, kind="HEALTHY", message="GPU replaced")
 
     def gpu_uuids(self, node: str) -> builtins.list[str]:
         return [g.uuid for g in self.nodes[node].plugin.gpus]

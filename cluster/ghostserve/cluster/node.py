@@ -101,6 +101,7 @@ class Node:
             sys.executable, "-m", "ghostserve.cli.main", "sidecar",
             "--socket", str(s.socket),
             "--listen", s.sidecar_address,
+            "--insecure",  # loopback only (CONTRACTS: SIDECAR amendment 02:00)
             "--fake-gpu-dir", str(s.fake_gpu_dir),
             "--node", s.name,
             "--shm-prefix", s.shm_prefix,

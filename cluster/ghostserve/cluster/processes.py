@@ -1,28 +1,24 @@
 """Local process trees: what a container, a node's sidecar or the operator is in the embedded cluster.
 
-Each runs in its own session (process group), with SIGKILL as its parent-death signal so nothing
-outlives a crashed cluster process; stopping one signals the whole tree (the group plus every
-descendant found in /proc, for children that made their own session). Exit is awaited through a
-pidfd, without a thread per process.
+Each runs in its own session (process group), with SIGKILL as its parent-death signal (util-linux
+`setpriv --pdeathsig`, where installed: Python code between fork and exec can deadlock in a threaded
+parent) so nothing outlives a crashed cluster process; stopping one signals the whole tree (the
+group plus every descendant found in /proc, for children that made their own session). Exit is
+awaited through a pidfd, without a thread per process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+_SETPRIV = shutil.which("setpriv")
 
 
 def descendants(pid: int) -> list[int]:
@@ -68,15 +64,15 @@ class Process:
         """Launch; returns the pid. Raises OSError when the program cannot be started."""
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as out:
+            prefix = [_SETPRIV, "--pdeathsig", "KILL", "--"] if _SETPRIV else []
             self.proc = subprocess.Popen(
-                self.argv,
+                [*prefix, *self.argv],
                 env=self.env,
                 cwd=self.cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
             )
         loop = asyncio.get_running_loop()
         self._exited = loop.create_future()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
+import threading
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -101,9 +103,12 @@ class SidecarSession:
         worker_id: str = "",
         reconnect: Callable[[], client_mod.SidecarClient] | None = None,
         device_uuid: str = "",
+        parity_budget_bytes: int = 0,
     ) -> None:
         self.client = client
         self.device_uuid = device_uuid  # the rank's GPU (AttachRequest.device_uuid); "" on CPU
+        # The group's parity budget (AttachRequest.parity_budget_bytes); 0 = the sidecar's global one.
+        self.parity_budget_bytes = parity_budget_bytes
         # After UNAVAILABLE the session swaps in a client from ``reconnect``: a fresh channel dials at
         # once, where the old one would wait out gRPC's reconnect backoff (seconds) after a restart.
         self._reconnect = reconnect
@@ -131,6 +136,7 @@ class SidecarSession:
                 protection=wire_protection.protection_to(self.protection),
                 worker_id=self.worker_id,
                 device_uuid=self.device_uuid,
+                parity_budget_bytes=self.parity_budget_bytes,
             )
         except grpc.RpcError as exc:
             raise AdapterError(
@@ -152,6 +158,7 @@ class SidecarSession:
             protection=wire_protection.protection_to(self.protection),
             worker_id=self.worker_id,
             device_uuid=self.device_uuid,
+            parity_budget_bytes=self.parity_budget_bytes,
         )
         self.reattaches += 1
         self.pool = reply.pool
@@ -235,6 +242,10 @@ class SidecarSession:
                 return 0
             raise AdapterError(f"release of {request_id!r} rejected: {exc.details()}") from exc
 
+    def detach(self) -> None:
+        """Leave the group; the sidecar keeps the pool. Raises grpc.RpcError."""
+        self.client.detach(group=self.group, rank=self.rank)
+
     def _fresh_channel(self, exc: grpc.RpcError) -> None:
         if self._reconnect is not None and exc.code() == grpc.StatusCode.UNAVAILABLE:
             if self._owned:  # the caller's own client may be shared: only close ours
@@ -251,3 +262,104 @@ def _transient(exc: grpc.RpcError) -> bool:
         grpc.StatusCode.FAILED_PRECONDITION,
         grpc.StatusCode.NOT_FOUND,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    kind: str  # "commit" | "record" | "release"
+    request_id: str
+    chunk_index: int = 0
+    slots: tuple[int, ...] = ()
+    token_ids: tuple[int, ...] = ()
+    prompt_tokens: int = 0
+    max_new_tokens: int = 0
+
+
+class CommitSender:
+    """A rank's sidecar calls (chunk commits, token records, releases) sent in order by one daemon
+    thread, so a forward pass never waits on an RPC (EngineAdapter.on_chunk_complete "returns at once").
+
+    Both engines use it. The order is kept per rank: a request's release follows its commits, so once
+    every rank's release arrived no late commit can re-create the entry. A rejection (AdapterError) goes
+    to `on_rejected(request_id, error)` when given (the engine then serves that request unprotected);
+    otherwise `drain` re-raises the first one. Calls still queued when the process is SIGKILLed are
+    lost: chunks the sidecar does not list as committed are recomputed after a restart.
+    """
+
+    def __init__(
+        self,
+        session: SidecarSession,
+        *,
+        on_rejected: Callable[[str, AdapterError], None] | None = None,
+    ) -> None:
+        self.session = session
+        self._on_rejected = on_rejected
+        self._queue: queue.Queue[_Call] = queue.Queue()
+        self._error: AdapterError | None = None
+        self.rejected = 0
+        self._thread = threading.Thread(target=self._run, name="gs-commits", daemon=True)
+        self._thread.start()
+
+    def submit(
+        self, request_id: str, chunk_index: int, slots: Sequence[int], token_ids: Sequence[int]
+    ) -> None:
+        """Queue the commit of one chunk (its T slots and T token ids)."""
+        self._queue.put(_Call("commit", request_id, chunk_index, tuple(slots), tuple(token_ids)))
+
+    def record(
+        self, request_id: str, tokens: Sequence[int], *, prompt_tokens: int, max_new_tokens: int = 0
+    ) -> None:
+        """Queue RecordTokens (a request's prompt length and budget for resume; sent once per request)."""
+        self._queue.put(
+            _Call("record", request_id, token_ids=tuple(tokens), prompt_tokens=prompt_tokens,
+                  max_new_tokens=max_new_tokens)
+        )
+
+    def release(self, request_id: str) -> None:
+        """Queue the release of a finished request (after its commits)."""
+        self._queue.put(_Call("release", request_id))
+
+    def pending(self) -> int:
+        return self._queue.unfinished_tasks
+
+    def drain(self) -> None:
+        """Block until every queued call was sent (or failed). Raises the first AdapterError a call met
+        when there is no `on_rejected` callback (then clears it)."""
+        self._queue.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _run(self) -> None:
+        while True:
+            call = self._queue.get()
+            try:
+                self._send(call)
+            except AdapterError as exc:
+                self.rejected += 1
+                if self._on_rejected is not None:
+                    self._on_rejected(call.request_id, exc)
+                elif self._error is None:
+                    self._error = exc
+            except Exception as exc:  # never let the sender die: every later commit would queue forever
+                log.exception("sidecar call %s of %s failed", call.kind, call.request_id)
+                error = AdapterError(f"{call.kind} of {call.request_id!r} failed: {exc}")
+                self.rejected += 1
+                if self._on_rejected is not None:
+                    self._on_rejected(call.request_id, error)
+                elif self._error is None:
+                    self._error = error
+            finally:
+                self._queue.task_done()
+
+    def _send(self, call: _Call) -> None:
+        s = self.session
+        if call.kind == "commit":
+            s.commit(call.request_id, call.chunk_index, call.slots, call.token_ids)
+        elif call.kind == "record":
+            s.record_tokens(
+                call.request_id, call.token_ids, prompt_tokens=call.prompt_tokens,
+                max_new_tokens=call.max_new_tokens,
+            )
+        else:
+            s.release(call.request_id)

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import kopf
-from ghostserve.operator import faults, metrics, remediation, status
+from ghostserve.operator import crashpoints, faults, metrics, remediation, status
 from ghostserve.operator.pods import uid_of
 from ghostserve.operator.stamps import now, now_iso, parse_iso
 
@@ -107,6 +107,7 @@ async def _expected(loop: Reconciler, spec: Mapping[str, Any], rec: Any) -> None
         asked, figures = loop.figures.get(rec.replica, ("", None))
         if asked != rec.source:
             figures = None
+    crashpoints.reached("after:describe")
     if figures is not None:
         rec.group_found = True
         rec.expected_chunks = figures.protected_chunks

@@ -203,9 +203,8 @@ async def release(
         for node in sorted(n for n in on if n):
             try:
                 # The port is fixed into the address template from the chart (main.config_from).
-                await rt.sidecars.delete_group(
-                    rt.sidecar_address(node, DEFAULT_SIDECAR_PORT), pods.sidecar_group_id(namespace, name, replica)
-                )
+                address = rt.sidecar_address(node, DEFAULT_SIDECAR_PORT)
+                await rt.sidecars.delete_group(address, pods.sidecar_group_id(namespace, name, replica))
             except Exception as exc:
                 raise kopf.TemporaryError(f"DeleteGroup on {node}: {exc}", delay=2.0) from exc
     rt.forget(key)

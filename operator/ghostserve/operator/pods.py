@@ -50,7 +50,7 @@ def spec_hash(spec: Mapping[str, Any]) -> str:
     """Hash of the fields that shape a replica pod (not `replicas`: scaling must not roll every pod)."""
     engine = {k: v for k, v in spec["engine"].items() if k != "replicas"}
     shaping = {"model": spec.get("model"), "engine": engine, "protection": spec["protection"]}
-    return _digest({**shaping, "sidecar": spec["sidecar"]})
+    return _digest({**shaping, "sidecar": spec.get("sidecar")})
 
 
 def group_hash(spec: Mapping[str, Any]) -> str:
@@ -126,6 +126,12 @@ def node_affinity(*, pin_node: str | None, avoid_nodes: Iterable[str]) -> dict[s
     return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": required}}
 
 
+def _socket_dir(spec: Mapping[str, Any], access: specs.NodeAccess) -> str:
+    # The chart's operator flag when the operator has it (never a CR's choice), else the older spec field.
+    found = getattr(access, "socket_dir", None) or (spec.get("sidecar") or {}).get("socketDir")
+    return str(found or "/run/ghostserve")
+
+
 def build_replica_pod(
     namespace: str,
     name: str,
@@ -166,7 +172,7 @@ def build_replica_pod(
         "volumes": [
             {
                 "name": "ghostserve-sidecar",
-                "hostPath": {"path": spec["sidecar"]["socketDir"], "type": "Directory"},
+                "hostPath": {"path": _socket_dir(spec, node_access), "type": "Directory"},
             }
         ],
     }

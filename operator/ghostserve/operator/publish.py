@@ -37,6 +37,15 @@ async def refresh_figures(loop: Reconciler, spec: Mapping[str, Any], pods: Mappi
         loop.figures[replica] = (node, found if found is not None else sidecars.GroupFigures(0, 0, 0))
 
 
+def figures_stale(loop: Reconciler, pods: Mapping[int, Any]) -> bool:
+    """A replica became ready on a node its figures were not taken from: ask now, not at the resync."""
+    for replica, pod in pods.items():
+        node = (pod.get("spec") or {}).get("nodeName")
+        if node and status.pod_ready(pod) and loop.figures.get(replica, ("", None))[0] != node:
+            return True
+    return False
+
+
 def protection(loop: Reconciler, spec: Mapping[str, Any]) -> dict[str, Any]:
     replicas = range(int(spec["engine"]["replicas"]))
     found = [loop.figures.get(r, ("", None))[1] for r in replicas]

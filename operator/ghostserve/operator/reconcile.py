@@ -74,8 +74,10 @@ class Reconciler:
         delays = [await detect.detect(self, spec, self.rt.view.pods(self.key))]
         for replica in sorted(self.in_flight):
             delays.append(await recover.advance(self, self.in_flight[replica], spec))
-        if time.monotonic() - self.figures_at > self.rt.config.resync_seconds:
-            await publish.refresh_figures(self, spec, self.rt.view.pods(self.key))
+        pods_now = self.rt.view.pods(self.key)
+        due = time.monotonic() - self.figures_at > self.rt.config.resync_seconds
+        if due or publish.figures_stale(self, pods_now):
+            await publish.refresh_figures(self, spec, pods_now)
         await publish.publish(self, spec)
         waits = [d for d in delays if d is not None]
         return min(waits) if waits else None

@@ -39,8 +39,10 @@ async def advance(loop: Reconciler, rec: Recovery, spec: Mapping[str, Any]) -> f
             if not done:
                 return RETRY_SECONDS
         elif step == record.POD_DELETED:
-            if pod is not None and podmodel.uid_of(pod) == rec.old_uid:
-                await loop.rt.kube.delete_pod(loop.namespace, pod["metadata"]["name"], uid=rec.old_uid)
+            # By name with the failed pod's UID as precondition, whatever the view shows (a fresh
+            # operator's view may not have listed the pods yet): gone or replaced count as done.
+            if rec.old_uid:
+                await loop.rt.kube.delete_pod(loop.namespace, _pod_name(loop, rec), uid=rec.old_uid)
         elif step == record.REBUILT:
             rebuild = loop.rt.sidecars.plan_and_rebuild(source, gid, rec.lost_ranks)
             done, out = await _sidecar(loop, rec, "rebuild", rebuild)
@@ -72,8 +74,10 @@ async def advance(loop: Reconciler, rec: Recovery, spec: Mapping[str, Any]) -> f
                     avoid_nodes=rec.avoid,
                     node_access=loop.rt.config.node_access,
                 )
-                await loop.rt.kube.create_pod(loop.namespace, loop.adopted(manifest))
+                created = await loop.rt.kube.create_pod(loop.namespace, loop.adopted(manifest))
                 crashpoints.reached("after:createPod")
+                if not created:  # a pod of that name exists the view has not shown yet: look again
+                    return RETRY_SECONDS
             rec.replaced_at = now_iso()
         elif step == record.RUNNING:
             state = await _running(loop, rec, pod)
@@ -97,6 +101,10 @@ async def advance(loop: Reconciler, rec: Recovery, spec: Mapping[str, Any]) -> f
         rec.step, rec.attempts = step, 0
         await loop.save(rec)
         loop.log.info(f"recovery {rec.id} of replica {rec.replica}: {step}")
+
+
+def _pod_name(loop: Reconciler, rec: Recovery) -> str:
+    return podmodel.replica_pod_name(loop.name, rec.replica)
 
 
 def _gid(loop: Reconciler, rec: Recovery) -> str:

@@ -249,17 +249,18 @@ def check_budget(errors: list[str], budget: Any) -> None:
 def problems(name: str, spec: Mapping[str, Any]) -> list[str]:
     """Every problem of the fields above in a defaulted spec ([] when they are all usable)."""
     errors: list[str] = []
-    check_model(errors, spec.get("model") or {})
+    check_model(errors, spec.get("model", {}))
     engine = spec.get("engine")
     if not isinstance(engine, Mapping):
         return [*errors, "engine must be a mapping"]
     _str(errors, "engine.image", engine.get("image"), MAX_IMAGE)
     for i, arg in enumerate(_list(errors, "engine.args", engine.get("args", []), MAX_ARGS)):
         _str(errors, f"engine.args[{i}]", arg, MAX_ARG_LENGTH, required=False)
-    check_resources(errors, engine.get("resources") or {})
-    check_env(errors, engine.get("env") or [])
-    check_node_selector(errors, engine.get("nodeSelector") or {})
-    check_tolerations(errors, engine.get("tolerations") or [])
+    # Present but falsy (0, None, "") is an error too: the pod builder iterates these as they are.
+    check_resources(errors, engine.get("resources", {}))
+    check_env(errors, engine.get("env", []))
+    check_node_selector(errors, engine.get("nodeSelector", {}))
+    check_tolerations(errors, engine.get("tolerations", []))
     if isinstance(spec.get("protection"), Mapping):
         check_budget(errors, spec["protection"].get("hostMemoryBudget"))
     return errors

@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from ghostserve.kernels import protection
 from ghostserve.operator import specchecks
 
 GROUP = "ghostserve.io"
@@ -31,7 +32,7 @@ ENGINE_PORT = 30000
 # Engine flags that spread one TP group over several nodes: refused, a stripe must stay in one sidecar.
 MULTI_NODE_FLAGS = ("--nnodes", "--node-rank", "--dist-init-addr", "--nccl-init-addr")
 
-CODES = ("none", "replicate", "xor", "rdp", "rs")
+CODES = protection.CODES  # defined once: ghostserve.kernels.protection
 RECOMPUTE = ("hybrid", "always-recompute", "rebuild-only")
 FAULT_POLICIES = ("rank", "group")
 _QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$")
@@ -107,12 +108,11 @@ def validate(name: str, spec: Mapping[str, Any]) -> list[str]:
     code = prot.get("code")
     if code not in CODES:
         errors.append(f"protection.code must be one of {', '.join(CODES)}, got {code!r}")
-    _int_in(errors, "protection.parityShards", prot.get("parityShards"), 1, 8)
+    _int_in(errors, "protection.parityShards", prot.get("parityShards"), 1, protection.MAX_RS_PARITY)
     m = prot.get("parityShards")
-    if code == "xor" and m != 1:
-        errors.append(f"protection.parityShards must be 1 for xor, got {m!r}")
-    if code == "rdp" and m != 2:
-        errors.append(f"protection.parityShards must be 2 for rdp, got {m!r}")
+    fixed = protection.FIXED_PARITY.get(code) if code in protection.ERASURE_CODES else None
+    if fixed is not None and m != fixed:
+        errors.append(f"protection.parityShards must be {fixed} for {code}, got {m!r}")
     _int_in(errors, "protection.pageSize", prot.get("pageSize"), 1, 4096)
     _int_in(errors, "protection.chunkTokens", prot.get("chunkTokens"), 16, 65536)
     page, chunk = prot.get("pageSize"), prot.get("chunkTokens")

@@ -91,7 +91,9 @@ class Policy:
     def tcp(self, cert_names: Iterable[str] | None) -> Caller:
         """A caller on TCP with the names of its verified certificate (None: no certificate)."""
         if cert_names is None:
-            return Caller(("tcp:anonymous",), operator=self.trust_anonymous_tcp, allowed=self.trust_anonymous_tcp)
+            return Caller(
+                ("tcp:anonymous",), operator=self.trust_anonymous_tcp, allowed=self.trust_anonymous_tcp
+            )
         names = tuple(dict.fromkeys(n for n in cert_names if n))
         operator = any(n in self.operator_names for n in names)
         peer = any(n in self.peer_names for n in names)

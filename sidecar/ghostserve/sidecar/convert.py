@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -55,11 +56,11 @@ def pool_to(info: pools.PoolInfo | None) -> pb.PoolHandle:
     )
 
 
-def int_array(values: object, *, what: str, limit: int) -> npt.NDArray[np.int64]:
-    arr = np.asarray(values, dtype=np.int64)
-    if arr.size > limit:
-        raise errors.InvalidArgument(f"{what}: {arr.size} values, at most {limit} allowed")
-    return arr
+def int_array(values: Sequence[int], *, what: str, limit: int) -> npt.NDArray[np.int64]:
+    """`values` (a repeated proto field) as int64, its length checked before anything is converted."""
+    if len(values) > limit:
+        raise errors.InvalidArgument(f"{what}: {len(values)} values, at most {limit} allowed")
+    return np.asarray(values, dtype=np.int64)
 
 
 def describe(g: group.Group) -> pb.GroupDescription:

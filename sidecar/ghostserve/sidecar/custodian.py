@@ -179,6 +179,8 @@ class Custodian:
                 if g.settings != settings:
                     raise errors.AlreadyExists(f"group {name!r} exists with different settings")
                 created_group = False
+                if not g.creator:
+                    g.creator = identity  # unclaimed (older state file, or moved here without one)
             self.attaches += 1
             seq = self.attaches
         with g.lock:

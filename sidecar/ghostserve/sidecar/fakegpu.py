@@ -3,7 +3,8 @@
 The embedded cluster (docs/cluster.md) gives every simulated node its own directory:
 
 - `gpus.json`: the node's GPUs, `[{"index": 0, "uuid": "GPU-..."}, ...]`, written before the sidecar starts;
-- `faults/<uuid>.json`: a fatal fault injected on that GPU (InjectFault), written by the sidecar.
+- `faults/<uuid>.json`: a fatal fault injected on that GPU (InjectFault), written by the sidecar;
+  injecting HEALTHY removes it (the GPU was replaced or reset).
 
 The fault files are the broken hardware: engine ranks told about the directory (env
 GHOSTSERVE_FAKE_GPU_DIR) fail on their next device call like on a real broken GPU, and a restarted
@@ -101,7 +102,9 @@ class FakeGpuDirSource(health.FakeHealthSource):
 
     def inject(self, gpu_index: int, kind: health.Kind, *, xid: int, message: str) -> health.Event:
         event = super().inject(gpu_index, kind, xid=xid, message=message)
-        if event.fatal:
+        if event.kind == health.Kind.HEALTHY:
+            (self.directory / FAULTS / f"{event.gpu_uuid}.json").unlink(missing_ok=True)
+        elif event.fatal:
             record = {"kind": event.kind.name, "xid": event.xid, "message": event.message, "time": event.time}
             (self.directory / FAULTS).mkdir(parents=True, exist_ok=True)
             _atomic_write(self.directory / FAULTS / f"{event.gpu_uuid}.json", record)

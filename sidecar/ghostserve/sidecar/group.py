@@ -63,7 +63,9 @@ class Group:
     """A group's pools and ledger, guarded by its own `lock` (taken before the custodian's lock, never
     after it). `creator` is the identity whose Attach created it (authz: its owner)."""
 
-    def __init__(self, name: str, settings: Settings, *, codec: Any, uid: str = "", creator: str = "") -> None:
+    def __init__(
+        self, name: str, settings: Settings, *, codec: Any, uid: str = "", creator: str = ""
+    ) -> None:
         self.name = name
         self.lock = threading.RLock()
         self.creator = creator

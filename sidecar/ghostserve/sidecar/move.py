@@ -32,6 +32,7 @@ log = logging.getLogger("ghostserve.sidecar")
 PIECE_BYTES = 4 * 1024 * 1024 - 64 * 1024  # the whole message stays under gRPC's default 4 MiB
 MIN_PIECE_BYTES = 4096
 PROBE_TIMEOUT_S = 30.0
+RECEIVE_METHOD = "/ghostserve.v1.Sidecar/ReceiveGroup"
 TARGET = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253}):[0-9]{1,5}$")
 
 
@@ -109,8 +110,35 @@ async def _header_only(header: pb.MoveHeader) -> AsyncIterator[pb.MovePiece]:
     yield pb.MovePiece(header=header)
 
 
-async def _pieces(snap: Snapshot, start: int, piece_bytes: int) -> AsyncIterator[pb.MovePiece]:
-    """Header, pool pieces from `start` (never across two ranks' pools), then the commit."""
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if not n:
+            out.append(low)
+            return bytes(out)
+        out.append(low | 0x80)
+
+
+def encode_piece(offset: int, data: npt.NDArray[np.uint8]) -> bytes:
+    """The wire form of MovePiece{offset, data, checksum}, built with one copy of `data` (the generated
+    code would copy it three times: to bytes, into the message, into the serialization)."""
+    view = data.data.cast("B")
+    digest = checksums.checksum(view)
+    # Field 2 (offset, varint), 3 (data, length-delimited), 4 (checksum, varint): tags 0x10, 0x1A, 0x20;
+    # zeros are left out, as the generated code does (byte-identical output, tested).
+    head = (b"\x10" + _varint(offset) if offset else b"") + b"\x1a" + _varint(len(view))
+    tail = b"\x20" + _varint(digest) if digest else b""
+    return b"".join((head, view, tail))
+
+
+def _serialize(item: pb.MovePiece | bytes) -> bytes:
+    return item if isinstance(item, bytes) else item.SerializeToString()
+
+
+async def _pieces(snap: Snapshot, start: int, piece_bytes: int) -> AsyncIterator[pb.MovePiece | bytes]:
+    """Header, pool pieces from `start` (never across two ranks' pools), the ledger in parts, the
+    last part with the commit."""
     yield pb.MovePiece(header=snap.header)
     base = 0
     for pool in snap.pools:
@@ -118,11 +146,14 @@ async def _pieces(snap: Snapshot, start: int, piece_bytes: int) -> AsyncIterator
         off = max(start, base)
         while off < end:
             view = pool[off - base : min(off - base + piece_bytes, pool.size)]
-            data = view.tobytes()
-            yield pb.MovePiece(offset=off, data=data, checksum=checksums.checksum(data))
-            off += len(data)
+            yield encode_piece(off, view)
+            off += view.size
         base = end
-    yield pb.MovePiece(ledger=snap.ledger, ledger_checksum=checksums.checksum(snap.ledger), commit=True)
+    ledger = snap.ledger
+    for off in range(0, max(len(ledger) - piece_bytes, 0), piece_bytes):
+        yield pb.MovePiece(ledger=ledger[off : off + piece_bytes])
+    last = ledger[(max(len(ledger) - 1, 0) // piece_bytes) * piece_bytes :]
+    yield pb.MovePiece(ledger=last, ledger_checksum=checksums.checksum(ledger), commit=True)
 
 
 class Mover:
@@ -167,7 +198,13 @@ class Mover:
                 reply.seconds = time.perf_counter() - start_t
                 return reply
             # No deadline: the caller's own deadline cancels this handler, which cancels the stream.
-            done = await stub.ReceiveGroup(_pieces(snap, held.received_bytes, piece_bytes))
+            # Pool pieces go out pre-serialized (encode_piece); the rest as messages.
+            receive = channel.stream_unary(
+                RECEIVE_METHOD,
+                request_serializer=_serialize,
+                response_deserializer=pb.ReceiveGroupReply.FromString,
+            )
+            done = await receive(_pieces(snap, held.received_bytes, piece_bytes))
             if not done.complete:
                 raise errors.Unavailable(
                     f"target holds {done.received_bytes} of {done.total_bytes} bytes after the stream"

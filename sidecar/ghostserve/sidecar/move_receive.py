@@ -196,29 +196,43 @@ class Receiver:
         if not st.idle.is_set():
             raise errors.FailedPrecondition(f"a move of {header.group!r} is already streaming here")
         st.idle.clear()
+        ledger_parts: list[bytes] = []  # the ledger is sent whole by every stream that commits
+        ledger_bytes = 0
         try:
             async for piece in pieces:
                 if self.staged.get(header.group) is not st:
                     raise errors.Unavailable(f"the move of {header.group!r} was cancelled here")
                 if piece.HasField("header"):
                     raise errors.InvalidArgument("a stream carries one header, first")
-                if piece.commit:
-                    await self._commit(st, piece)
-                    return pb.ReceiveGroupReply(received_bytes=total, total_bytes=total, complete=True)
+                if piece.ledger or piece.commit:
+                    if piece.data:
+                        raise errors.InvalidArgument("a piece carries pool data or ledger, not both")
+                    ledger_parts.append(piece.ledger)
+                    ledger_bytes += len(piece.ledger)
+                    if ledger_bytes > self.c.store.budget:
+                        raise errors.ResourceExhausted(
+                            f"the moved ledger ({ledger_bytes} B so far) exceeds the memory budget"
+                        )
+                    if piece.commit:
+                        await self._commit(st, b"".join(ledger_parts), piece.ledger_checksum)
+                        return pb.ReceiveGroupReply(received_bytes=total, total_bytes=total, complete=True)
+                    continue
+                if ledger_parts:
+                    raise errors.InvalidArgument("pool pieces come before the ledger")
                 self._write(st, piece)
             return pb.ReceiveGroupReply(received_bytes=st.received, total_bytes=total)
         finally:
             st.idle.set()
 
-    async def _commit(self, st: Staging, piece: pb.MovePiece) -> None:
+    async def _commit(self, st: Staging, ledger_blob: bytes, ledger_checksum: int) -> None:
         name = st.header.group
         if st.received != st.total:
             raise errors.FailedPrecondition(f"commit after {st.received} of {st.total} pool bytes")
-        if checksums.checksum(piece.ledger) != piece.ledger_checksum:
+        if checksums.checksum(ledger_blob) != ledger_checksum:
             raise errors.DataLoss("the moved ledger does not match its checksum")
         moved = pb.MovedLedger()
         try:
-            moved.ParseFromString(piece.ledger)
+            moved.ParseFromString(ledger_blob)
         except pb_message.DecodeError as exc:
             raise errors.InvalidArgument(f"undecodable moved ledger: {exc}") from exc
         arrays = [s.array for s in st.segments]

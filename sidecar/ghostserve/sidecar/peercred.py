@@ -84,9 +84,14 @@ class UnixFront:
         self._server = await asyncio.start_unix_server(self._accept, path=str(self.public))
         os.chmod(self.public, 0o660)
 
-    async def stop(self) -> None:
+    def stop_accepting(self) -> None:
+        """New connections are refused; relays in flight go on (graceful shutdown)."""
         if self._server is not None:
             self._server.close()
+        self.public.unlink(missing_ok=True)
+
+    async def stop(self) -> None:
+        self.stop_accepting()
         for t in list(self._tasks):
             t.cancel()
         if self._tasks:

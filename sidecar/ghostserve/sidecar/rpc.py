@@ -18,9 +18,9 @@ from typing import Any
 
 import grpc
 import grpc.aio
-from google.protobuf import message as pb_message
 from ghostserve.sidecar import authz, errors, peercred, service
 from ghostserve.v1 import sidecar_pb2 as pb
+from google.protobuf import message as pb_message
 
 log = logging.getLogger("ghostserve.sidecar")
 
@@ -81,7 +81,9 @@ def _deserializer(cls: Any, method: str, limits: Limits, gate: Gate) -> Callable
             )
         cost = len(raw) * DECODE_FACTOR
         if not gate.take(cost):
-            return Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, "sidecar busy: too many large requests in flight")
+            return Rejected(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "sidecar busy: too many large requests in flight"
+            )
         try:
             msg = cls.FromString(raw)
         except (pb_message.DecodeError, ValueError, RuntimeError) as exc:

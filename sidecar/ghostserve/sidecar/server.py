@@ -22,8 +22,20 @@ from collections.abc import Sequence
 import grpc
 import grpc.aio
 import prometheus_client as prom
-from ghostserve.sidecar import client, config, core, errors, health, logs, metrics, restore, service
-from ghostserve.v1 import sidecar_pb2_grpc as pb_grpc
+from ghostserve.sidecar import (
+    authz,
+    config,
+    core,
+    errors,
+    flags,
+    health,
+    logs,
+    metrics,
+    peercred,
+    restore,
+    rpc,
+    service,
+)
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -57,7 +69,24 @@ class Tls:
         )
 
 
-DEFAULT_SOCKET = "/run/ghostserve/sidecar.sock"
+DEFAULT_SOCKET = flags.DEFAULT_SOCKET
+
+
+@dataclasses.dataclass(frozen=True)
+class Security:
+    """Who may call (authz.Policy) and how much a call may cost (message size, calls at once, decoded
+    bytes in flight)."""
+
+    policy: authz.Policy
+    limits: rpc.Limits = dataclasses.field(default_factory=rpc.Limits)
+    max_concurrent_rpcs: int = 64
+
+    def options(self) -> list[tuple[str, int]]:
+        # Sends may be as large as the client allows (StreamRebuild pieces, moves): 16 MiB.
+        return [
+            ("grpc.max_receive_message_length", self.limits.max_message_bytes),
+            ("grpc.max_send_message_length", 16 * 1024 * 1024),
+        ]
 
 
 class SidecarServer:
@@ -70,8 +99,10 @@ class SidecarServer:
         hub: health.HealthHub,
         *,
         socket_path: pathlib.Path | None,
+        front: peercred.UnixFront | None = None,
     ) -> None:
         self.grpc = grpc_server
+        self.front = front
         self.custodian = custodian
         self.hub = hub
         self.health = grpc_health.aio.HealthServicer()
@@ -82,8 +113,8 @@ class SidecarServer:
     async def start(self) -> None:
         self.hub.start()
         await self.grpc.start()
-        if self.socket_path is not None:
-            os.chmod(self.socket_path, 0o660)
+        if self.front is not None:
+            await self.front.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -91,7 +122,11 @@ class SidecarServer:
         """NOT_SERVING, stop accepting calls, wait `grace` for calls in flight, free what the config says."""
         await self.health.enter_graceful_shutdown()
         await self.hub.stop()
+        if self.front is not None:
+            self.front.stop_accepting()
         await self.grpc.stop(grace)
+        if self.front is not None:
+            await self.front.stop()
         if self.servicer is not None:
             self.servicer.receiver.close()  # moves to this node that never finished
         await asyncio.to_thread(self.custodian.close)
@@ -131,14 +166,22 @@ def create_server(
     tls: Tls | None = None,
     metrics_: metrics.Metrics | None = None,
     also_listen: str | None = None,
+    security: Security | None = None,
 ) -> tuple[SidecarServer, int]:
     """Build (not start) a sidecar on `address` (unix:///abs/path.sock or host:port, port 0 = any), and
     also on the TCP address `also_listen` when given: on a node, rank pods dial the socket while the
     operator dials TCP, so one process serves both. `tls` applies to TCP addresses only; a socket's
-    protection is its directory's permissions.
+    protection is its directory's permissions. `security` bounds and authorizes calls (default: limits
+    at their defaults, TCP callers without a client certificate trusted as the operator — the CLI
+    refuses that unless --insecure).
 
     Returns (server, bound TCP port; 0 when only a Unix socket is served). Restores state from
     config.state_dir. Raises RuntimeError when an address cannot be bound."""
+    path = _socket_path(address)
+    if path is not None:
+        if not path.is_absolute():
+            raise RuntimeError(f"unix socket path must be absolute: {path}")
+        _prepare_socket(path)  # before the custodian: the state dir may be this directory (0750)
     custodian = core.Custodian(config, metrics_=metrics_)
     restore.restore(custodian)
     source: health.GpuHealthSource
@@ -161,18 +204,19 @@ def create_server(
     hub = health.HealthHub(
         source, on_event=lambda e: custodian.metrics.health_events.labels(e.kind.name).inc()
     )
-    server = grpc.aio.server(options=client.CHANNEL_OPTIONS)
+    sec = security or Security(
+        authz.Policy(own_uid=os.geteuid(), trust_anonymous_tcp=tls is None or tls.ca is None)
+    )
+    server = grpc.aio.server(options=sec.options(), maximum_concurrent_rpcs=sec.max_concurrent_rpcs)
     servicer = service.Servicer(custodian, hub, node=config.node)
     if tls is not None:
         servicer.mover.credentials = tls.peer_credentials()
-    pb_grpc.add_SidecarServicer_to_server(servicer, server)
-    path = _socket_path(address)
+    front = None
     if path is not None:
-        if not path.is_absolute():
-            custodian.close()
-            raise RuntimeError(f"unix socket path must be absolute: {path}")
-        _prepare_socket(path)
-        address = f"unix://{path}"
+        front = peercred.UnixFront(path, peercred.private_dir(path))
+        address = front.inner_address
+    unix_dir = front.dir if front else None
+    rpc.register(server, servicer, policy=sec.policy, limits=sec.limits, unix_dir=unix_dir)
     port = 0
     for where in (address, also_listen):
         if where is None:
@@ -189,7 +233,7 @@ def create_server(
             raise RuntimeError(f"cannot bind {where}: {exc}") from exc
         if _socket_path(where) is None:
             port = bound
-    srv = SidecarServer(server, custodian, hub, socket_path=path)
+    srv = SidecarServer(server, custodian, hub, socket_path=path, front=front)
     srv.servicer = servicer
     return srv, port
 
@@ -208,10 +252,13 @@ async def serve(
     metrics_port: int | None = None,
     grace: float = 5.0,
     also_listen: str | None = None,
+    security: Security | None = None,
 ) -> int:
     """Run a sidecar until SIGTERM or SIGINT; returns the exit status."""
     m = metrics.Metrics()
-    server, port = create_server(address, config=cfg, tls=tls, metrics_=m, also_listen=also_listen)
+    server, port = create_server(
+        address, config=cfg, tls=tls, metrics_=m, also_listen=also_listen, security=security
+    )
     if metrics_port is not None:
         prom.start_http_server(metrics_port, registry=m.registry)
     stop = asyncio.Event()
@@ -229,85 +276,36 @@ async def serve(
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="ghostserve sidecar", description="node-local GhostServe sidecar (gRPC)")
-    p.add_argument(
-        "--socket",
-        help=f"Unix socket path for rank pods (default {DEFAULT_SOCKET} unless only --listen is given)",
-    )
-    p.add_argument(
-        "--listen",
-        metavar="HOST:PORT",
-        help="also (or, without --socket, only) listen on TCP, for the operator",
-    )
-    p.add_argument("--tls-cert", type=pathlib.Path, help="server certificate (PEM), TCP only")
-    p.add_argument("--tls-key", type=pathlib.Path, help="server private key (PEM)")
-    p.add_argument("--tls-ca", type=pathlib.Path, help="CA for client certificates: enables mutual TLS")
-    p.add_argument("--budget", default="1GiB", help="parity host-memory budget (e.g. 64GiB)")
-    p.add_argument(
-        "--state-dir",
-        type=pathlib.Path,
-        help="state file for re-adopting pools after a restart (default: the socket's directory)",
-    )
-    p.add_argument(
-        "--spill-dir", type=pathlib.Path, help="keep parity + ledger on disk so they survive restarts"
-    )
-    p.add_argument(
-        "--keep-pools",
-        action="store_true",
-        help="on shutdown keep pools, state and spill for the next start instead of freeing them",
-    )
-    p.add_argument("--encode-workers", type=int, default=2)
-    p.add_argument("--queue-depth", type=int, default=4096)
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
-    p.add_argument(
-        "--fake-nvml", type=int, metavar="N", help="fake N GPUs (tests, demos): enables InjectFault"
-    )
-    p.add_argument(
-        "--fake-gpu-dir",
-        type=pathlib.Path,
-        metavar="DIR",
-        help="fake this node's GPUs from DIR/gpus.json (embedded cluster): enables InjectFault",
-    )
-    p.add_argument("--shm-prefix", default="gs-", help="prefix of pool segment names in /dev/shm (gs...)")
-    p.add_argument("--node", default=os.environ.get("NODE_NAME", socket.gethostname()))
-    p.add_argument("--grace", type=float, default=5.0, help="seconds calls in flight get at shutdown")
-    p.add_argument("--log-level", default=None)
-    return p.parse_args(list(argv))
+    return flags.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args([] if argv is None else argv)
     logs.setup(args.log_level)
-    try:
-        budget = config.parse_bytes(args.budget)
-    except ValueError as exc:
-        print(f"ghostserve sidecar: {exc}", file=sys.stderr)
-        return 2
-    if (args.tls_cert is None) != (args.tls_key is None) or (args.tls_ca and not args.tls_cert):
-        print(
-            "ghostserve sidecar: --tls-cert and --tls-key go together (--tls-ca needs both)",
-            file=sys.stderr,
-        )
-        return 2
     socket_path = args.socket if args.socket or args.listen else DEFAULT_SOCKET
-    address = f"unix://{pathlib.Path(socket_path).resolve()}" if socket_path else args.listen
-    also_listen = args.listen if socket_path else None
     state_dir = args.state_dir
     if state_dir is None and socket_path:
         state_dir = pathlib.Path(socket_path).resolve().parent
-    cfg = config.Config(
-        budget_bytes=budget,
-        state_dir=state_dir,
-        spill_dir=args.spill_dir,
-        keep_pools=args.keep_pools,
-        encode_workers=args.encode_workers,
-        queue_depth=args.queue_depth,
-        node=args.node,
-        fake_gpus=args.fake_nvml,
-        fake_gpu_dir=args.fake_gpu_dir,
-        shm_prefix=args.shm_prefix,
-    )
+    try:
+        flags.check_transport(args)
+        budget = config.parse_bytes(args.budget)
+        cfg = flags.config_from(args, state_dir=state_dir, budget=budget)
+        limits = rpc.Limits(
+            max_message_bytes=config.parse_bytes(args.max_message_bytes),
+            max_inflight_bytes=config.parse_bytes(args.max_inflight_bytes),
+        )
+    except ValueError as exc:
+        print(f"ghostserve sidecar: {exc}", file=sys.stderr)
+        return 2
+    if args.insecure and args.listen:
+        log.warning(
+            '{"event": "insecure-tcp", "listen": %s, "note": "every TCP caller is trusted as the operator"}',
+            _json_str(Exception(args.listen)),
+        )
+    address = f"unix://{pathlib.Path(socket_path).resolve()}" if socket_path else args.listen
+    also_listen = args.listen if socket_path else None
     tls = Tls(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
+    security = Security(flags.policy_from(args), limits, max_concurrent_rpcs=args.max_concurrent_rpcs)
     try:
         return asyncio.run(
             serve(
@@ -317,6 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 metrics_port=args.metrics_port,
                 grace=args.grace,
                 also_listen=also_listen,
+                security=security,
             )
         )
     except errors.SidecarError as exc:

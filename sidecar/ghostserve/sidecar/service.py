@@ -1,11 +1,15 @@
-"""The gRPC servicer: decode a request, call the custodian (or recovery / health), build the reply.
+"""The gRPC servicer: convert a request, call the custodian (or recovery / health), build the reply.
 
-`status_of` is the one place where errors become gRPC status codes; nothing reaches a client as UNKNOWN.
+`rpc` decodes, bounds and authorizes each call before it gets here; every custodian call runs on a
+thread of the servicer's pool (`_off`), never on the event loop, so health checks and other groups'
+calls never wait behind one group's work. `status_of` is the one place where errors become gRPC status
+codes; nothing reaches a client as UNKNOWN.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -16,7 +20,18 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 from ghostserve.kernels import errors as codec_errors
-from ghostserve.sidecar import convert, core, devices, errors, health, ledger, move, move_receive, recovery
+from ghostserve.sidecar import (
+    authz,
+    convert,
+    core,
+    devices,
+    errors,
+    health,
+    ledger,
+    move,
+    move_receive,
+    recovery,
+)
 from ghostserve.v1 import sidecar_pb2 as pb
 from ghostserve.v1 import sidecar_pb2_grpc as pb_grpc
 
@@ -72,16 +87,25 @@ class Servicer(pb_grpc.SidecarServicer):
         # MoveGroup (source side) and ReceiveGroup (target side); the server sets mover.credentials.
         self.mover = move.Mover(custodian)
         self.receiver = move_receive.Receiver(custodian)
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="rpc")
+        self.streams = 0  # StreamRebuild calls being served (capped: each holds a shard)
+
+    async def _off(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+        """Run blocking custodian work on the servicer's threads, off the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, functools.partial(fn, *args, **kwargs))
 
     @_mapped
     async def Attach(self, request: pb.AttachRequest, context: Any) -> pb.AttachResponse:
         settings = convert.settings_from(request)
         self.receiver.check_attachable(request.group)
-        res = self.c.attach(
+        res = await self._off(
+            self.c.attach,
             request.group,
             request.rank,
             settings,
             worker_id=request.worker_id,
+            identity=authz.CALLER.get(authz.Caller(())).name,
             device_uuid=request.device_uuid,
             budget_bytes=request.parity_budget_bytes,
         )
@@ -91,14 +115,15 @@ class Servicer(pb_grpc.SidecarServicer):
 
     @_mapped
     async def Detach(self, request: pb.DetachRequest, context: Any) -> pb.DetachResponse:
-        self.c.detach(request.group, request.rank)
+        await self._off(self.c.detach, request.group, request.rank)
         return pb.DetachResponse()
 
     @_mapped
     async def CommitChunk(self, request: pb.CommitChunkRequest, context: Any) -> pb.CommitChunkResponse:
         slots = convert.int_array(request.slots, what="slots", limit=MAX_SLOTS)
         tokens = convert.int_array(request.token_ids, what="token_ids", limit=MAX_SLOTS)
-        state = self.c.commit_chunk(
+        state = await self._off(
+            self.c.commit_chunk,
             request.group,
             request.rank,
             request.request_id,
@@ -111,7 +136,8 @@ class Servicer(pb_grpc.SidecarServicer):
     @_mapped
     async def RecordTokens(self, request: pb.RecordTokensRequest, context: Any) -> pb.RecordTokensResponse:
         tokens = convert.int_array(request.token_ids, what="token_ids", limit=MAX_TOKENS)
-        self.c.record_tokens(
+        await self._off(
+            self.c.record_tokens,
             request.group,
             request.request_id,
             tokens,
@@ -124,42 +150,50 @@ class Servicer(pb_grpc.SidecarServicer):
     async def ReleaseRequest(
         self, request: pb.ReleaseRequestRequest, context: Any
     ) -> pb.ReleaseRequestResponse:
-        return pb.ReleaseRequestResponse(
-            freed_bytes=self.c.release_request(request.group, request.request_id)
-        )
+        freed = await self._off(self.c.release_request, request.group, request.request_id)
+        return pb.ReleaseRequestResponse(freed_bytes=freed)
 
     @_mapped
     async def DescribeGroup(self, request: pb.DescribeGroupRequest, context: Any) -> pb.GroupDescription:
-        with self.c.lock:
-            return convert.describe(self.c.get(request.group))
+        return await self._off(self._describe_group, request.group)
+
+    def _describe_group(self, name: str) -> pb.GroupDescription:
+        with self.c.locked(name) as g:
+            return convert.describe(g)
 
     @_mapped
     async def DescribeRequest(self, request: pb.DescribeRequestRequest, context: Any) -> pb.RequestLedger:
-        with self.c.lock:
-            g, req = self.c.describe_request(request.group, request.request_id)
+        return await self._off(self._describe_request, request.group, request.request_id)
+
+    def _describe_request(self, name: str, request_id: str) -> pb.RequestLedger:
+        with self.c.locked(name) as g:
+            g, req = self.c.describe_request(name, request_id)
             valid = [self.c.kv_valid(g, req.chunks[i]) for i in sorted(req.chunks)]
             return convert.request_ledger(g, req, valid=valid)
 
     @_mapped
     async def ListGroups(self, request: pb.ListGroupsRequest, context: Any) -> pb.ListGroupsResponse:
+        caller = authz.CALLER.get(authz.Caller(()))
         with self.c.lock:
-            return pb.ListGroupsResponse(groups=sorted(self.c.groups))
+            names = [n for n, g in self.c.groups.items() if authz.may_see(caller, g.creator)]
+        return pb.ListGroupsResponse(groups=sorted(names))
 
     @_mapped
     async def DeleteGroup(self, request: pb.DeleteGroupRequest, context: Any) -> pb.DeleteGroupResponse:
         if self.receiver.discard(request.group):  # a move to this node that will not finish
             return pb.DeleteGroupResponse()
-        self.c.delete_group(request.group)
+        await self._off(self.c.delete_group, request.group)
         return pb.DeleteGroupResponse()
 
     @_mapped
     async def MarkLost(self, request: pb.MarkLostRequest, context: Any) -> pb.MarkLostResponse:
-        self.c.mark_lost(request.group, list(request.ranks), reason=request.reason)
+        await self._off(self.c.mark_lost, request.group, list(request.ranks), reason=request.reason)
         return pb.MarkLostResponse()
 
     @_mapped
     async def PlanRecovery(self, request: pb.PlanRecoveryRequest, context: Any) -> pb.RecoveryPlan:
-        plan = recovery.plan(
+        plan = await self._off(
+            recovery.plan,
             self.c,
             request.group,
             list(request.lost_ranks),
@@ -170,7 +204,7 @@ class Servicer(pb_grpc.SidecarServicer):
 
     @_mapped
     async def Rebuild(self, request: pb.RebuildRequest, context: Any) -> pb.RebuildReport:
-        report = await asyncio.to_thread(
+        report = await self._off(
             recovery.rebuild,
             self.c,
             request.group,
@@ -184,7 +218,24 @@ class Servicer(pb_grpc.SidecarServicer):
         self, request: pb.StreamRebuildRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.RebuiltShardPiece]:
         """One chunk is rebuilt at a time (in a thread) and sent in pieces; each `yield` waits for
-        HTTP/2 flow control, so a slow receiver slows the rebuild instead of filling memory."""
+        HTTP/2 flow control, so a slow receiver slows the rebuild instead of filling memory. At most
+        config.max_rebuild_streams are served at once (each holds up to one shard while it waits)."""
+        if self.streams >= self.c.config.max_rebuild_streams:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.streams} rebuild streams are being served already (at most "
+                f"{self.c.config.max_rebuild_streams}); retry later",
+            )
+        self.streams += 1
+        try:
+            async for piece in self._stream_rebuild(request, context):
+                yield piece
+        finally:
+            self.streams -= 1
+
+    async def _stream_rebuild(
+        self, request: pb.StreamRebuildRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.RebuiltShardPiece]:
         try:
             pieces = recovery.stream(
                 self.c,
@@ -194,7 +245,7 @@ class Servicer(pb_grpc.SidecarServicer):
                 request_ids=list(request.request_ids),
                 first_chunk=dict(request.first_chunk),
             )
-            first = await asyncio.to_thread(next, pieces, None)
+            first = await self._off(next, pieces, None)
         except Exception as exc:
             code, message = status_of(exc)
             await context.abort(code, message)
@@ -223,7 +274,7 @@ class Servicer(pb_grpc.SidecarServicer):
                             data=bytes(data[off : off + PIECE_BYTES]),
                             shard_nbytes=len(data),
                         )
-                piece = await asyncio.to_thread(next, pieces, None)
+                piece = await self._off(next, pieces, None)
         finally:
             # ValueError: still running in its thread after a cancel; it stops at its next yield.
             with contextlib.suppress(ValueError):
@@ -274,17 +325,26 @@ class Servicer(pb_grpc.SidecarServicer):
 
     @_mapped
     async def GetStats(self, request: pb.GetStatsRequest, context: Any) -> pb.Stats:
+        return await self._off(self._stats)
+
+    def _stats(self) -> pb.Stats:
         c = self.c
         with c.lock:
-            chunks = [
-                ch for g in c.groups.values() for r in g.ledger.requests.values() for ch in r.chunks.values()
-            ]
-            protected = sum(1 for ch in chunks if ch.state == ledger.State.PROTECTED)
-            unprotected = sum(1 for ch in chunks if ch.state == ledger.State.UNPROTECTED)
+            groups = list(c.groups.values())
+        protected = unprotected = requests = pool_bytes = 0
+        for g in groups:
+            with g.lock:
+                for r in g.ledger.requests.values():
+                    for ch in r.chunks.values():
+                        protected += ch.state == ledger.State.PROTECTED
+                        unprotected += ch.state == ledger.State.UNPROTECTED
+                requests += len(g.ledger.requests)
+                pool_bytes += g.pool_bytes()
+        with c.lock:
             return pb.Stats(
                 parity_bytes_held=c.store.held_bytes,
                 parity_budget_bytes=c.store.budget,
-                pool_bytes_held=sum(g.pool_bytes() for g in c.groups.values()),
+                pool_bytes_held=pool_bytes,
                 chunks_protected=protected,
                 chunks_unprotected=unprotected,
                 chunks_queued=c.queue.pending(),
@@ -293,15 +353,15 @@ class Servicer(pb_grpc.SidecarServicer):
                 encode_seconds=c.counters.encode_seconds,
                 rebuild_bytes=c.counters.rebuild_bytes,
                 rebuild_seconds=c.counters.rebuild_seconds,
-                groups=len(c.groups),
-                requests=sum(len(g.ledger.requests) for g in c.groups.values()),
+                groups=len(groups),
+                requests=requests,
                 move_bytes_received=self.receiver.bytes_received,
                 moves_in_progress=len(self.receiver.staged),
             )
 
     @_mapped
     async def Flush(self, request: pb.FlushRequest, context: Any) -> pb.FlushResponse:
-        drained, pending = await asyncio.to_thread(
+        drained, pending = await self._off(
             self.c.flush, request.group, timeout=_wait(request.timeout_seconds)
         )
         return pb.FlushResponse(drained=drained, chunks_queued=pending)

@@ -207,7 +207,10 @@ class ReferenceEngine:
             self.session.release(rid)
         if delete_group:
             try:
-                self.client.delete_group(group=self.group)
+                # A fresh channel: the driver's own may still be in reconnect backoff after a sidecar restart.
+                with client_mod.SidecarClient(self.sidecar) as fresh:
+                    fresh.wait_ready(timeout=self.opts.sidecar_wait_s)
+                    fresh.delete_group(group=self.group)
             except grpc.RpcError as exc:
                 # NOT_FOUND: the group was never created (the ranks failed to attach); nothing to free.
                 if exc.code() != grpc.StatusCode.NOT_FOUND:

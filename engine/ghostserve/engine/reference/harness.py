@@ -35,12 +35,16 @@ def run(
     workdir: pathlib.Path,
     faults: Sequence[engine_mod.Fault] = (),
     on_step: Callable[[engine_mod.ReferenceEngine], None] | None = None,
+    prepare: Callable[[engine_mod.ReferenceEngine], None] | None = None,
 ) -> RunResult:
     """Serve ``requests`` (copied, so the caller's stay untouched) to completion, injecting ``faults``.
 
+    ``prepare`` is called with the engine before it starts (tests set its fault hook there).
     Always stops the ranks and deletes the group (freeing its pools), even on error.
     """
     eng = engine_mod.ReferenceEngine(cfg, opts, sidecar=sidecar.address, group=group, workdir=workdir)
+    if prepare is not None:
+        prepare(eng)
     pids: list[int] = []
     pools: list[str] = []
 

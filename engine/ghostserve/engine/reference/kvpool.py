@@ -12,9 +12,10 @@ import hashlib
 import numpy as np
 import torch
 from ghostserve.engine.reference import config as config_mod
+from ghostserve.kernels import layout as layout_mod
 
 DTYPE = "float32"
-ITEMSIZE = 4
+ITEMSIZE = layout_mod.ITEMSIZE[DTYPE]
 
 
 class PoolFullError(RuntimeError):

@@ -69,7 +69,7 @@ class Job:
     max_new_tokens: int
     emit: Callable[[Event], None]
     cached_tokens: int = 0
-    sent: int = -1
+    sent: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

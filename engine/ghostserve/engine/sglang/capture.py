@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, overload
 
 from ghostserve.engine.sglang import chunks
 
@@ -56,9 +56,39 @@ def written_spans(batch: Any) -> list[tuple[Any, int, list[int]]]:
     return spans
 
 
+class TokenView(Sequence[int]):
+    """A request's token ids known on the CPU (prompt then generated) without copying them: a forward
+    pass only reads the few tokens of the chunks it completes, not the whole list."""
+
+    def __init__(self, req: Any) -> None:
+        self._prompt = req.origin_input_ids
+        self._output = req.output_ids
+        self._n = len(self._prompt)
+
+    def __len__(self) -> int:
+        return self._n + len(self._output)
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[int]: ...
+
+    def __getitem__(self, index: int | slice) -> int | list[int]:
+        if isinstance(index, int):
+            i = index + len(self) if index < 0 else index
+            return int(self._prompt[i]) if i < self._n else int(self._output[i - self._n])
+        begin, end, step = index.indices(len(self))
+        if step != 1:
+            raise ValueError("TokenView slices have step 1")
+        head = [int(x) for x in self._prompt[begin : min(end, self._n)]]
+        tail = [int(x) for x in self._output[max(0, begin - self._n) : max(0, end - self._n)]]
+        return head + tail
+
+
 def request_tokens(req: Any) -> list[int]:
-    """Token ids of a request known on the CPU: prompt then generated."""
-    return [int(x) for x in req.origin_input_ids] + [int(x) for x in req.output_ids]
+    """Token ids of a request known on the CPU: prompt then generated (a copy)."""
+    return TokenView(req)[:]
 
 
 def capture_batch(
@@ -66,26 +96,27 @@ def capture_batch(
     *,
     tracker: chunks.ChunkTracker,
     req_to_token: Any,
-    commit: Callable[[chunks.Chunk, Sequence[int], int, int], None],
+    commit: Callable[[chunks.Chunk, Any], None],
+    skip: Callable[[Any], bool] = lambda req: False,
 ) -> int:
-    """Feed one finished forward pass to `tracker` and `commit` every chunk it completed.
+    """Feed one finished forward pass to `tracker` and `commit(chunk, req)` every chunk it completed.
 
     `req_to_token` is sglang's ReqToTokenPool.req_to_token ([rows][max_context] slot table), read for
-    prefixes the tracker did not see written. `commit(chunk, tokens_so_far, prompt_len, max_new_tokens)`
-    is called once per complete chunk in index order (max_new_tokens 0: the request has no budget).
-    Mutates the tracker. Returns the number of chunks committed.
+    prefixes the tracker did not see written. Requests for which `skip(req)` holds are left out
+    (served unprotected). Chunks are committed once each, in index order. Mutates the tracker.
+    Returns the number of chunks committed.
     """
     committed = 0
     for req, start, slots in written_spans(batch):
+        if skip(req):
+            continue
         row = req.kv.req_pool_idx
 
         def prefix(begin: int, end: int, row: int = row) -> list[int]:
             return [int(x) for x in req_to_token[row, begin:end].tolist()]
 
         tracker.observe(req.rid, start=start, new_slots=slots, prefix_slots=prefix)
-        tokens = request_tokens(req)
-        budget = int(getattr(req.sampling_params, "max_new_tokens", 0) or 0)
-        for chunk in tracker.ready(req.rid, tokens):
-            commit(chunk, tokens, len(req.origin_input_ids), budget)
+        for chunk in tracker.ready(req.rid, TokenView(req)):
+            commit(chunk, req)
             committed += 1
     return committed

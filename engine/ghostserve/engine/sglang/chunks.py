@@ -27,6 +27,9 @@ class Chunk:
 class _Request:
     slots: list[int] = dataclasses.field(default_factory=list)
     committed: int = 0
+    # Chunks below `floor` are never handed out: a resumed request's ledger already holds them, at the
+    # slots they were restored to (pinned), which may differ from where this run recomputed part of them.
+    floor: int = 0
 
 
 class ChunkTracker:
@@ -56,6 +59,16 @@ class ChunkTracker:
         """Chunks already handed out by `ready` for `request_id`."""
         state = self._requests.get(request_id)
         return state.committed if state else 0
+
+    def seed(self, request_id: str, *, floor: int) -> None:
+        """Start tracking a resumed request whose chunks [0, floor) the sidecar's ledger already holds.
+
+        Raises ValueError when the request is already tracked or `floor` is negative."""
+        if floor < 0:
+            raise ValueError(f"floor must be >= 0, got {floor}")
+        if request_id in self._requests:
+            raise ValueError(f"{request_id!r} is already tracked")
+        self._requests[request_id] = _Request(committed=floor, floor=floor)
 
     def observe(
         self,
@@ -87,7 +100,7 @@ class ChunkTracker:
             state.slots.extend(int(s) for s in missing)
         elif start < len(state.slots):
             del state.slots[start:]
-            state.committed = min(state.committed, start // self.chunk_tokens)
+            state.committed = max(state.floor, min(state.committed, start // self.chunk_tokens))
         state.slots.extend(int(s) for s in new_slots)
 
     def ready(self, request_id: str, token_ids: Sequence[int]) -> list[Chunk]:

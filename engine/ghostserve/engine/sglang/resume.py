@@ -22,7 +22,7 @@ import torch
 from ghostserve.sidecar import client as client_mod
 from ghostserve.v1 import sidecar_pb2 as pb
 from sglang.srt.managers import io_struct
-from sglang.srt.mem_cache import base_prefix_cache, radix_cache
+from sglang.srt.mem_cache import base_prefix_cache, radix_cache, unified_radix_cache
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +37,14 @@ class RestoredRequest:
 
     request_id: str
     token_ids: tuple[int, ...]  # prompt + generated so far
-    prompt_tokens: int
+    prompt_tokens: int  # 0: not recorded (rank 0's RecordTokens had not arrived)
     slots: tuple[int, ...]  # pool slot of each restored token, in token order
-    max_new_tokens: int  # of the original request
+    max_new_tokens: int  # of the original request; 0: not recorded
 
     def __post_init__(self) -> None:
-        if not 0 < self.prompt_tokens <= len(self.token_ids):
+        if not 0 <= self.prompt_tokens <= len(self.token_ids):
             raise ResumeError(
-                f"{self.request_id}: prompt_tokens {self.prompt_tokens} outside [1, {len(self.token_ids)}]"
+                f"{self.request_id}: prompt_tokens {self.prompt_tokens} outside [0, {len(self.token_ids)}]"
             )
         if len(self.slots) > len(self.token_ids):
             raise ResumeError(f"{self.request_id}: {len(self.slots)} slots for {len(self.token_ids)} tokens")
@@ -56,7 +56,7 @@ class Readmission:
 
     request_id: str
     input_ids: list[int]
-    max_new_tokens: int
+    max_new_tokens: int  # 0: not known (the client's resubmission carries its own budget)
     cached_tokens: int  # prefix the radix cache holds; sglang recomputes input_ids[cached_tokens:]
 
 
@@ -64,11 +64,11 @@ def from_ledger(ledger: pb.RequestLedger) -> RestoredRequest | None:
     """The restorable part of a request's sidecar ledger (DescribeRequest), or None. Pure.
 
     The restored prefix is the run of chunks 0, 1, ... whose KV is valid on every rank, cut to the
-    recorded tokens; the chunks after the first invalid one are recomputed. None when the ledger lacks
-    what a re-admission needs (no prompt length or token budget recorded). Raises ResumeError for an
+    recorded tokens; the chunks after the first invalid one are recomputed. None when the ledger has
+    no tokens. Raises ResumeError for an
     inconsistent ledger.
     """
-    if ledger.prompt_tokens == 0 or ledger.max_new_tokens == 0 or not ledger.token_ids:
+    if not ledger.token_ids:
         return None
     slots: list[int] = []
     for expected, chunk in enumerate(sorted(ledger.chunks, key=lambda c: c.chunk_index)):
@@ -89,15 +89,16 @@ def from_ledger(ledger: pb.RequestLedger) -> RestoredRequest | None:
     )
 
 
-def read_restored(client: client_mod.SidecarClient, group: str) -> list[RestoredRequest]:
-    """Every request of `group` in the sidecar's ledger that can be restored (DescribeGroup for the ids,
-    DescribeRequest for each), in request-id order. Mutates nothing.
+def read_restored(client: client_mod.SidecarClient, group: str) -> tuple[list[RestoredRequest], list[str]]:
+    """The requests of `group` in the sidecar's ledger that can be restored (DescribeGroup for the ids,
+    DescribeRequest for each), in request-id order, and the ids of those that cannot (no prompt
+    length or token budget recorded, or an inconsistent ledger): their entries are of no use.
 
-    A request released between the two calls is skipped. Raises grpc.RpcError (sidecar unreachable,
-    group unknown) and ResumeError (inconsistent ledger).
+    A request released between the two calls is skipped. Mutates nothing. Raises grpc.RpcError
+    (sidecar unreachable, group unknown).
     """
     desc = client.describe_group(group=group)
-    out = []
+    out, dropped = [], []
     for state in desc.requests:
         try:
             ledger = client.describe_request(group=group, request_id=state.request_id)
@@ -105,29 +106,64 @@ def read_restored(client: client_mod.SidecarClient, group: str) -> list[Restored
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 continue
             raise
-        record = from_ledger(ledger)
+        try:
+            record = from_ledger(ledger)
+        except ResumeError as exc:
+            log.warning("request %s cannot be resumed: %s", state.request_id, exc)
+            record = None
+        else:
+            if record is None:
+                log.warning("request %s cannot be resumed: no tokens recorded", state.request_id)
         if record is None:
-            log.warning(
-                "request %s cannot be resumed: no prompt length or token budget recorded", state.request_id
-            )
+            dropped.append(state.request_id)
         else:
             out.append(record)
-    return out
+    return out, dropped
 
 
-def restore_all(tree_cache: Any, allocator: Any, records: Sequence[RestoredRequest]) -> list[Readmission]:
-    """Insert every record's restored prefix (`plan` + `insert`); returns the re-admissions to send.
+@dataclasses.dataclass
+class Pin:
+    """A restored prefix held in sglang's radix cache until its request is resumed and released.
 
-    Records that already generated their budget are skipped. Raises ResumeError from `insert`.
+    `lock` is the tree lock on the prefix's last node (not evictable while held); `held` are restored
+    slots the tree did not take (its own copy of an identical prefix won) which stay claimed so that
+    the ledger's slots never hold another request's KV.
+    """
+
+    record: RestoredRequest
+    readmission: Readmission
+    lock: Any
+    held: list[int]
+    inserted: int
+
+
+def restore_all(tree_cache: Any, allocator: Any, records: Sequence[RestoredRequest]) -> list[Pin]:
+    """Insert and pin every record's restored prefix (`plan` + `insert`); returns the pins.
+
+    Records that already generated their budget are skipped. A record whose slots cannot be claimed
+    (ResumeError) is skipped and logged, so that one bad ledger entry never stops the server starting.
     """
     page_size = int(allocator.page_size)
     out = []
     for record in records:
         readmission = plan(record, page_size=page_size)
-        if readmission is not None:
-            insert(tree_cache, allocator, record, readmission)
-            out.append(readmission)
+        if readmission is None:
+            continue
+        try:
+            out.append(insert(tree_cache, allocator, record, readmission))
+        except ResumeError as exc:
+            log.error("request %s is not restored: %s", record.request_id, exc)
     return out
+
+
+def release_pin(tree_cache: Any, allocator: Any, pin: Pin) -> None:
+    """Unlock a pinned prefix (it becomes ordinary, evictable cache) and free the slots it held."""
+    if pin.lock is not None:
+        tree_cache.unlock(pin.lock)
+        pin.lock = None
+    if pin.held:
+        allocator.free(torch.tensor(pin.held, dtype=torch.int64, device=allocator.device))
+        pin.held = []
 
 
 def plan(restored: RestoredRequest, *, page_size: int) -> Readmission | None:
@@ -136,10 +172,11 @@ def plan(restored: RestoredRequest, *, page_size: int) -> Readmission | None:
     The cached prefix is the restored slots cut to whole pages and to at most len(tokens) - 1, since
     sglang must run at least the last token through the model to get the next token's logits.
     """
-    generated = len(restored.token_ids) - restored.prompt_tokens
-    remaining = restored.max_new_tokens - generated
-    if remaining <= 0:
-        return None
+    remaining = 0  # not known: the client's resubmission carries its own budget
+    if restored.prompt_tokens and restored.max_new_tokens:
+        remaining = restored.max_new_tokens - (len(restored.token_ids) - restored.prompt_tokens)
+        if remaining <= 0:
+            return None
     usable = min(len(restored.slots), len(restored.token_ids) - 1)
     cached = usable // page_size * page_size
     return Readmission(restored.request_id, list(restored.token_ids), remaining, cached)
@@ -173,30 +210,39 @@ def claim_slots(allocator: Any, slots: Sequence[int]) -> None:
     allocator.free_pages = allocator.free_pages[keep.to(allocator.free_pages.device)]
 
 
-def insert(tree_cache: Any, allocator: Any, restored: RestoredRequest, readmission: Readmission) -> int:
-    """Claim the cached prefix's slots and insert it into the radix cache; returns the inserted length.
+def insert(tree_cache: Any, allocator: Any, restored: RestoredRequest, readmission: Readmission) -> Pin:
+    """Claim every restored slot, insert the restored prefix into the radix cache and lock it.
 
-    A prefix the tree already held (another request's identical prompt) keeps the tree's slots, and the
-    duplicates are given back to the allocator, as sglang does when it caches a finished request.
-    Mutates the allocator's free list and the tree. Raises ResumeError from `claim_slots`.
+    All restored chunks are inserted (not only what the resubmission will match): the ledger keeps
+    pointing at their slots, so none of them may be handed to another request while the ledger holds
+    the request. A prefix the tree already held (another restored request with an identical prefix)
+    keeps the tree's slots; ours stay claimed in `Pin.held`. Mutates the allocator's free list and
+    the tree. Raises ResumeError from `claim_slots`, changing nothing.
     """
-    n = readmission.cached_tokens
+    n = len(restored.slots) // int(allocator.page_size) * int(allocator.page_size)
     if n == 0:
-        return 0
+        return Pin(restored, readmission, None, [], 0)
     slots = list(restored.slots[:n])
     claim_slots(allocator, slots)
     key = radix_cache.RadixKey(array.array("q", restored.token_ids[:n]))
     value = torch.tensor(slots, dtype=torch.int64, device=getattr(tree_cache, "device", "cpu"))
     result = tree_cache.insert(base_prefix_cache.InsertParams(key=key, value=value))
+    held: list[int] = []
     if result.prefix_len:
-        allocator.free(value[: result.prefix_len])
-    return n
+        held = slots[: result.prefix_len]
+        if isinstance(tree_cache, unified_radix_cache.UnifiedRadixCache):
+            claim_slots(allocator, held)  # the unified tree freed the duplicates itself: take them back
+    node = result.last_device_node
+    if node is None:
+        node = tree_cache.match_prefix(base_prefix_cache.MatchPrefixParams(key=key)).last_device_node
+    return Pin(restored, readmission, tree_cache.lock(node), held, n)
 
 
 def generate_request(readmission: Readmission, sampling_params: dict[str, Any] | None = None) -> Any:
     """sglang's GenerateReqInput that re-admits the request (same rid, tokens so far, reduced budget)."""
     params = dict(sampling_params or {})
-    params["max_new_tokens"] = readmission.max_new_tokens
+    if readmission.max_new_tokens:
+        params["max_new_tokens"] = readmission.max_new_tokens
     return io_struct.GenerateReqInput(
         rid=readmission.request_id, input_ids=list(readmission.input_ids), sampling_params=params
     )

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from typing import Any
 
 from ghostserve.engine import adapter
-from ghostserve.engine.sglang import capture, chunks, pools, resume, survivors
+from ghostserve.engine.sglang import capture, lifecycle, pools, protector, resume, survivors
 from ghostserve.engine.sglang import settings as settings_mod
 from ghostserve.kernels import layout as layout_mod
 from ghostserve.sidecar import client as client_mod
@@ -30,13 +29,22 @@ class Runtime:
 
     def __init__(self, settings: settings_mod.PluginSettings) -> None:
         self.settings = settings
-        self.tracker = chunks.ChunkTracker(settings.protection.chunk_tokens)
         self.session: adapter.SidecarSession | None = None
+        # Commits, releases and restored requests of this rank; set with the session.
+        self.protector: protector.Protector | None = None
         self.skipped: str | None = None
-        self.chunks_committed = 0
-        # Requests restored from the sidecar's ledger at scheduler start, and what to send sglang again.
+        # Requests restored from the sidecar's ledger at scheduler start (and what a client resubmits).
         self.restored: list[resume.RestoredRequest] = []
         self.readmissions: list[resume.Readmission] = []
+
+    @property
+    def chunks_committed(self) -> int:
+        return self.protector.chunks_committed if self.protector else 0
+
+    def flush(self) -> None:
+        """Wait until every queued sidecar call of this rank was sent (tests, shutdown)."""
+        if self.protector is not None:
+            self.protector.sender.drain()
 
     def rank_and_size(self) -> tuple[int, int]:
         """This process's TP rank and size: from settings when given, else sglang's parallel state."""
@@ -72,6 +80,8 @@ class Runtime:
             layout=layout,
             protection=self.settings.protection,
             worker_id=worker,
+            device_uuid=self.settings.device_uuid(rank),
+            parity_budget_bytes=self.settings.parity_budget_bytes,
         )
 
     # -- hook bodies ---------------------------------------------------------------------------------
@@ -96,6 +106,7 @@ class Runtime:
         session = self.open_session(layout)
         result = pools.take_custody(pool, session)
         self.session = session
+        self.protector = protector.Protector(session, grace_passes=self.settings.resume_grace_passes)
         log.info(
             "KV pool of rank %d in sidecar custody (%s, %d bytes, created=%s, needs_rebuild=%s)",
             session.rank, result.pool.shm_name, result.pool.nbytes, result.created, result.needs_rebuild,
@@ -135,53 +146,56 @@ class Runtime:
                 self.skip(str(exc))
 
     def resume(self, scheduler: Any) -> None:
-        """Insert every request of the group the sidecar can restore into the scheduler's radix cache.
+        """Insert and pin every request of the group the sidecar can restore in the scheduler's radix
+        cache; release the ledger entries that cannot be restored.
 
         Mutates the scheduler's allocator and tree, `restored` and `readmissions`. Raises
-        resume.ResumeError and grpc.RpcError."""
-        session = self.session
-        if session is None:
+        grpc.RpcError (sidecar unreachable at start: a deployment that asked for protection fails)."""
+        session, prot = self.session, self.protector
+        if session is None or prot is None:
             return
-        self.restored = resume.read_restored(session.client, session.group)
+        self.restored, dropped = resume.read_restored(session.client, session.group)
         allocator = scheduler.token_to_kv_pool_allocator
-        self.readmissions = resume.restore_all(scheduler.tree_cache, allocator, self.restored)
-        if self.restored:
+        pins = resume.restore_all(scheduler.tree_cache, allocator, self.restored)
+        prot.adopt(pins, tree_cache=scheduler.tree_cache, allocator=allocator)
+        self.readmissions = [p.readmission for p in pins]
+        pinned = {p.record.request_id for p in pins}
+        for rid in dropped + [r.request_id for r in self.restored if r.request_id not in pinned]:
+            prot.sender.release(rid)
+        if self.restored or dropped:
             log.info(
-                "restored %d of %d requests of %s into the radix cache (%d tokens)",
-                len(self.readmissions), len(self.restored), session.group,
-                sum(r.cached_tokens for r in self.readmissions),
+                "restored %d of %d requests of %s into the radix cache (%d tokens pinned); released %d",
+                len(pins), len(self.restored) + len(dropped), session.group,
+                sum(p.inserted for p in pins), len(dropped) + len(self.restored) - len(pins),
             )
 
     def after_forward(self, result: Any, worker: Any, batch: Any = None, *args: Any, **kwargs: Any) -> None:
-        """AFTER TpModelWorker.forward_batch_generation: commit the chunks the pass completed."""
+        """AFTER TpModelWorker.forward_batch_generation: commit the chunks the pass completed.
+
+        Never raises into sglang: a failure here turns protection off for this rank (logged, counted)
+        and serving goes on."""
         batch = kwargs.get("batch", batch)
-        if self.session is None or batch is None:
+        prot = self.protector
+        if prot is None or batch is None:
             return
-        req_to_token = worker.model_runner.req_to_token_pool.req_to_token
-        self.chunks_committed += capture.capture_batch(
-            batch, tracker=self.tracker, req_to_token=req_to_token, commit=self.commit
-        )
-
-    def commit(
-        self, chunk: chunks.Chunk, tokens: Sequence[int], prompt_len: int, max_new_tokens: int
-    ) -> None:
-        """Send one chunk to the sidecar; rank 0 also records the request's tokens and budget for resume.
-
-        Raises adapter.AdapterError when the sidecar rejects either call (not when it is unreachable:
-        serving then goes on unprotected)."""
-        session = self.session
-        if session is None:
-            return
-        session.commit(chunk.request_id, chunk.index, chunk.slots, chunk.token_ids)
-        if session.rank == 0:
-            session.record_tokens(
-                chunk.request_id, tokens, prompt_tokens=prompt_len, max_new_tokens=max_new_tokens
-            )
+        try:
+            prot.on_forward(batch, worker.model_runner.req_to_token_pool.req_to_token)
+        except capture.SpeculativeDecodingError:
+            raise
+        except Exception as exc:
+            log.exception("GhostServe capture failed")
+            prot.turn_off(f"capture failed: {type(exc).__name__}: {exc}")
 
     def after_release(self, result: Any, req: Any, *args: Any, **kwargs: Any) -> None:
-        """AFTER mem_cache.common.release_kv_cache: a finished or retracted request leaves the ledger."""
-        if self.tracker.forget(req.rid) and self.session is not None and self.session.rank == 0:
-            self.session.release(req.rid)
+        """AFTER mem_cache.common.release_kv_cache: a finished or retracted request leaves the ledger
+        (every rank sends the release after its own commits). Never raises into sglang."""
+        if self.protector is None:
+            return
+        try:
+            self.protector.on_release(req)
+        except Exception as exc:
+            log.exception("GhostServe release failed")
+            self.protector.turn_off(f"release failed: {type(exc).__name__}: {exc}")
 
     def guard_event_loop(self, original: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:
         """AROUND Scheduler.run_event_loop: GhostServe's reaction to a peer failure (survivors.py)."""
@@ -197,4 +211,10 @@ class Runtime:
     def detach(self) -> None:
         """Leave the group; the sidecar keeps the pool. No-op without a session."""
         if self.session is not None:
-            self.session.client.detach(group=self.session.group, rank=self.session.rank)
+            self.session.detach()
+
+    def kill_tree(self, original: Any, *args: Any, **kwargs: Any) -> Any:
+        """AROUND sglang's kill_process_tree: tell the sidecar the ranks are going (lifecycle.py)."""
+        return lifecycle.around_kill_tree(
+            original, *args, settings=self.settings, detach_own=self.detach, **kwargs
+        )

@@ -46,6 +46,16 @@ class PluginSettings:
     survivor_policy: SurvivorPolicy = SurvivorPolicy.DETACH_EXIT
     rpc_timeout: float = 5.0
     worker_id: str = ""
+    # Parity budget of this replica's group in bytes (GHOSTSERVE_PARITY_BUDGET; 0 = the sidecar's own).
+    parity_budget_bytes: int = 0
+    # GPU UUIDs given to the container (NVIDIA_VISIBLE_DEVICES); rank i runs on the i-th one.
+    device_uuids: tuple[str, ...] = ()
+    # Forward passes a restored prefix stays pinned waiting for its request to be resubmitted.
+    resume_grace_passes: int = 10000
+
+    def device_uuid(self, rank: int) -> str:
+        """The GPU UUID of TP rank `rank` ("" on CPU or when the container was not given UUIDs)."""
+        return self.device_uuids[rank] if rank < len(self.device_uuids) else ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> PluginSettings:
@@ -84,6 +94,11 @@ class PluginSettings:
         if not timeout > 0:
             raise SettingsError(f"GHOSTSERVE_RPC_TIMEOUT must be > 0, got {timeout_text!r}")
         return cls(
+            parity_budget_bytes=_int(get("PARITY_BUDGET", "0") or "0", "GHOSTSERVE_PARITY_BUDGET", low=0),
+            device_uuids=device_uuids(env.get("NVIDIA_VISIBLE_DEVICES", "")),
+            resume_grace_passes=_int(
+                get("RESUME_GRACE_PASSES", "10000"), "GHOSTSERVE_RESUME_GRACE_PASSES", low=1
+            ),
             enabled=enabled,
             sidecar=get("SIDECAR", cls.sidecar),
             group=group,
@@ -94,6 +109,14 @@ class PluginSettings:
             rpc_timeout=timeout,
             worker_id=get("WORKER_ID", ""),
         )
+
+
+def device_uuids(visible: str) -> tuple[str, ...]:
+    """GPU UUIDs listed in NVIDIA_VISIBLE_DEVICES, in order; () for indices, "all", "none" or "void"."""
+    items = tuple(x.strip() for x in visible.split(",") if x.strip())
+    if not items or not all(x.startswith(("GPU-", "MIG-")) for x in items):
+        return ()
+    return items
 
 
 def check_page_size(settings: PluginSettings, page_size: int) -> None:

@@ -1,0 +1,70 @@
+"""A recovery's timeline from what the API server saw (pure): the operator's status steps and Events,
+the kubelet's Events and pod readiness, and the client's tokens, relative to the fault injection."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from ghostserve.cluster import scenarios, traffic
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    seconds: float  # after the fault was injected
+    what: str
+    source: str  # "client", "status", "Event <reason>", "pod"
+
+
+def _ready(pod: dict[str, Any]) -> bool:
+    conds = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds)
+
+
+def rows(outcome: scenarios.Outcome, name: str) -> list[Row]:
+    """Every step of the recovery of deployment `name`, in time order."""
+    t0 = outcome.fault_at
+    if t0 is None:
+        return []
+    out = [Row(0.0, "fault injected", "injector")]
+    before = [s.last_before(t0) for s in outcome.streams]
+    if any(b is not None for b in before):
+        out.append(Row(max(b for b in before if b is not None) - t0, "last token before the fault", "client"))
+    steps_seen: set[str] = set()
+    ready_seen: set[str] = set()
+    created: set[str] = set()  # replacement pods: created after the fault
+    for w in outcome.writes:
+        dt = w.at - t0
+        meta = w.obj.get("metadata") or {}
+        if w.plural == "ghostservedeployments" and meta.get("name") == name:
+            for rec in (w.obj.get("status") or {}).get("inFlight") or []:
+                step = str(rec.get("step", ""))
+                if step and step not in steps_seen:
+                    steps_seen.add(step)
+                    out.append(Row(dt, f"status step {step}", "status"))
+        elif w.plural == "events":
+            involved = w.obj.get("involvedObject") or {}
+            mine = involved.get("name") == name or str(involved.get("name", "")).startswith(f"{name}-r")
+            if mine and w.action == "create":
+                out.append(Row(dt, f"{w.obj.get('message', '')}", f"Event {w.obj.get('reason')}"))
+        elif w.plural == "pods" and str(meta.get("name", "")).startswith(f"{name}-r"):
+            uid = str(meta.get("uid"))
+            if dt > 0 and w.action == "create":
+                created.add(uid)
+            elif uid in created and uid not in ready_seen and _ready(w.obj):
+                ready_seen.add(uid)
+                out.append(Row(dt, f"replacement pod Ready on {w.obj['spec'].get('nodeName')}", "pod"))
+    resumed = [s.first_after(t0) for s in outcome.streams]
+    if all(r is not None for r in resumed):
+        first = min(r for r in resumed if r is not None)
+        out.append(Row(first - t0, "first token after the fault (requests resumed)", "client"))
+    ends = [s.times[-1] for s in outcome.streams if s.times]
+    if ends:
+        out.append(Row(max(ends) - t0, "every request finished", "client"))
+    return sorted(out, key=lambda r: r.seconds)
+
+
+def first_token_after(streams: Sequence[traffic.Stream], t0: float) -> float | None:
+    resumed = [s.first_after(t0) for s in streams]
+    return min(r for r in resumed if r is not None) - t0 if all(r is not None for r in resumed) else None

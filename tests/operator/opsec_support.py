@@ -1,0 +1,202 @@
+"""Shared pieces of the OPSEC operator tests: a recorder of every API request the operator makes, the
+chart's operator RBAC rules, and small deployment helpers."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import pathlib
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import yaml
+from ghostserve.cluster import apiserver
+from kmock._internal import enums
+
+from tests.operator import harness
+
+NS = "test"
+REPO = pathlib.Path(__file__).resolve().parents[2]
+LEASE = "ghostserve-leader"  # the chart's lease name for the default release
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    group: str
+    resource: str  # plural, "/status" appended for the status subresource
+    verb: str
+    namespace: str | None
+    name: str | None
+    body: Any
+
+
+def _verb(request: Any) -> str:
+    method = str(request.method.value).upper()
+    if request.action == enums.action.WATCH or request.params.get("watch") in ("true", "1"):
+        return "watch"
+    if method == "GET":
+        return "get" if request.name else "list"
+    if method == "DELETE":
+        return "delete" if request.name else "deletecollection"
+    return {"POST": "create", "PUT": "update", "PATCH": "patch"}.get(method, method.lower())
+
+
+class Recorder:
+    """Every resource request the emulator serves (discovery excluded), in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+
+    def install(self, cluster: harness.Cluster, monkeypatch: Any) -> None:
+        """Wrap the emulator's request handler (an attrs class with slots: patched on the class, for
+        this emulator only, undone by `monkeypatch` after the test)."""
+        emulator = cluster.emulator
+        original = type(emulator)._handle
+        recorder = self
+
+        async def handle(this: Any, request: Any) -> Any:
+            if this is emulator and request.resource is not None and request.resource.plural:
+                resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
+                recorder.calls.append(
+                    Call(
+                        request.resource.group or "",
+                        resource,
+                        _verb(request),
+                        request.namespace,
+                        request.name,
+                        request.data,
+                    )
+                )
+            return await original(this, request)
+
+        monkeypatch.setattr(type(emulator), "_handle", handle)
+
+    def of(self, resource: str, verb: str, name: str | None = None) -> list[Call]:
+        return [c for c in self.calls if c.resource == resource and c.verb == verb and name in (None, c.name)]
+
+
+def declare_leases(cluster: harness.Cluster) -> None:
+    """The emulator serves coordination.k8s.io Leases like any other namespaced resource."""
+
+    async def declare() -> None:
+        import kmock
+
+        cluster.emulator.resources["coordination.k8s.io/v1/leases"] = kmock.ResourceInfo(
+            kind="Lease",
+            singular="lease",
+            namespaced=True,
+            verbs=["get", "create", "patch", "update", "list", "watch"],
+        )
+
+    cluster.call(declare)
+
+
+LEASES = apiserver.resource("coordination.k8s.io/v1/leases")
+
+
+def chart_operator_rules() -> set[tuple[str, str, str, str | None]]:
+    """(group, resource, verb, resourceName) the default chart grants the operator's ServiceAccount."""
+    path = REPO / "scripts" / "render_manifests.py"
+    spec = importlib.util.spec_from_file_location("render_manifests", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("render_manifests", module)
+    spec.loader.exec_module(module)
+    rules: set[tuple[str, str, str, str | None]] = set()
+    for _, doc in module.render():
+        obj = yaml.safe_load(doc)
+        if obj["kind"] not in ("Role", "ClusterRole"):
+            continue
+        if any(
+            k.startswith("rbac.authorization.k8s.io/aggregate-to-") for k in obj["metadata"].get("labels", {})
+        ):
+            continue  # the users' roles
+        for rule in obj["rules"]:
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    for verb in rule["verbs"]:
+                        for name in rule.get("resourceNames") or [None]:
+                            rules.add((group, resource, verb, name))
+    return rules
+
+
+def deployment(name: str, *, tp: int = 2) -> dict[str, Any]:
+    return {
+        "apiVersion": "ghostserve.io/v1alpha1",
+        "kind": "GhostServeDeployment",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "model": {"name": "meta-llama/Llama-3.1-8B-Instruct"},
+            "engine": {"image": "lmsysorg/sglang:v0.5.3", "tensorParallel": tp},
+            "protection": {"code": "xor", "parityShards": 1},
+            "recovery": {"backoffSeconds": 0},
+        },
+    }
+
+
+def status(cluster: harness.Cluster, name: str) -> dict[str, Any]:
+    return ((cluster.get(harness.GSD, NS, name) or {}).get("status")) or {}
+
+
+def serving(cluster: harness.Cluster, name: str, ranks: int = 2) -> bool:
+    found = status(cluster, name)
+    return found.get("phase") == "Serving" and found.get("ready") == f"{ranks}/{ranks}"
+
+
+def ready_condition(cluster: harness.Cluster, name: str) -> dict[str, Any]:
+    return next((c for c in status(cluster, name).get("conditions") or [] if c["type"] == "Ready"), {})
+
+
+def events(cluster: harness.Cluster, name: str, reason: str | None = None) -> list[dict[str, Any]]:
+    return [
+        e
+        for e in cluster.list(harness.EVENTS, NS)
+        if (e.get("involvedObject") or {}).get("name") == name and reason in (None, e.get("reason"))
+    ]
+
+
+def crash(cluster: harness.Cluster, pod: str) -> None:
+    """The engine of `pod` is OOM-killed (a process fault)."""
+    cluster.write(
+        "update",
+        harness.PODS,
+        NS,
+        pod,
+        {
+            "status": {
+                "phase": "Failed",
+                "containerStatuses": [
+                    {
+                        "name": "engine",
+                        "restartCount": 0,
+                        "ready": False,
+                        "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}},
+                    }
+                ],
+            }
+        },
+    )
+
+
+def operator(
+    cluster: harness.Cluster, workdir: pathlib.Path, tag: str, *extra: str
+) -> harness.OperatorProcess:
+    return harness.OperatorProcess(
+        cluster.kubeconfig(workdir / f"kubeconfig-{tag}"),
+        workdir / f"operator-{tag}.log",
+        *extra,
+        sidecar_port=cluster.sidecar_port,
+    )
+
+
+def stopped(*procs: harness.OperatorProcess) -> Iterator[str]:
+    """Stop every process and yield the tail of its log (for failure messages)."""
+    for proc in procs:
+        proc.stop()
+        yield proc.output()[-6000:]
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)

@@ -1,0 +1,94 @@
+"""MoveGroup under faults: the source SIGKILLed mid-stream (restarted, it resumes where the target
+stopped), and a target with no room for the group (refused at once, nothing staged or valid)."""
+
+from __future__ import annotations
+
+import pathlib
+import threading
+
+import grpc
+import inproc
+import kv
+import move_kit
+import numpy as np
+import pytest
+from ghostserve.sidecar import config, pools
+
+GROUP = "ns/demo-r1"
+
+
+def test_source_killed_mid_move_resumes_after_restart(short_tmp: pathlib.Path, shm_prefix: str) -> None:
+    state = ["--state-dir", str(short_tmp / "src-state")]
+    src_addr = f"127.0.0.1:{kv.free_port()}"
+    src = kv.start_sidecar(short_tmp, *state, listen=src_addr, prefix=shm_prefix, name="src")
+    dst = kv.start_sidecar(
+        short_tmp, listen=f"127.0.0.1:{kv.free_port()}", prefix=shm_prefix + "t", name="dst"
+    )
+    total = 2 * move_kit.LAYOUT.pool_slots * 512 * 2 * move_kit.LAYOUT.layers
+    proxy = move_kit.CuttingProxy(int(dst.address.rsplit(":", 1)[1]), cut_after=total // 2, stall=True)
+    try:
+        with src.client(timeout=60) as s:
+            filled = move_kit.fill_group(s, GROUP, seed=9)
+            uid = s.describe_group(group=GROUP).uid
+        errors: list[BaseException] = []
+
+        def move() -> None:
+            try:
+                with src.client(timeout=120) as s:
+                    s.move_group(group=GROUP, target=f"127.0.0.1:{proxy.port}", piece_bytes=128 * 1024)
+            except BaseException as exc:  # the source dies under it
+                errors.append(exc)
+
+        t = threading.Thread(target=move)
+        t.start()
+        assert proxy.cut.wait(60)
+        with dst.client(timeout=30) as d:
+            kv.wait_until(lambda: d.get_stats().move_bytes_received > 0, what="the target to stage bytes")
+            src.kill()  # SIGKILL mid-stream
+            t.join(60)
+            assert errors and isinstance(errors[0], grpc.RpcError)
+            held = d.get_stats().move_bytes_received
+            assert 0 < held < total
+            with pytest.raises(grpc.RpcError) as missing:
+                d.describe_group(group=GROUP)
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+
+            # The restarted source re-adopts its pools and chunk records, then resumes the move.
+            src = kv.start_sidecar(short_tmp, *state, listen=src_addr, prefix=shm_prefix, name="src2")
+            with src.client(timeout=60) as s:
+                assert s.describe_group(group=GROUP).uid == uid
+                reply = s.move_group(group=GROUP, target=dst.address, piece_bytes=128 * 1024)
+            assert reply.resumed_from_bytes == held and reply.bytes_moved < total
+            got = move_kit.read_pools(d, GROUP)
+            assert all(np.array_equal(a, b) for a, b in zip(got, filled.pools, strict=True))
+            assert d.flush(GROUP, wait=60).drained
+            desc = d.describe_group(group=GROUP)
+            assert desc.uid == uid
+            protected = {r.request_id: r.chunks_protected for r in desc.requests}
+            assert protected == dict.fromkeys(filled.requests, 2)
+    finally:
+        proxy.close()
+        dst.terminate()
+        src.terminate()
+
+
+def test_full_target_refuses_and_stages_nothing(short_tmp: pathlib.Path, shm_prefix: str) -> None:
+    src = kv.start_sidecar(short_tmp, listen=f"127.0.0.1:{kv.free_port()}", prefix=shm_prefix, name="src")
+    group_bytes = 2 * move_kit.LAYOUT.pool_slots * 512 * 2 * move_kit.LAYOUT.layers
+    cfg = config.Config(max_pool_bytes=group_bytes - 1, shm_prefix=shm_prefix + "t", fake_gpus=0)
+    bg = inproc.Background("127.0.0.1:0", cfg)
+    target = f"127.0.0.1:{bg.port}"
+    try:
+        with src.client(timeout=60) as s:
+            move_kit.fill_group(s, GROUP, requests=1)
+            with pytest.raises(grpc.RpcError) as full:
+                s.move_group(group=GROUP, target=target)
+            assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+            assert full.value.details().startswith(f"target {target}:")  # type: ignore[attr-defined]
+            assert sorted(pools.SHM_DIR.glob(shm_prefix + "t*")) == []
+            with kv.client.SidecarClient(target, timeout=10) as d:
+                assert d.list_groups().groups == [] and d.get_stats().moves_in_progress == 0
+            assert s.describe_group(group=GROUP).ranks[0].pool_valid  # the source keeps its copy
+    finally:
+        bg.stop()
+        src.terminate()
