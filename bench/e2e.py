@@ -7,7 +7,10 @@
    same ranks right after, vs the `replicate` baseline (full host copies) restoring the same request.
 3. Host memory: parity bytes held vs the KV bytes they protect, per code (expected M/N).
 
-Writes bench/results/e2e-<machine>.json (`--quick`, < 60 s, small contexts: e2e-quick-<machine>.json).
+Every figure is the median of >= 3 samples (runs repeated in the same process), printed with its spread
+(min-max); the JSON keeps every sample and the 1-minute load average before and after the run.
+
+Writes bench/results/e2e-<machine>.json (`--quick`, a few minutes, small contexts: e2e-quick-<machine>.json).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import os
 import pathlib
 import platform
 import shutil
@@ -40,6 +44,29 @@ DEMO = config.ModelConfig(vocab=1024, hidden=256, layers=4, heads=8, kv_heads=4,
 
 def machine() -> str:
     return str(benchlib.machine()["slug"])
+
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """Median, min, max and the samples themselves."""
+    med = statistics.median(values)
+    return {"median": med, "min": min(values), "max": max(values), "samples": list(values)}
+
+
+def _fmt(d: dict[str, Any], unit: str = "", digits: int = 2) -> str:
+    lo, hi = f"{d['min']:.{digits}f}", f"{d['max']:.{digits}f}"
+    return f"{d['median']:.{digits}f}{unit} ({lo}-{hi}, n={len(d['samples'])})"
+
+
+def recovery_samples(samples: int, **kw: Any) -> dict[str, Any]:
+    """``recovery_at`` repeated ``samples`` times; the headline figures as spreads."""
+    runs = [recovery_at(sample=i, **kw) for i in range(samples)]
+    out: dict[str, Any] = {"context_tokens": runs[0]["context_tokens"], "runs": runs}
+    for key in ("speedup_restore_vs_scratch", "speedup_with_restart", "xor_vs_replicate_restore"):
+        out[key] = spread([r[key] for r in runs])
+    out["xor_restore_s"] = spread([r["xor"]["restore_s"] for r in runs])
+    out["replicate_restore_s"] = spread([r["replicate"]["restore_s"] for r in runs])
+    out["scratch_recompute_s"] = spread([r["scratch_recompute_s"] for r in runs])
+    return out
 
 
 def _opts(tp: int, code: str, chunk: int, tokens: int, **kw: Any) -> engine.Options:
@@ -110,6 +137,10 @@ def overhead(
             "tokens_per_s_off": off,
             "tokens_per_s_on": on,
             "overhead": 1 - on / off,
+            # Per interleaved pair (off and on run back to back), so drift between reps cancels.
+            "overhead_pairs": spread(
+                [1 - a / b for a, b in zip(rates[True][phase], rates[False][phase], strict=True)]
+            ),
             "samples_off": rates[False][phase],
             "samples_on": rates[True][phase],
         }
@@ -126,13 +157,14 @@ def recovery_at(
     tokens: int,
     new: int,
     progress: Progress,
+    sample: int = 0,
 ) -> dict[str, Any]:
     """One request of ``tokens`` prompt tokens; rank 1 lost mid-decode; xor hybrid vs scratch vs replicate."""
     [req] = workload.make_requests(1, prompt_tokens=tokens, new_tokens=new, vocab=cfg.vocab, seed=2, jitter=0)
     at = math.ceil(tokens / chunk) + new // 2
     out: dict[str, Any] = {"context_tokens": tokens, "fault_at_step": at}
     for code in ("xor", "replicate"):
-        task = progress.add_task(f"{tokens} tokens, {code}", total=new)
+        task = progress.add_task(f"{tokens} tokens, {code} #{sample + 1}", total=new)
         measured: dict[str, float] = {}
 
         def hook(
@@ -159,8 +191,8 @@ def recovery_at(
             _opts(tp, code, chunk, tokens + new),
             [req],
             sidecar=sc,
-            group=f"rec-{tokens}-{code}",
-            workdir=work / f"rec-{tokens}-{code}",
+            group=f"rec-{tokens}-{code}-{sample}",
+            workdir=work / f"rec-{tokens}-{code}-{sample}",
             faults=[engine.Fault(at, "device", (1,))],
             on_step=hook,
         )
@@ -241,11 +273,15 @@ def memory(
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="small contexts, < 60 s")
+    p.add_argument("--quick", action="store_true", help="small contexts, a few minutes")
+    p.add_argument("--samples", type=int, default=3, help="repetitions of every measurement (>= 3)")
     p.add_argument("--tp", type=int, default=4)
     p.add_argument("--lengths", type=int, nargs="*", help="context lengths for the recovery comparison")
     p.add_argument("--out", type=pathlib.Path, help="default: bench/results/e2e[-quick]-<machine>.json")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.samples < 3:
+        p.error("--samples must be >= 3 (a median and a spread need at least 3)")
+    load_before = os.getloadavg()[0]
     if args.out is None:
         name = f"e2e-quick-{machine()}.json" if args.quick else f"e2e-{machine()}.json"
         args.out = ROOT / "bench" / "results" / name
@@ -254,13 +290,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         lengths, chunk, ovh = (
             args.lengths or [512, 2048],
             64,
-            dict(requests=2, prompt=256, new=16, reps=2, rate_per_s=4.0),
+            dict(requests=2, prompt=256, new=16, reps=args.samples, rate_per_s=4.0),
         )
     else:
         lengths, chunk, ovh = (
             args.lengths or [4096, 16384, 32768],
             256,
-            dict(requests=6, prompt=1024, new=64, reps=3, rate_per_s=0.5),
+            dict(requests=6, prompt=1024, new=64, reps=args.samples, rate_per_s=0.5),
         )
     console = Console()
     work = pathlib.Path(tempfile.mkdtemp(prefix="gs-bench-", dir="/tmp"))
@@ -271,9 +307,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with Progress(console=console) as progress:
             ovh_res = overhead(sc, work, cfg=cfg, tp=args.tp, chunk=chunk, progress=progress, **ovh)
             rec_res = [
-                recovery_at(
-                    sc,
-                    work,
+                recovery_samples(
+                    args.samples,
+                    sc=sc,
+                    work=work,
                     cfg=cfg,
                     tp=args.tp,
                     chunk=chunk,
@@ -294,24 +331,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_column("value", justify="right")
     for phase in ("prefill", "decode", "poisson"):
         r = ovh_res[phase]
+        pairs = {k: 100 * v for k, v in r["overhead_pairs"].items() if k != "samples"}
         t.add_row(
-            f"{phase} throughput on/off (overhead)",
-            f"{r['tokens_per_s_on']:.0f}/{r['tokens_per_s_off']:.0f} tok/s ({100 * r['overhead']:+.1f}%)",
+            f"{phase} throughput on/off (overhead, per pair)",
+            f"{r['tokens_per_s_on']:.0f}/{r['tokens_per_s_off']:.0f} tok/s "
+            f"({_fmt({**pairs, 'samples': r['overhead_pairs']['samples']}, '%', 1)})",
         )
     for r in rec_res:
-        x = r["xor"]
-        t.add_row(
-            f"{r['context_tokens']} tokens: restore / scratch / replicate",
-            f"{x['restore_s']:.2f} / {r['scratch_recompute_s']:.2f} / {r['replicate']['restore_s']:.2f} s",
-        )
-        t.add_row(
-            f"{r['context_tokens']} tokens: speed-up vs scratch (incl. restart)",
-            f"{r['speedup_restore_vs_scratch']:.1f}x ({r['speedup_with_restart']:.1f}x)",
-        )
+        n = r["context_tokens"]
+        t.add_row(f"{n} tokens: restore (xor)", _fmt(r["xor_restore_s"], " s"))
+        t.add_row(f"{n} tokens: recompute from scratch", _fmt(r["scratch_recompute_s"], " s"))
+        t.add_row(f"{n} tokens: restore (replicate)", _fmt(r["replicate_restore_s"], " s"))
+        t.add_row(f"{n} tokens: speed-up vs scratch", _fmt(r["speedup_restore_vs_scratch"], "x", 1))
+        t.add_row(f"{n} tokens: speed-up incl. restart", _fmt(r["speedup_with_restart"], "x", 1))
     for m in mem_res:
         t.add_row(
             f"host memory {m['code']}: parity/KV", f"{m['ratio']:.3f} (M/N = {m['expected_m_over_n']:.3f})"
         )
+    load_after = os.getloadavg()[0]
+    t.add_row("load average (1 min) before / after", f"{load_before:.2f} / {load_after:.2f}")
     console.print(t)
     report = {
         "benchmark": "e2e",
@@ -319,6 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "quick": args.quick,
         "seconds": time.perf_counter() - t0,
         "machine": benchlib.machine(),
+        "samples": args.samples,
+        "load_average_1m": {"before": round(load_before, 2), "after": round(load_after, 2)},
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "model": cfg.__dict__,
         "tp": args.tp,

@@ -15,8 +15,6 @@ import yaml
 # the calls the operator really makes; this table pins the rendered chart to them.
 OPERATOR_RULES = {
     # Framework (kopf)
-    ("apiextensions.k8s.io", "customresourcedefinitions", "list", None),
-    ("apiextensions.k8s.io", "customresourcedefinitions", "watch", None),
     ("", "events", "create", None),
     *{("ghostserve.io", "ghostservedeployments", v, None) for v in ("list", "watch", "patch")},
     # Application

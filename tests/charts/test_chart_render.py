@@ -78,9 +78,7 @@ def test_namespaced_install_grants_namespaced_rules_only_in_those_namespaces(
         o for o in objs if o["kind"] == "ClusterRole" and not o["metadata"]["name"].endswith(users)
     ]
     assert len(cluster_roles) == 1
-    assert {r for rule in cluster_roles[0]["rules"] for r in rule["resources"]} == {
-        "customresourcedefinitions", "nodes"
-    }  # fmt: skip
+    assert {r for rule in cluster_roles[0]["rules"] for r in rule["resources"]} == {"nodes"}
     args = next(o for o in objs if o["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0][
         "args"
     ]

@@ -70,10 +70,7 @@ def scenario(seed: int, *, code: str, kind: str, steps: int) -> Scenario:
     second: tuple[int, ...] = ()
     if kind == "device@replay":
         # Lost at any moment: first ∪ second <= M (with M = 1 the replacement of the same rank dies).
-        if m == 1 or len(first) == m:
-            second = (rng.choice(first),)
-        else:
-            second = (rng.randrange(tp),)
+        second = (rng.choice(first),) if m == 1 or len(first) == m else (rng.randrange(tp),)
     elif kind in ("process@replay", "process@restore"):
         second = (rng.randrange(tp),)
     return Scenario(seed, code, kind, at, first, second)
@@ -113,7 +110,7 @@ class Injector:
             else:
                 self._device(eng, sc.first)
             return
-        if self._second_done or not sc.second and sc.kind != "sidecar@rebuild":
+        if self._second_done or (not sc.second and sc.kind != "sidecar@rebuild"):
             return
         if sc.kind == "sidecar@rebuild" and point == "rebuild":
             self._second_done = True

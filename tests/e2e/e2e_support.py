@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+from typing import Any
 
 from ghostserve.engine.reference import config, engine, workload
 
@@ -16,7 +17,7 @@ def requests(n: int = 3, prompt: int = 70, new: int = 40) -> list[engine.Request
     return workload.make_requests(n, prompt_tokens=prompt, new_tokens=new, vocab=CFG.vocab, seed=7)
 
 
-def options(tp: int, code: str = "xor", **kw: object) -> engine.Options:
+def options(tp: int, code: str = "xor", **kw: Any) -> engine.Options:
     return engine.Options(tp=tp, code=code, chunk_tokens=CHUNK, page_size=CHUNK, record_digests=True, **kw)
 
 

@@ -30,7 +30,7 @@ def _requests() -> list[engine.Request]:
 
 def _options(code: str, tp: int) -> engine.Options:
     return engine.Options(
-        tp=tp, code=code, chunk_tokens=16, page_size=16, pool_slots=512, record_digests=True, sidecar_wait_s=60.0
+        tp=tp, code=code, chunk_tokens=16, page_size=16, pool_slots=512, record_digests=True
     )
 
 
@@ -40,9 +40,9 @@ def fault_free(sidecar, workdir):
 
     def get(tp: int) -> harness.RunResult:
         if tp not in cache:
-            cache[tp] = harness.run(
-                CFG, _options("xor", tp), _requests(), sidecar=sidecar, group=f"camp-base-{tp}", workdir=workdir / f"cb{tp}"
-            )
+            opts = _options("xor", tp)
+            group, where = f"camp-base-{tp}", workdir / f"cb{tp}"
+            cache[tp] = harness.run(CFG, opts, _requests(), sidecar=sidecar, group=group, workdir=where)
         return cache[tp]
 
     return get
@@ -54,8 +54,9 @@ def _run(seed: int, code: str, kind: str, sidecar, workdir, fault_free) -> None:
     inj = campaign.Injector(sc, sidecar=sidecar)
     name = f"camp-{code}-{kind.replace('@', '-')}-{seed}"
     t0 = time.perf_counter()
+    opts = _options(code, sc.tp)
     res = harness.run(
-        CFG, _options(code, sc.tp), _requests(), sidecar=sidecar, group=name, workdir=workdir / name, prepare=inj.attach
+        CFG, opts, _requests(), sidecar=sidecar, group=name, workdir=workdir / name, prepare=inj.attach
     )
     wrong = sum(res.outputs.get(k) != v for k, v in base.outputs.items())
     record = {

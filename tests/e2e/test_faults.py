@@ -84,7 +84,7 @@ def test_two_losses_with_xor_fall_back_to_recompute(sidecar, workdir, baseline, 
 
 
 def test_sidecar_restart_during_serving_then_device_fault(sidecar, workdir, baseline, no_shm_leak):
-    events = []
+    events: list[tuple[str, int]] = []
 
     def crash_sidecar(eng):
         # Down for steps 10..13: serving goes on, those steps' commits fail and stay unprotected.

@@ -5,7 +5,9 @@ prompts (tests/e2e/conftest.py's baseline)."""
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -33,7 +35,8 @@ def _until(cond: Any, *, timeout_s: float = 120.0, what: str = "") -> Any:
 
 def _body(i: int, **extra: Any) -> dict[str, Any]:
     req = requests()[i]
-    return {"rid": req.request_id, "input_ids": req.prompt, "sampling_params": {"max_new_tokens": req.max_new_tokens, "temperature": 0}, **extra}
+    params = {"max_new_tokens": req.max_new_tokens, "temperature": 0}
+    return {"rid": req.request_id, "input_ids": req.prompt, "sampling_params": params, **extra}
 
 
 def _delete_group(sidecar: Any, group: str) -> None:
@@ -43,7 +46,9 @@ def _delete_group(sidecar: Any, group: str) -> None:
 
 @pytest.fixture(scope="module")
 def served(sidecar, workdir) -> Iterator[serve_support.ServeProcess]:
-    srv = serve_support.ServeProcess(workdir / "serve-main", sidecar=sidecar.address, group="serve/main", tp=TP)
+    srv = serve_support.ServeProcess(
+        workdir / "serve-main", sidecar=sidecar.address, group="serve/main", tp=TP
+    )
     srv.start()
     yield srv
     pids = srv.state()["rank_pids"]
@@ -115,7 +120,7 @@ def test_rank_sigkilled_mid_decode_stream_continues(served, baseline):
         received.append(event["output_ids"])
         if len(received) == 10:
             served_pids = served.state()["rank_pids"]
-            serve_support.os.kill(served_pids[1], 9)
+            os.kill(served_pids[1], signal.SIGKILL)
     assert received[-1] == baseline(TP).outputs["req-2"]
     after = served.state()
     assert len(after["recoveries"]) == len(before["recoveries"]) + 1
@@ -173,7 +178,9 @@ def test_whole_tree_sigkilled_restarted_and_resubmitted(sidecar, workdir, baseli
     got = _stream_until(srv, _body(1), 20, srv.kill_tree)
     assert 20 <= len(got) < 40
     assert not serve_support.alive(old_pids)
-    again = serve_support.ServeProcess(workdir / "serve-restart2", sidecar=sidecar.address, group=group, tp=TP)
+    again = serve_support.ServeProcess(
+        workdir / "serve-restart2", sidecar=sidecar.address, group=group, tp=TP
+    )
     try:
         again.start()
         assert again.state()["held"] == ["req-1"]
@@ -191,7 +198,9 @@ def test_whole_tree_sigkilled_restarted_and_resubmitted(sidecar, workdir, baseli
     _delete_group(sidecar, group)
 
 
-def test_device_fault_exits_then_rescheduled_pod_rebuilds_and_resumes(sidecar, workdir, baseline, no_shm_leak):
+def test_device_fault_exits_then_rescheduled_pod_rebuilds_and_resumes(
+    sidecar, workdir, baseline, no_shm_leak
+):
     """The embedded cluster's fake GPU seam: rank 1's GPU dies mid-decode, the rank fails like a CUDA
     process, the tree exits (4); as the operator would, the rank is marked lost and the pod restarted on
     another GPU; the new tree rebuilds the lost pool from parity and the resubmission continues."""
@@ -199,12 +208,15 @@ def test_device_fault_exits_then_rescheduled_pod_rebuilds_and_resumes(sidecar, w
     group = "serve/device"
     gpus = workdir / "fake-gpus"
     env = {"NVIDIA_VISIBLE_DEVICES": "GPU-a,GPU-b", devices.fakegpu.ENV: str(gpus)}
-    srv = serve_support.ServeProcess(workdir / "serve-dev", sidecar=sidecar.address, group=group, tp=TP, env=env)
+    srv = serve_support.ServeProcess(
+        workdir / "serve-dev", sidecar=sidecar.address, group=group, tp=TP, env=env
+    )
     srv.start()
 
     def break_gpu() -> None:
         (gpus / "faults").mkdir(parents=True, exist_ok=True)
-        (gpus / "faults" / "GPU-b.json").write_text(json.dumps({"kind": "XID", "xid": 79, "message": "fell off the bus"}))
+        fault = {"kind": "XID", "xid": 79, "message": "fell off the bus"}
+        (gpus / "faults" / "GPU-b.json").write_text(json.dumps(fault))
 
     got = _stream_until(srv, _body(2), 22, break_gpu)
     assert srv.wait() == devices.EXIT_DEVICE_ERROR, srv.log_tail()
@@ -212,7 +224,9 @@ def test_device_fault_exits_then_rescheduled_pod_rebuilds_and_resumes(sidecar, w
     with client_mod.SidecarClient(sidecar.address) as c:
         c.mark_lost(group=group, ranks=[1], reason="Xid 79 on GPU-b")
     env2 = {**env, "NVIDIA_VISIBLE_DEVICES": "GPU-a,GPU-c"}
-    again = serve_support.ServeProcess(workdir / "serve-dev2", sidecar=sidecar.address, group=group, tp=TP, env=env2)
+    again = serve_support.ServeProcess(
+        workdir / "serve-dev2", sidecar=sidecar.address, group=group, tp=TP, env=env2
+    )
     try:
         again.start()
         prompt = requests()[2].prompt
@@ -230,13 +244,19 @@ def test_device_fault_exits_then_rescheduled_pod_rebuilds_and_resumes(sidecar, w
 
 def test_held_request_released_when_not_resubmitted(sidecar, workdir, no_shm_leak):
     group = "serve/expire"
-    srv = serve_support.ServeProcess(workdir / "serve-exp", sidecar=sidecar.address, group=group, tp=TP)
+    srv = serve_support.ServeProcess(
+        workdir / "serve-exp", sidecar=sidecar.address, group=group, tp=TP
+    )
     srv.start()
     _stream_until(srv, _body(0), 5, srv.kill_tree)
     with client_mod.SidecarClient(sidecar.address) as c:
         assert [r.request_id for r in c.describe_group(group=group).requests] == ["req-0"]
     again = serve_support.ServeProcess(
-        workdir / "serve-exp2", sidecar=sidecar.address, group=group, tp=TP, env={"GHOSTSERVE_RESUME_WAIT_S": "1"}
+        workdir / "serve-exp2",
+        sidecar=sidecar.address,
+        group=group,
+        tp=TP,
+        env={"GHOSTSERVE_RESUME_WAIT_S": "1"},
     )
     try:
         again.start()

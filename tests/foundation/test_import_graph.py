@@ -10,8 +10,9 @@ import sys
 
 # Counted the same way at commit 44a77b5, before the wire layer and the planner move (issue 15).
 ADAPTER_GHOSTSERVE_MODULES_BEFORE = 34
-SIDECAR_CLIENT_SIDE = {"ghostserve.sidecar", "ghostserve.sidecar.client", "ghostserve.sidecar.pools",
-                       "ghostserve.sidecar.errors"}  # fmt: skip
+# The sidecar modules an engine may load: the gRPC client (hand-written + generated) and pool mapping.
+SIDECAR_CLIENT_SIDE = {"ghostserve.sidecar", "ghostserve.sidecar.client", "ghostserve.sidecar.client_rpcs",
+                       "ghostserve.sidecar.pools", "ghostserve.sidecar.errors"}  # fmt: skip
 
 
 def loaded_by(module: str) -> dict[str, list[str]]:

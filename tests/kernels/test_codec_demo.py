@@ -70,7 +70,7 @@ def test_bench_writes_ratios(repo_root: pathlib.Path, tmp_path: pathlib.Path) ->
         "--size",
         "1MiB",
         "--rounds",
-        "1",
+        "3",
         "--out",
         str(out),
     ]
@@ -86,4 +86,10 @@ def test_bench_writes_ratios(repo_root: pathlib.Path, tmp_path: pathlib.Path) ->
         "rs4x2_encode_vs_memcpy",
         "rs4x2_encode_vs_torch",
     ):
-        assert result["summary"][key] > 0
+        spread = result["spread"][key]
+        assert result["summary"][key] == spread["median"] > 0 and len(spread["samples"]) == 3
+        assert spread["min"] <= spread["median"] <= spread["max"]
+    # memcpy moves 2N*S, an xor N=8 encode 9*S: the bytes each side moves are recorded per case.
+    xor = next(c for c in result["cases"] if c["name"] == "encode_8x1x1MiB")
+    assert xor["bytes_moved"]["memcpy"] * 9 == xor["bytes_moved"]["ours"] * 16
+    assert set(result["load_average_before"]) == set(result["load_average_after"]) == {"1m", "5m", "15m"}

@@ -3,6 +3,7 @@ loopback IP and its own sidecar stand-in."""
 
 from __future__ import annotations
 
+import pathlib
 from collections.abc import Iterator
 
 import pytest
@@ -16,3 +17,24 @@ def cluster() -> Iterator[harness.Cluster]:
         for i in range(3):
             c.add_node(f"n{i}", gpus=4)
         yield c
+
+
+@pytest.fixture
+def operator(cluster: harness.Cluster, tmp_path: pathlib.Path) -> Iterator[harness.OperatorProcess]:
+    """A real `ghostserve operator` process with metrics and liveness endpoints."""
+    kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig")
+    metrics, liveness = harness.free_port(), harness.free_port()
+    proc = harness.OperatorProcess(
+        kubeconfig,
+        tmp_path / "operator.log",
+        "--metrics-port",
+        str(metrics),
+        "--liveness",
+        f"http://127.0.0.1:{liveness}/healthz",
+        sidecar_port=cluster.sidecar_port,
+    )
+    proc.metrics_url = f"http://127.0.0.1:{metrics}/metrics"
+    proc.liveness_url = f"http://127.0.0.1:{liveness}/healthz"
+    yield proc
+    proc.stop()
+    print(proc.output()[-20000:])

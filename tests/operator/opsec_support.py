@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+import kmock
 import yaml
 from ghostserve.cluster import apiserver
 from kmock._internal import enums
@@ -30,6 +31,7 @@ class Call:
     namespace: str | None
     name: str | None
     body: Any
+    status: list[int] = dataclasses.field(default_factory=list, compare=False)  # the reply's, once known
 
 
 def _verb(request: Any) -> str:
@@ -57,32 +59,40 @@ class Recorder:
         recorder = self
 
         async def handle(this: Any, request: Any) -> Any:
-            if this is emulator and request.resource is not None and request.resource.plural:
-                resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
-                recorder.calls.append(
-                    Call(
-                        request.resource.group or "",
-                        resource,
-                        _verb(request),
-                        request.namespace,
-                        request.name,
-                        request.data,
-                    )
-                )
-            return await original(this, request)
+            if this is not emulator or request.resource is None or not request.resource.plural:
+                return await original(this, request)
+            sub = f"/{request.subresource}" if request.subresource else ""
+            call = Call(
+                request.resource.group or "",
+                request.resource.plural + sub,
+                _verb(request),
+                request.namespace,
+                request.name,
+                request.data,
+            )
+            recorder.calls.append(call)
+            try:
+                response = await original(this, request)
+            except kmock.KubernetesError as exc:
+                call.status.append(int(exc.status or 0))
+                raise
+            call.status.append(int(getattr(response, "status", 200)))
+            return response
 
         monkeypatch.setattr(type(emulator), "_handle", handle)
 
     def of(self, resource: str, verb: str, name: str | None = None) -> list[Call]:
         return [c for c in self.calls if c.resource == resource and c.verb == verb and name in (None, c.name)]
 
+    def created(self, resource: str) -> list[str]:
+        """Names of the objects really created (201), in order; refused attempts (409, 422) excluded."""
+        return [str(c.body["metadata"]["name"]) for c in self.of(resource, "create") if c.status == [201]]
+
 
 def declare_leases(cluster: harness.Cluster) -> None:
     """The emulator serves coordination.k8s.io Leases like any other namespaced resource."""
 
     async def declare() -> None:
-        import kmock
-
         cluster.emulator.resources["coordination.k8s.io/v1/leases"] = kmock.ResourceInfo(
             kind="Lease",
             singular="lease",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pathlib
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -177,11 +178,14 @@ def test_grace_period_unless_the_node_is_gone(
     cluster.wait_for(lambda: recorder.of("pods", "delete", "llama-r0"), timeout=60, what="pod deleted")
     [graceful] = recorder.of("pods", "delete", "llama-r0")
     assert "gracePeriodSeconds" not in (graceful.body or {}), graceful.body
-    cluster.wait_for(lambda: opsec_support.serving(cluster, "llama"), timeout=60, what="replacement serving")
+
+    def replaced() -> dict[str, Any] | None:
+        found = cluster.get(harness.PODS, NS, "llama-r0")
+        new = found is not None and found["metadata"]["uid"] != first["metadata"]["uid"]  # type: ignore[index]
+        return found if new and opsec_support.serving(cluster, "llama") else None
 
     # A node whose object was deleted is confirmed gone: no kubelet can still run the container.
-    second = cluster.get(harness.PODS, NS, "llama-r0")
-    assert second is not None and second["metadata"]["uid"] != first["metadata"]["uid"]
+    second = cluster.wait_for(replaced, timeout=60, what="replacement serving")
     cluster.write("delete", harness.NODES, None, second["spec"]["nodeName"])
     cluster.wait_for(
         lambda: len(recorder.of("pods", "delete", "llama-r0")) >= 2, timeout=60, what="2nd delete"
@@ -247,7 +251,14 @@ def test_in_flight_gauge_is_zero_after_a_restart_mid_recovery(
 def test_every_call_is_granted_by_the_chart_and_every_grant_is_used(
     cluster: harness.Cluster, recorder: opsec_support.Recorder, operator: harness.OperatorProcess
 ) -> None:
-    # One deployment through create, a fault, a conflict and deletion: every code path that calls the API.
+    # One deployment through create, two conflicts, a fault and deletion: every path that calls the API.
+    foreign = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "llama-r0"},
+        "spec": {"containers": [{"name": "main", "image": "x"}]},
+    }
+    cluster.write("create", harness.PODS, NS, None, foreign)
     cluster.write(
         "create",
         harness.SERVICES,
@@ -261,7 +272,9 @@ def test_every_call_is_granted_by_the_chart_and_every_grant_is_used(
         },
     )
     cluster.write("create", harness.GSD, NS, None, opsec_support.deployment("llama"))
-    cluster.wait_for(lambda: opsec_support.serving(cluster, "llama"), timeout=60, what="Serving")
+    cluster.wait_for(lambda: recorder.of("pods", "get", "llama-r0"), timeout=60, what="pod conflict checked")
+    cluster.write("delete", harness.PODS, NS, "llama-r0")
+    cluster.wait_for(lambda: opsec_support.serving(cluster, "llama"), timeout=120, what="Serving")
     cluster.write("delete", harness.SERVICES, NS, "llama")  # let the deployment create its own
     cluster.wait_for(lambda: cluster.get(harness.SERVICES, NS, "llama"), timeout=120, what="own Service")
     opsec_support.crash(cluster, "llama-r0")

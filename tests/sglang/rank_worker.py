@@ -129,6 +129,7 @@ def serve(rank: int) -> dict[str, object]:
         run(live, ForwardMode.DECODE, spans)
         for r in live:
             r.output_ids.append(7000 + len(r.origin_input_ids) + len(r.output_ids))
+    rt.flush()  # commits go out from the rank's background sender
     return {
         "rank": rank,
         "chunks_committed": rt.chunks_committed,
@@ -137,8 +138,8 @@ def serve(rank: int) -> dict[str, object]:
             rid: {
                 "tokens": [int(x) for x in list(r.origin_input_ids) + list(r.output_ids)],
                 "prompt": len(r.origin_input_ids),
-                "slots": [int(x) for x in rtp.req_to_token[r.kv.req_pool_idx, : rt.tracker.written(rid)]],
-                "committed": rt.tracker.committed(rid),
+                "slots": [int(x) for x in rtp.req_to_token[r.kv.req_pool_idx, : rt.protector.tracker.written(rid)]],
+                "committed": rt.protector.tracker.committed(rid),
                 "max_new_tokens": r.sampling_params.max_new_tokens,
             }
             for rid, r in reqs.items()

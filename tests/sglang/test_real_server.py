@@ -24,6 +24,9 @@ import requests  # noqa: E402
 import sgl_server  # noqa: E402
 import tiny_model  # noqa: E402
 
+# Each test starts sglang twice: about a minute each on a quiet 2-core machine, several when it is busy.
+pytestmark = pytest.mark.timeout(1800)
+
 T = 8  # GHOSTSERVE_CHUNK_TOKENS
 PAGE = 4
 NEW_TOKENS = 40

@@ -153,15 +153,15 @@ def test_capture_spans_from_real_batches() -> None:
     # Mixed extend: a extends 6 tokens after a cached 4-token prefix, b prefills 6 tokens.
     locs = [8, 9, 10, 11, 12, 13, 16, 17, 18, 19, 20, 21]
     batch = real_batch([a, b], ForwardMode.EXTEND, [(4, 6), (0, 6)], locs)
-    budgets: list[tuple[int, int]] = []
+    owners: list[str] = []
 
-    def commit(c: chunks.Chunk, toks: object, prompt_len: int, max_new_tokens: int) -> None:
+    def commit(c: chunks.Chunk, req: Req) -> None:
         got.append(c)
-        budgets.append((prompt_len, max_new_tokens))
+        owners.append(req.rid)
 
     n = capture.capture_batch(batch, tracker=tracker, req_to_token=rtp.req_to_token, commit=commit)
     assert n == 3
-    assert budgets == [(10, 8), (10, 8), (6, 8)]  # prompt length and the request's max_new_tokens
+    assert owners == ["a", "a", "b"]  # the request itself goes with its chunk (prompt length, budget)
     assert [(c.request_id, c.index, c.slots) for c in got] == [
         ("a", 0, (40, 41, 42, 43)), ("a", 1, (8, 9, 10, 11)), ("b", 0, (16, 17, 18, 19))]
     assert got[1].token_ids == (4, 5, 6, 7)
@@ -211,11 +211,16 @@ def test_resume_inserts_at_recorded_slots_and_plans_readmission() -> None:
     plan = resume.plan(restored, page_size=PAGE)
     assert plan == resume.Readmission("r", list(tokens), 7, 8)
     free = alloc.available_size()
-    assert resume.insert(tree, alloc, restored, plan) == 8
+    pin = resume.insert(tree, alloc, restored, plan)
+    assert pin.inserted == 8 and pin.held == []
     assert alloc.available_size() == free - 8
     match = tree.match_prefix(MatchPrefixParams(key=RadixKey(array.array("q", tokens))))
     assert match.device_prefix_len == 8
     assert match.last_device_node.value.tolist() == list(slots)  # one node, at the recorded slots
+    # Pinned: eviction cannot hand the restored slots to another request until the pin goes.
+    assert tree.evictable_size() == 0 and tree.protected_size() == 8
+    resume.release_pin(tree, alloc, pin)
+    assert tree.evictable_size() == 8 and tree.protected_size() == 0
     req = resume.generate_request(plan, {"temperature": 0.0})
     assert req.rid == "r" and req.input_ids == list(tokens)
     assert req.sampling_params == {"temperature": 0.0, "max_new_tokens": 7}
@@ -252,7 +257,9 @@ def test_entry_point_and_version_refusal(monkeypatch: pytest.MonkeyPatch) -> Non
     assert not any(target.startswith("sglang.srt") and "ghostserve" in repr(hooks)
                    for target, hooks in hook_registry.HookRegistry._hooks.items())
     monkeypatch.setenv("GHOSTSERVE_SGLANG", "1")
-    monkeypatch.setattr(plugin.compat, "installed_version", lambda: "0.6.0")
+    from ghostserve.engine.sglang import compat
+
+    monkeypatch.setattr(compat, "installed_version", lambda: "0.6.0")
     with pytest.raises(SystemExit, match=r"sglang 0\.6\.0 is not supported"):
         plugin.register()
     assert plugin.RUNTIME is None
@@ -302,9 +309,12 @@ def test_resume_from_ledger() -> None:
     # Nothing valid: the whole request is recomputed.
     nothing = resume.from_ledger(ledger([False, True]))
     assert nothing is not None and nothing.slots == ()
-    # What a re-admission needs was never recorded.
-    assert resume.from_ledger(ledger([True], max_new_tokens=0)) is None
-    assert resume.from_ledger(ledger([True], prompt_tokens=0)) is None
+    # Prompt length and budget not recorded yet (rank 0's RecordTokens had not arrived): the KV is still
+    # restored, the client's resubmission carries the budget.
+    unknown = resume.from_ledger(ledger([True], max_new_tokens=0, prompt_tokens=0))
+    assert unknown is not None and unknown.slots == (40, 41, 42, 43)
+    assert resume.plan(unknown, page_size=PAGE) == resume.Readmission("a", list(range(13)), 0, 4)
+    assert resume.from_ledger(ledger([True], token_ids=[])) is None
     bad = ledger([True])
     bad.chunks[0].slots.append(99)
     with pytest.raises(resume.ResumeError, match="chunk 0 has 5 slots"):
@@ -312,8 +322,9 @@ def test_resume_from_ledger() -> None:
     tree, alloc = tree_and_allocator()
     done = resume.from_ledger(ledger([True], request_id="done", max_new_tokens=9))  # 9 generated already
     assert record is not None and done is not None
-    readmitted = resume.restore_all(tree, alloc, [record, done])
-    assert [(r.request_id, r.cached_tokens, r.max_new_tokens) for r in readmitted] == [("a", 8, 1)]
+    pins = resume.restore_all(tree, alloc, [record, done])
+    assert [(p.readmission.request_id, p.readmission.cached_tokens, p.readmission.max_new_tokens)
+            for p in pins] == [("a", 8, 1)]
     assert tree.total_size() == 8
 
 

@@ -92,7 +92,7 @@ def test_policy_rules() -> None:
         (authz.Rule.OPERATOR, "uid:1001", True),
         (authz.Rule.PEER, None, True),
     ):
-        with pytest.raises(Exception, match="operator|own|may not") as err:
+        with pytest.raises(Exception, match=r"operator|own|may not") as err:
             authz.check(rule, user, creator=creator, healthy=healthy, method="X")
         assert getattr(err.value, "code", "") == "PERMISSION_DENIED"
     sidecar = policy.tcp(["sc"])

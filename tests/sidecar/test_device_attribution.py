@@ -89,7 +89,7 @@ def test_a_bad_uuid_is_refused_and_changes_nothing(sc: client.SidecarClient) -> 
     for bad in ("GPU 0", "x" * 129, "GPU-\n", "../../etc"):
         with pytest.raises(grpc.RpcError) as err:
             attach(sc, "ns/a-r0", 0, bad)
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad  # type: ignore[attr-defined]
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
     assert sc.list_groups().groups == []
     # A CPU-only rank gives no UUID; a re-attach on another GPU replaces the old one.
     attach(sc, "ns/a-r0", 0, "")

@@ -52,12 +52,24 @@ def test_group_budget_bounds_the_group_and_spares_the_others(sc: client.SidecarC
     assert sc.flush("", wait=30).drained
     small = sc.describe_group(group="ns/small-r0")
     free = sc.describe_group(group="ns/free-r0")
-    assert small.parity_bytes <= 2 * SHARD and small.requests[0].chunks_protected == 2
+    # A request never evicts its own parity for its next chunk: chunks 2 and 3 stay unprotected.
+    assert small.parity_bytes == 2 * SHARD and small.requests[0].chunks_protected == 2
     assert free.parity_bytes == 4 * SHARD and free.requests[0].chunks_protected == 4
     led = sc.describe_request(group="ns/small-r0", request_id="a")
-    assert [ch.state for ch in led.chunks][2:] == [pb.UNPROTECTED, pb.UNPROTECTED]
+    assert [ch.state for ch in led.chunks] == [pb.PROTECTED] * 2 + [pb.UNPROTECTED] * 2
+
+    # Another request of the group over its budget evicts the group's own least valuable parity,
+    # never another group's.
+    commit(sc, "ns/small-r0", "b", 5)
+    assert sc.flush("", wait=30).drained
+    small = sc.describe_group(group="ns/small-r0")
+    assert {r.request_id: r.chunks_protected for r in small.requests} == {"a": 0, "b": 1}
+    assert small.parity_bytes == SHARD
+    assert sc.describe_group(group="ns/free-r0").parity_bytes == 4 * SHARD
+
     # A later attach with a bigger budget raises it: new chunks are protected again.
     attach_both(sc, "ns/small-r0", 4 * SHARD)
-    commit(sc, "ns/small-r0", "b", 5)
+    commit(sc, "ns/small-r0", "b", 6)
+    commit(sc, "ns/small-r0", "b", 7)
     assert sc.flush("", wait=30).drained
     assert sc.describe_group(group="ns/small-r0").parity_bytes == 3 * SHARD

@@ -12,7 +12,8 @@ import kv
 import move_kit
 import numpy as np
 import pytest
-from ghostserve.sidecar import checksums, client
+from ghostserve.kernels import checksums
+from ghostserve.sidecar import client
 from ghostserve.v1 import sidecar_pb2 as pb
 
 GROUP = "ns/demo-r0"
@@ -41,7 +42,7 @@ def pair(short_tmp: pathlib.Path, shm_prefix: str) -> Iterator[tuple[kv.Sidecar,
 
 
 def code_of(exc: pytest.ExceptionInfo[grpc.RpcError]) -> grpc.StatusCode:
-    return exc.value.code()  # type: ignore[attr-defined,no-any-return]
+    return exc.value.code()
 
 
 def assert_installed(dst: client.SidecarClient, filled: move_kit.Filled, uid: str) -> None:
@@ -289,7 +290,7 @@ def test_target_holding_another_deployments_group_refuses(pair: tuple[kv.Sidecar
         with pytest.raises(grpc.RpcError) as refused:
             s.move_group(group=GROUP, target=dst.address)
         assert code_of(refused) == grpc.StatusCode.ALREADY_EXISTS
-        assert "another deployment" in refused.value.details()  # type: ignore[attr-defined]
+        assert "another deployment" in refused.value.details()
         desc = d.describe_group(group=GROUP)
         assert desc.uid == their_uid and [r.request_id for r in desc.requests] == ["req-0"]
         got = move_kit.read_pools(d, GROUP)

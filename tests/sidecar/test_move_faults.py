@@ -51,7 +51,7 @@ def test_source_killed_mid_move_resumes_after_restart(short_tmp: pathlib.Path, s
             assert 0 < held < total
             with pytest.raises(grpc.RpcError) as missing:
                 d.describe_group(group=GROUP)
-            assert missing.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
             # The restarted source re-adopts its pools and chunk records, then resumes the move.
             src = kv.start_sidecar(short_tmp, *state, listen=src_addr, prefix=shm_prefix, name="src2")
@@ -83,12 +83,59 @@ def test_full_target_refuses_and_stages_nothing(short_tmp: pathlib.Path, shm_pre
             move_kit.fill_group(s, GROUP, requests=1)
             with pytest.raises(grpc.RpcError) as full:
                 s.move_group(group=GROUP, target=target)
-            assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
-            assert full.value.details().startswith(f"target {target}:")  # type: ignore[attr-defined]
+            assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert full.value.details().startswith(f"target {target}:")
             assert sorted(pools.SHM_DIR.glob(shm_prefix + "t*")) == []
             with kv.client.SidecarClient(target, timeout=10) as d:
                 assert d.list_groups().groups == [] and d.get_stats().moves_in_progress == 0
             assert s.describe_group(group=GROUP).ranks[0].pool_valid  # the source keeps its copy
     finally:
         bg.stop()
+        src.terminate()
+
+
+def test_target_killed_mid_move_frees_its_staging_on_restart(
+    short_tmp: pathlib.Path, shm_prefix: str
+) -> None:
+    src = kv.start_sidecar(short_tmp, listen=f"127.0.0.1:{kv.free_port()}", prefix=shm_prefix, name="src")
+    state = ["--state-dir", str(short_tmp / "dst-state")]
+    dst_addr = f"127.0.0.1:{kv.free_port()}"
+    dst_prefix = shm_prefix + "t"
+    dst = kv.start_sidecar(short_tmp, *state, listen=dst_addr, prefix=dst_prefix, name="dst")
+    total = 2 * move_kit.LAYOUT.pool_slots * 512 * 2 * move_kit.LAYOUT.layers
+    proxy = move_kit.CuttingProxy(int(dst_addr.rsplit(":", 1)[1]), cut_after=total // 2, stall=True)
+    try:
+        with src.client(timeout=60) as s:
+            filled = move_kit.fill_group(s, GROUP, seed=4)
+        errors: list[BaseException] = []
+
+        def move() -> None:
+            try:
+                with src.client(timeout=120) as s:
+                    s.move_group(group=GROUP, target=f"127.0.0.1:{proxy.port}", piece_bytes=128 * 1024)
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=move)
+        t.start()
+        assert proxy.cut.wait(60)
+        with dst.client(timeout=30) as d:
+            kv.wait_until(lambda: d.get_stats().move_bytes_received > 0, what="the target to stage bytes")
+        assert len(list(pools.SHM_DIR.glob(dst_prefix + "*"))) == 2  # the two staged pools
+        dst.kill()  # SIGKILL: no shutdown, the staged segments stay in /dev/shm
+        proxy.close()
+        t.join(60)
+        assert errors and isinstance(errors[0], grpc.RpcError)
+
+        dst = kv.start_sidecar(short_tmp, *state, listen=dst_addr, prefix=dst_prefix, name="dst2")
+        assert list(pools.SHM_DIR.glob(dst_prefix + "*")) == []  # freed at start
+        with src.client(timeout=60) as s, dst.client(timeout=60) as d:
+            assert d.get_stats().moves_in_progress == 0
+            reply = s.move_group(group=GROUP, target=dst_addr)
+            assert reply.resumed_from_bytes == 0
+            got = move_kit.read_pools(d, GROUP)
+            assert all(np.array_equal(a, b) for a, b in zip(got, filled.pools, strict=True))
+    finally:
+        proxy.close()
+        dst.terminate()
         src.terminate()

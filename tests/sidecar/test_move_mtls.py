@@ -56,13 +56,13 @@ def test_move_over_mutual_tls_and_who_may_call_it(short_tmp: pathlib.Path, shm_p
             with client.SidecarClient(src.address, credentials=eng, timeout=30) as e:
                 with pytest.raises(grpc.RpcError) as denied:
                     e.move_group(group=GROUP, target=dst.address)
-                assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+                assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
             with client.SidecarClient(dst.address, credentials=eng, timeout=30) as e:
                 header = pb.MoveHeader(group=GROUP, uid="x", world_size=2, layout=move_kit.LAYOUT,
                                        protection=move_kit.PROTECTION, pool_checksums=[0, 0])
                 with pytest.raises(grpc.RpcError) as denied:
                     e.receive_group(iter([pb.MovePiece(header=header)]))
-                assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+                assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
             assert d.get_stats().moves_in_progress == 0
 
             reply = s.move_group(group=GROUP, target=dst.address, target_server_name="localhost")

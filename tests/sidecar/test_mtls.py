@@ -132,8 +132,9 @@ def test_mutual_tls_on_tcp_beside_a_plain_unix_socket(short_tmp: pathlib.Path, s
             key=str(short_tmp / "tenant.key"),
         )
         with client.SidecarClient(address, credentials=tenant, timeout=5) as t:
+            prot = kv.protection("xor", 1)
             for r in range(2):
-                t.attach(group="t", rank=r, world_size=2, layout=kv.LAYOUT, protection=kv.protection("xor", 1))
+                t.attach(group="t", rank=r, world_size=2, layout=kv.LAYOUT, protection=prot)
             for call in (
                 lambda: t.mark_lost(group="t", ranks=[0], reason="x"),
                 lambda: t.delete_group(group="t"),

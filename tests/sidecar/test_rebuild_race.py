@@ -10,6 +10,7 @@ with chunks that were never rebuilt (the deterministic test below failed: needs_
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import secrets
 import shutil
@@ -97,10 +98,8 @@ class RebuildRace(RuleBasedStateMachine):
             planes(self.pool(g, r))[:, slots, :] = data
             planes(self.ref[g][r])[:, slots, :] = data
         for r in range(N):
-            try:
+            with contextlib.suppress(errors.ResourceExhausted):  # recorded, unprotected
                 self.c.commit_chunk(g, r, rid, index, slots=slots, token_ids=np.zeros(0, np.int64))
-            except errors.ResourceExhausted:
-                pass  # recorded, unprotected
 
     @rule(g=st.sampled_from(GROUPS), ranks=st.sets(st.integers(0, N - 1), min_size=1, max_size=2))
     def mark_lost(self, g: str, ranks: set[int]) -> None:
@@ -223,3 +222,18 @@ def test_mark_lost_during_a_rebuild_never_marks_the_rank_valid(cust: custodian.C
     report = recovery.rebuild(c, "g", [1], request_ids=[], first_chunk={})
     assert sorted(report.requests[0].rebuilt) == [0, 1, 2, 3]
     assert c.groups["g"].ranks[1].valid
+
+
+@pytest.mark.slow
+def test_rebuild_race_long_run() -> None:
+    from hypothesis.stateful import run_state_machine_as_test
+
+    run_state_machine_as_test(
+        RebuildRace,
+        settings=settings(
+            max_examples=200,
+            stateful_step_count=50,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+        ),
+    )

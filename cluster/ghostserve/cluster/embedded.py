@@ -16,6 +16,7 @@ import functools
 import logging
 import pathlib
 import random
+import signal
 import sys
 import threading
 import time
@@ -43,6 +44,9 @@ class Options:
     # clusters on one machine do not collide.
     ip_prefix: str | None = None
     operator: bool = True
+    # A GPU-less control-plane node (tainted NoSchedule) where the gateways the scenarios start run, so
+    # a GPU node's death does not take the client's gateway with it.
+    control_plane: bool = True
     operator_args: tuple[str, ...] = ()
     images: containers.ImageTable = dataclasses.field(default_factory=containers.ImageTable)
 
@@ -113,6 +117,19 @@ class Cluster:
             await self.api.create(apiserver.resource(chart.CRDS), crd)
         self.scheduler = scheduler.Scheduler(self.api)
         self._tasks.append(asyncio.create_task(self.scheduler.run()))
+        specs = []
+        if self.options.control_plane:
+            specs.append(
+                node_mod.NodeSpec(
+                    name="control-plane",
+                    ip=f"{self.prefix}.10.250",
+                    gpus=0,
+                    root=self.workdir / "nodes" / "control-plane",
+                    shm_prefix=f"{self.shm_prefix}cp-",
+                    sidecar_port=SIDECAR_PORT,
+                    control_plane=True,
+                )
+            )
         for i in range(self.options.nodes):
             spec = node_mod.NodeSpec(
                 name=f"node-{i}",
@@ -122,6 +139,8 @@ class Cluster:
                 shm_prefix=f"{self.shm_prefix}n{i}-",
                 sidecar_port=SIDECAR_PORT,
             )
+            specs.append(spec)
+        for spec in specs:
             self.nodes[spec.name] = node_mod.Node(
                 spec,
                 api=self.api,
@@ -260,6 +279,19 @@ class Cluster:
 
     def gpu_uuids(self, node: str) -> builtins.list[str]:
         return [g.uuid for g in self.nodes[node].plugin.gpus]
+
+    def kill_pod(self, pod_name: str) -> None:
+        """SIGKILL a running pod's whole process tree (a crash: the node agent reports the exit)."""
+
+        async def kill() -> None:
+            for n in self.nodes.values():
+                for run in n.kubelet.runs.values():
+                    if run.pod["metadata"]["name"] == pod_name and run.process and run.process.running:
+                        run.process.signal_tree(signal.SIGKILL)
+                        return
+            raise LookupError(f"no running pod {pod_name}")
+
+        self.call(kill)
 
     def kill_sidecar(self, node: str) -> int:
         """SIGKILL the node's sidecar; returns how many times it had been started."""

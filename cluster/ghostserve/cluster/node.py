@@ -36,6 +36,11 @@ class NodeSpec:
     root: pathlib.Path
     shm_prefix: str
     sidecar_port: int
+    control_plane: bool = False  # no GPUs, no sidecar, tainted like kubeadm's control-plane node
+
+    @property
+    def gpu_node(self) -> bool:
+        return self.gpus > 0
 
     @property
     def sidecar_address(self) -> str:
@@ -86,14 +91,16 @@ class Node:
         s = self.spec
         for d in (SOCKET_DIR, SHM_DIR):
             (s.root / d).mkdir(parents=True, exist_ok=True)
-        fakegpu.write_inventory(s.fake_gpu_dir, [g.uuid for g in self.plugin.gpus])
-        await self.start_sidecar()
+        if s.gpu_node:  # the sidecar DaemonSet runs on GPU nodes only
+            fakegpu.write_inventory(s.fake_gpu_dir, [g.uuid for g in self.plugin.gpus])
+            await self.start_sidecar()
         await self.api.create(api_mod.NODES, self.node_object())
-        self.tasks = [
-            asyncio.create_task(self.plugin.watch(s.sidecar_address, stopping=self.stopping)),
-            asyncio.create_task(self.kubelet.run()),
-            asyncio.create_task(self._supervise()),
-        ]
+        self.tasks = [asyncio.create_task(self.kubelet.run())]
+        if s.gpu_node:
+            self.tasks.append(
+                asyncio.create_task(self.plugin.watch(s.sidecar_address, stopping=self.stopping))
+            )
+            self.tasks.append(asyncio.create_task(self._supervise()))
 
     def _sidecar_argv(self) -> list[str]:
         s = self.spec
@@ -150,20 +157,22 @@ class Node:
     def node_object(self) -> dict[str, Any]:
         s = self.spec
         gpus = str(s.gpus)
+        labels = {"kubernetes.io/hostname": s.name, "kubernetes.io/os": "linux"}
+        spec: dict[str, Any] = {}
+        if s.control_plane:
+            labels["node-role.kubernetes.io/control-plane"] = ""
+            spec["taints"] = [{"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"}]
+        if s.gpu_node:
+            labels |= {
+                "nvidia.com/gpu.present": "true",
+                "nvidia.com/gpu.count": gpus,
+                "nvidia.com/gpu.product": "GhostServe-Fake-GPU",
+            }
         return {
             "apiVersion": "v1",
             "kind": "Node",
-            "metadata": {
-                "name": s.name,
-                "labels": {
-                    "kubernetes.io/hostname": s.name,
-                    "kubernetes.io/os": "linux",
-                    "nvidia.com/gpu.present": "true",
-                    "nvidia.com/gpu.count": gpus,
-                    "nvidia.com/gpu.product": "GhostServe-Fake-GPU",
-                },
-            },
-            "spec": {},
+            "metadata": {"name": s.name, "labels": labels},
+            "spec": spec,
             "status": {
                 "capacity": {"nvidia.com/gpu": gpus, "pods": "110"},
                 "allocatable": {"nvidia.com/gpu": str(self.plugin.healthy), "pods": "110"},

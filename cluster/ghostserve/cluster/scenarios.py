@@ -171,6 +171,25 @@ def gateway(cluster: embedded.Cluster, name: str, *, timeout_s: float = 120.0) -
                 },
                 "spec": {
                     "restartPolicy": "Always",
+                    # On the control-plane node (when the cluster has one): it outlives any GPU node.
+                    "tolerations": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"}],
+                    "affinity": {
+                        "nodeAffinity": {
+                            "preferredDuringSchedulingIgnoredDuringExecution": [
+                                {
+                                    "weight": 100,
+                                    "preference": {
+                                        "matchExpressions": [
+                                            {
+                                                "key": "node-role.kubernetes.io/control-plane",
+                                                "operator": "Exists",
+                                            }
+                                        ]
+                                    },
+                                }
+                            ]
+                        }
+                    },
                     "containers": [
                         {
                             "name": "gateway",

@@ -55,10 +55,10 @@ def rows(outcome: scenarios.Outcome, name: str) -> list[Row]:
             elif uid in created and uid not in ready_seen and _ready(w.obj):
                 ready_seen.add(uid)
                 out.append(Row(dt, f"replacement pod Ready on {w.obj['spec'].get('nodeName')}", "pod"))
-    resumed = [s.first_after(t0) for s in outcome.streams]
-    if all(r is not None for r in resumed):
-        first = min(r for r in resumed if r is not None)
-        out.append(Row(first - t0, "first token after the fault (requests resumed)", "client"))
+    outages = [o for o in (s.outage(t0) for s in outcome.streams) if o is not None]
+    if outages:
+        out.append(Row(max(o[0] for o in outages) - t0, "last token from the failed engine", "client"))
+        out.append(Row(min(o[1] for o in outages) - t0, "first token after the outage (resumed)", "client"))
     ends = [s.times[-1] for s in outcome.streams if s.times]
     if ends:
         out.append(Row(max(ends) - t0, "every request finished", "client"))
@@ -66,5 +66,8 @@ def rows(outcome: scenarios.Outcome, name: str) -> list[Row]:
 
 
 def first_token_after(streams: Sequence[traffic.Stream], t0: float) -> float | None:
-    resumed = [s.first_after(t0) for s in streams]
-    return min(r for r in resumed if r is not None) - t0 if all(r is not None for r in resumed) else None
+    """Seconds from the fault to the first token after the outage (None when a stream saw none)."""
+    outages = [s.outage(t0) for s in streams]
+    if not outages or any(o is None for o in outages):
+        return None
+    return min(o[1] for o in outages if o is not None) - t0

@@ -37,6 +37,17 @@ class Stream:
         before = [x for x in self.times if x <= t]
         return before[-1] if before else None
 
+    def outage(self, t: float) -> tuple[float, float] | None:
+        """(last token from the failing engine, first token after the outage) for a fault at `t`: the
+        longest pause between tokens from `t` on (tokens already in flight still arrive after `t`)."""
+        after = [x for x in self.times if x > t]
+        if not after:
+            return None
+        marks = [t, *after]
+        gaps = [(marks[i + 1] - marks[i], i) for i in range(len(marks) - 1)]
+        _, i = max(gaps)
+        return marks[i], marks[i + 1]
+
 
 def make_streams(
     count: int, *, prompt_tokens: int, new_tokens: int, vocab: int, seed: int, tag: str

@@ -227,6 +227,8 @@ class SidecarSession:
                 max_new_tokens=max_new_tokens,
             )
         except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                return False  # the sidecar's budget is full: the request is not resumable, serving goes on
             if _transient(exc):
                 self._fresh_channel(exc)
                 return False

@@ -21,6 +21,7 @@ from ghostserve.gateway import backends as backends_mod
 from ghostserve.gateway import discovery, relay, render, upstream
 from ghostserve.gateway import progress as progress_mod
 from ghostserve.gateway import requests as req_mod
+from ghostserve.wire import logs
 
 log = logging.getLogger("ghostserve.gateway")
 
@@ -162,7 +163,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup()  # JSON lines on stderr, level from GHOSTSERVE_LOG_LEVEL (docs/design.md §10)
     if args.selector:
         lister = discovery.KubeLister(
             namespace=args.namespace, selector=args.selector, port=args.backend_port

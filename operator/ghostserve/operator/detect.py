@@ -1,19 +1,39 @@
 """Fault detection: classify every replica not already recovering and start a recovery per faulty
-replica (each placed by its own faults), within the hourly budget and the backoff."""
+replica (each placed by its own faults), within the hourly budget and the backoff.
+
+A GPU that fails usually kills the engine too, and the pod's termination and the sidecar's Xid event
+arrive in either order. So a replica showing only a process fault waits SETTLE_SECONDS for a GPU
+event before its recovery starts, and a GPU fault arriving while a recovery of that replica has not
+yet created the replacement joins it (its rank is marked lost and rebuilt) instead of waiting for a
+second recovery that would wipe the new engine's pool.
+"""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import kopf
-from ghostserve.operator import crashpoints, faults, metrics, remediation, status
+from ghostserve.operator import crashpoints, faults, metrics, record, remediation, status
 from ghostserve.operator.pods import uid_of
 from ghostserve.operator.stamps import now, now_iso, parse_iso
 
 if TYPE_CHECKING:
     from ghostserve.operator.reconcile import Reconciler
+
+SETTLE_SECONDS = 1.0
+# Steps before the replacement pod exists: a device fault found then joins the recovery.
+_JOINABLE = {
+    record.DETECTED,
+    record.MARKED_LOST,
+    record.POD_DELETED,
+    record.REBUILT,
+    record.PLACED,
+    record.KV_READY,
+    record.REPLAN,
+}
 
 
 async def detect(loop: Reconciler, spec: Mapping[str, Any], pods: Mapping[int, Any]) -> float | None:
@@ -21,7 +41,10 @@ async def detect(loop: Reconciler, spec: Mapping[str, Any], pods: Mapping[int, A
     rec_spec, delays = spec["recovery"], []
     found_any = False
     for replica, pod in sorted(pods.items()):
-        if replica in loop.in_flight or replica >= int(spec["engine"]["replicas"]):
+        if replica in loop.in_flight:
+            await _join(loop, loop.in_flight[replica])
+            continue
+        if replica >= int(spec["engine"]["replicas"]):
             continue
         node = (pod.get("spec") or {}).get("nodeName")
         found = faults.replica_faults(
@@ -38,6 +61,12 @@ async def detect(loop: Reconciler, spec: Mapping[str, Any], pods: Mapping[int, A
         if not found:
             continue
         found_any = True
+        if all(f.kind == faults.PROCESS for _, f in found):
+            seen = loop.first_seen.setdefault(uid_of(pod) or "", time.monotonic())
+            left = SETTLE_SECONDS - (time.monotonic() - seen)
+            if left > 0:
+                delays.append(left)
+                continue
         worst = faults.worst(f for _, f in found)
         assert worst is not None and node is not None
         at = now()
@@ -97,13 +126,48 @@ async def detect(loop: Reconciler, spec: Mapping[str, Any], pods: Mapping[int, A
     return min(delays) if delays else None
 
 
+async def _join(loop: Reconciler, rec: record.Recovery) -> None:
+    """Add device faults of the replica's GPUs found while its recovery has not created the replacement."""
+    if rec.step not in _JOINABLE or not rec.source_alive or rec.reset:
+        return
+    group = loop.group_id(rec.replica)
+    uuid_ranks = loop.uuid_ranks(rec.replica, rec.source)
+    new = []
+    for fault in loop.rt.view.gpu_faults(rec.source):
+        rank = faults.attribute(fault, group=group, uuid_ranks=uuid_ranks)
+        if rank is not None and rank not in rec.lost_ranks and fault.kind == faults.DEVICE:
+            new.append((rank, fault))
+    if not new:
+        return
+    for rank, fault in new:
+        rec.faults.append(record.RankFault(rank, fault.kind, fault.reason, fault.gpu or ""))
+        loop.rt.view.clear_gpu(rec.source, fault.gpu)
+    rec.lost_ranks = sorted({*rec.lost_ranks, *(r for r, _ in new)})
+    if rec.kind == faults.PROCESS:
+        rec.kind, rec.reason, rec.message = faults.DEVICE, new[0][1].reason, new[0][1].message[:500]
+    # Start over from the top: every step is idempotent, and MarkLost + Rebuild now cover the new ranks.
+    # The target is chosen again (a process recovery had pinned the old node without checking GPUs).
+    rec.action, rec.step, rec.attempts = record.RESCHEDULE, record.DETECTED, 0
+    if rec.target and rec.target != rec.source:
+        rec.stale_copies = sorted({*rec.stale_copies, rec.target})
+    rec.target = ""
+    kopf.warn(
+        loop.body,
+        reason="FaultDevice",
+        message=f"replica {rec.replica} on {rec.source}: "
+        + ", ".join(f"rank {r}: {f.reason} ({f.gpu})" for r, f in new)
+        + f" joins recovery {rec.id}; ranks {rec.lost_ranks} lost",
+    )
+    await loop.save(rec)
+
+
 async def _expected(loop: Reconciler, spec: Mapping[str, Any], rec: Any) -> None:
     """What the source sidecar held before anything is changed: the bytes a rebuild or move must bring
     back (a recovery that brings back none of them is Degraded, not Succeeded)."""
     try:
         figures = await loop.rt.sidecars.describe(loop.address(rec.source, spec), loop.group_id(rec.replica))
     except Exception as exc:  # unreachable: fall back on the last figures of that node
-        loop.log.debug(f"DescribeGroup before recovery: {exc}")
+        loop.log.debug("describe-group-failed", extra={"when": "before-recovery", "error": str(exc)})
         asked, figures = loop.figures.get(rec.replica, ("", None))
         if asked != rec.source:
             figures = None

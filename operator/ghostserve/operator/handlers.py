@@ -86,6 +86,9 @@ def failure_reason(exc: BaseException) -> str:
 async def start(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     config: runtime.Config = memo.get("config") or runtime.Config()
     settings.persistence.finalizer = "ghostserve.io/finalizer"
+    # No CRD or namespace scanning: the CRD is installed before the operator (Helm's crds/) and the
+    # namespaces are exact names, so kopf needs no cluster-wide list/watch of CRDs or namespaces (RBAC).
+    settings.scanning.disabled = True
     settings.posting.level = logging.WARNING  # handler logs; our own Events are posted explicitly
     settings.batching.batch_window = 0.02  # fault signals must not wait for a burst to settle
     api = await kube.connect()
@@ -93,6 +96,7 @@ async def start(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     rt = runtime.Runtime(config, kube.Kube(api, policy=memo.get("policy")), port)
     pod_nodes: dict[tuple[str, str], str] = {}
     rt.kube.node_gone = lambda namespace, name: _node_gone(rt, pod_nodes, namespace, name)
+    rt.kube.fence = memo.get("fence")  # leader election: no write once the Lease may be lost
     in_flight: dict[Any, bool] = {}
     # The gauge is the number of deployments with a recorded recovery, not a count of starts minus ends
     # (which a restart in the middle of a recovery leaves at 1 or -1 for good).
@@ -136,7 +140,7 @@ async def reconcile_spec(
         await rt.kube.create_service(namespace, service)
     except kube.NotOwned as exc:
         await report(rt, body, "NotOwned", exc.message)
-        raise kopf.TemporaryError(exc.message, delay=60.0) from exc
+        raise kopf.TemporaryError(exc.message, delay=15.0) from exc
     rt.wake((namespace, name))
 
 
@@ -157,8 +161,14 @@ async def control_loop(
         except Exception as exc:  # API errors, rejected pods, sidecar errors: report, back off; never die
             wait = retry.fail()
             reason, message = failure_reason(exc), str(exc)
-            logger.warning(f"reconcile failed ({reason}), retrying in {wait:.1f}s: {exc!r}")
-            if (reason, message) != reported:  # one Event per distinct failure, not one per retry
+            # kopf posts this object logger's warnings as Kubernetes Events: a readable sentence there,
+            # the same fields structured in `extra` for the JSON log.
+            logger.warning(
+                f"reconcile failed ({reason}), retrying in {wait:.1f}s: {exc!r}",
+                extra={"reason": reason, "retry_s": round(wait, 1), "error": repr(exc)},
+            )
+            fenced = rt.kube.fence is not None and not rt.kube.fence()  # not the leader: say nothing
+            if (reason, message) != reported and not fenced:  # one Event per distinct failure, not per retry
                 await report(rt, body, reason, message)
                 reported = (reason, message)
             delay = wait
@@ -208,7 +218,7 @@ async def release(
             except Exception as exc:
                 raise kopf.TemporaryError(f"DeleteGroup on {node}: {exc}", delay=2.0) from exc
     rt.forget(key)
-    logger.info(f"released {len(nodes)} groups")
+    logger.info("groups-released", extra={"groups": len(nodes)})
 
 
 @kopf.on.event("pods", labels=RANK_PODS)

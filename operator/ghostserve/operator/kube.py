@@ -108,6 +108,10 @@ class Kube:
         # (namespace, pod) -> True when the pod's node is confirmed gone (or it never had one): only then
         # is a pod deleted without a grace period. Wired by the handlers to the cluster view.
         self.node_gone = node_gone or (lambda _namespace, _name: False)
+        # With leader election: False once this process may no longer be the leader (its last renewal
+        # is older than the renew deadline, e.g. after a pause). Every write is refused from then on,
+        # closing the gap between losing the Lease and the process exiting.
+        self.fence: Callable[[], bool] | None = None
 
     async def close(self) -> None:
         await self._api.close()
@@ -122,6 +126,8 @@ class Kube:
         ok: frozenset[int] = frozenset(),
     ) -> dict[str, Any] | None:
         """JSON of the response, or None when the status is in `ok` (e.g. 404 on delete)."""
+        if method != "GET" and self.fence is not None and not self.fence():
+            raise KubeError(503, f"{method} {path} refused: this operator no longer holds the leader lease")
         try:
             response = await self._api.call_api(
                 path,

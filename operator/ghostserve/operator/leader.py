@@ -91,6 +91,10 @@ class Elector:
         patched = await self.api.replace_lease_spec(self.s.namespace, self.s.name, rv, new)
         return self._won(patched, now)
 
+    def is_current(self) -> bool:
+        """This candidate renewed within the deadline (so no one else can have taken the Lease yet)."""
+        return self._rv is not None and self.clock() - self._last_renew < self.s.deadline
+
     def _won(self, lease: dict[str, Any] | None, now: float) -> bool:
         if lease is None:
             return False
@@ -103,10 +107,10 @@ class Elector:
         while True:
             try:
                 if await self.try_acquire_or_renew():
-                    log.info("leader election: %s now holds lease %s", self.s.identity, self.s.name)
+                    log.info("leader-elected", extra={"identity": self.s.identity, "lease": self.s.name})
                     return
             except kube.KubeError as exc:
-                log.warning("leader election: %s", exc)
+                log.warning("leader-election-failed", extra={"error": str(exc)})
             await asyncio.sleep(self.s.retry * random.uniform(1.0, 1.2))
 
     async def hold(self) -> None:
@@ -116,12 +120,12 @@ class Elector:
             try:
                 if await self.try_acquire_or_renew():
                     continue
-                log.error("leader election: lease %s was taken over", self.s.name)
+                log.error("lease-taken-over", extra={"lease": self.s.name})
                 return
             except Exception as exc:  # API unreachable: keep trying until the deadline
-                log.warning("leader election: renew failed: %s", exc)
+                log.warning("lease-renew-failed", extra={"error": str(exc)})
             if self.clock() - self._last_renew >= self.s.deadline:
-                log.error("leader election: could not renew lease %s for %.0fs", self.s.name, self.s.deadline)
+                log.error("lease-lost", extra={"lease": self.s.name, "deadline_s": self.s.deadline})
                 return
 
     async def release(self) -> None:
@@ -132,4 +136,4 @@ class Elector:
         try:
             await self.api.replace_lease_spec(self.s.namespace, self.s.name, self._rv, spec)
         except kube.KubeError as exc:
-            log.warning("leader election: release failed: %s", exc)
+            log.warning("lease-release-failed", extra={"error": str(exc)})

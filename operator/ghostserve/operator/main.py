@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import kopf
 import prometheus_client
 from ghostserve.operator import faults, kube, leader, podpolicy, runtime, sidecars, specs
+from ghostserve.wire import logs
 
 log = logging.getLogger("ghostserve.operator")
 
@@ -133,12 +134,13 @@ class Campaign:
         self.done = threading.Event()
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._elector: leader.Elector | None = None
         self.thread = threading.Thread(target=asyncio.run, args=(self._run(),), name="leader", daemon=True)
 
     async def _run(self) -> None:
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
         api = kube.Kube(await kube.connect())
-        elector = leader.Elector(api, self.settings)
+        elector = self._elector = leader.Elector(api, self.settings)
         try:
             await elector.acquire()
             self.won.set()
@@ -147,7 +149,7 @@ class Campaign:
             await asyncio.wait({holding, stopping}, return_when=asyncio.FIRST_COMPLETED)
             if holding.done():
                 # Another replica may act from now on: stop at once rather than after a graceful shutdown.
-                log.critical("lost the leader lease; exiting so that only the new leader acts")
+                log.critical("leader-lease-lost", extra={"action": "exit: only the new leader acts"})
                 logging.shutdown()
                 os._exit(1)
             holding.cancel()
@@ -155,6 +157,10 @@ class Campaign:
         finally:
             await api.close()
             self.done.set()
+
+    def is_current(self) -> bool:
+        """For kube.Kube.fence: writes are allowed only while the Lease is freshly renewed."""
+        return self._elector is not None and self._elector.is_current()
 
     def stop(self) -> None:
         if self._loop is not None and self._stop is not None:
@@ -171,6 +177,8 @@ def main(argv: Sequence[str], *, stop_flag: threading.Event | None = None) -> in
         verbose=args.verbose,
         log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN,
     )
+    if args.log_format == "json":  # the one GhostServe log format (docs/design.md §10), kopf's records too
+        logs.setup("DEBUG" if args.verbose else "INFO")
     logging.getLogger("ghostserve").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if args.metrics_port:
         prometheus_client.start_http_server(args.metrics_port)
@@ -187,7 +195,7 @@ def main(argv: Sequence[str], *, stop_flag: threading.Event | None = None) -> in
                 retry=args.leader_retry_seconds,
             )
         )
-        log.info("leader election: %s waits for lease %s", identity, args.leader_lease_name)
+        log.info("leader-election-waiting", extra={"identity": identity, "lease": args.leader_lease_name})
         campaign.thread.start()
         while not campaign.won.wait(timeout=0.5):  # a follower stays up (and restartable) until it wins
             if stop_flag is not None and stop_flag.is_set():
@@ -201,7 +209,11 @@ def main(argv: Sequence[str], *, stop_flag: threading.Event | None = None) -> in
             # kopf's peering, which only pauses a lower-priority operator once it has noticed it.
             standalone=True,
             liveness_endpoint=args.liveness,
-            memo=kopf.Memo(config=config_from(args), policy=policy_from(args)),
+            memo=kopf.Memo(
+                config=config_from(args),
+                policy=policy_from(args),
+                fence=campaign.is_current if campaign is not None else None,
+            ),
             stop_flag=stop_flag,
         )
     finally:

@@ -97,8 +97,9 @@ def choose(
     """The node for a replacement needing `tensorParallel` GPUs.
 
     `source` (the node holding the replica's KV) wins when it can still run it: nothing has to move.
-    Otherwise the fullest node that still fits (keeps whole nodes free for large replicas), by name
-    on ties. `bad_gpus`: GPUs per node known bad that allocatable may not show yet."""
+    Otherwise the node with the most healthy free GPUs (the scheduler's own least-allocated rule; it
+    leaves room on nodes that may still need it for their own swaps), by name on ties. `bad_gpus`:
+    GPUs per node known bad that allocatable may not show yet."""
     need = int(spec["engine"]["tensorParallel"])
     skip, bad = set(avoid), bad_gpus or {}
 
@@ -117,11 +118,11 @@ def choose(
             continue
         blocked = can_run(nodes[name], spec)
         if blocked is None and free(name) >= need:
-            fits.append((free(name), name))
+            fits.append((-free(name), name))
         elif blocked is not None:
             why.append(blocked)
     if fits:
-        _, best = min(fits)
+        _, best = min(fits)  # most free first, then by name
         return Placement(best, False, f"{best} has {free(best)} healthy free GPUs")
     detail = "; ".join(why[:4])
     return Placement(

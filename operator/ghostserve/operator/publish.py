@@ -30,7 +30,7 @@ async def refresh_figures(loop: Reconciler, spec: Mapping[str, Any], pods: Mappi
         try:
             found = await loop.rt.sidecars.describe(loop.address(node, spec), loop.group_id(replica))
         except Exception as exc:  # figures are informative; a down sidecar must not stop the loop
-            loop.log.debug(f"DescribeGroup on {node}: {exc}")
+            loop.log.debug("describe-group-failed", extra={"node": node, "error": str(exc)})
             loop.figures[replica] = (node, None)
             continue
         # NOT_FOUND: the engine has not attached yet, the replica holds nothing (known: 0 chunks).

@@ -58,6 +58,7 @@ class Reconciler:
         self.figures_at = 0.0
         self.kubelet_seen: dict[str, int] = {}  # pod UID -> container restarts already accounted for
         self.warned: set[str] = set()  # one Event per distinct problem, not one per pass
+        self.first_seen: dict[str, float] = {}  # pod UID -> when a process-only fault was first seen
         self.tries: dict[str, int] = {}  # failed attempts of best-effort sidecar calls outside recoveries
 
     # ---- entry point -------------------------------------------------------------------------

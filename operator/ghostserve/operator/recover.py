@@ -100,7 +100,7 @@ async def advance(loop: Reconciler, rec: Recovery, spec: Mapping[str, Any]) -> f
             return await finish(loop, rec, spec)
         rec.step, rec.attempts = step, 0
         await loop.save(rec)
-        loop.log.info(f"recovery {rec.id} of replica {rec.replica}: {step}")
+        loop.log.info("recovery-step", extra={"recovery": rec.id, "replica": rec.replica, "step": step})
 
 
 def _pod_name(loop: Reconciler, rec: Recovery) -> str:
@@ -134,6 +134,11 @@ async def _sidecar(loop: Reconciler, rec: Recovery, what: str, call: Awaitable[A
 async def _place(loop: Reconciler, rec: Recovery, spec: Mapping[str, Any]) -> bool:
     """Choose the replacement's node; False (with an Event and the reason recorded) when none fits."""
     used = placement.gpus_in_use(loop.rt.view.all_pods(), ignore_uids=[rec.old_uid])
+    # Other replicas recovering whose KV sits on a live node keep that node's GPUs for their own swap.
+    need = int(spec["engine"]["tensorParallel"])
+    for other in loop.in_flight.values():
+        if other.replica != rec.replica and other.source_alive and not other.target:
+            used[other.source] = used.get(other.source, 0) + need
     chosen = placement.choose(
         loop.rt.view.nodes(),
         used,

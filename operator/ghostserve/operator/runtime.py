@@ -67,7 +67,7 @@ class Runtime:
                     fault = faults.classify_health(event, fallback_node=node)
                     if fault is not None and fault.group is None:
                         # Kept: DescribeGroup's device UUIDs may still attribute it; never a guess.
-                        log.warning("GPU fault not attributed to a rank by the sidecar: %s", fault.message)
+                        log.warning("gpu-fault-unattributed", extra={"fault": fault.message})
                     if fault is not None:
                         on_fault(fault)
                     elif event.get("kind") == "HEALTHY":
@@ -75,7 +75,7 @@ class Runtime:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the sidecar restarts or is not up yet: reconnect with backoff
-                log.debug("health stream %s: %s", address, exc)
+                log.debug("health-stream-failed", extra={"address": address, "error": str(exc)})
             await asyncio.sleep(delay)  # reconnect backoff (nothing to wait on: the sidecar is away)
             delay = min(delay * 2, 30.0)
 

@@ -40,7 +40,7 @@ async def delete_group(loop: Reconciler, spec: Mapping[str, Any], replica: int, 
         message = f"DeleteGroup {loop.group_id(replica)} on {node}: {exc}"
         kopf.warn(loop.body, reason="SidecarError", message=message)
         return tries >= SIDECAR_ATTEMPTS
-    loop.log.info(f"deleted group {loop.group_id(replica)} on {node}: {why}")
+    loop.log.info("group-deleted", extra={"group": loop.group_id(replica), "node": node, "why": why})
     return True
 
 
@@ -137,7 +137,7 @@ async def roll(loop: Reconciler, spec: Mapping[str, Any], pods: Mapping[int, Any
     for replica in range(replicas):
         pod = pods[replica]
         if (pod["metadata"].get("annotations") or {}).get(specs.SPEC_HASH_ANNOTATION) != current:
-            loop.log.info(f"Rolling replica {replica} to spec {current}")
+            loop.log.info("replica-rolling", extra={"replica": replica, "spec_hash": current})
             await _delete(loop, pod)
             return
 

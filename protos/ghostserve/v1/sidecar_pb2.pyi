@@ -609,7 +609,7 @@ class MoveGroupReply(_message.Message):
     def __init__(self, bytes_moved: _Optional[int] = ..., ranks_moved: _Optional[int] = ..., requests_moved: _Optional[int] = ..., resumed_from_bytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class MoveHeader(_message.Message):
-    __slots__ = ("group", "uid", "world_size", "layout", "protection", "parity_budget_bytes", "pool_checksums", "source_node")
+    __slots__ = ("group", "uid", "world_size", "layout", "protection", "parity_budget_bytes", "pool_checksums", "source_node", "creator")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     UID_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -618,6 +618,7 @@ class MoveHeader(_message.Message):
     PARITY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     POOL_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_NODE_FIELD_NUMBER: _ClassVar[int]
+    CREATOR_FIELD_NUMBER: _ClassVar[int]
     group: str
     uid: str
     world_size: int
@@ -626,7 +627,8 @@ class MoveHeader(_message.Message):
     parity_budget_bytes: int
     pool_checksums: _containers.RepeatedScalarFieldContainer[int]
     source_node: str
-    def __init__(self, group: _Optional[str] = ..., uid: _Optional[str] = ..., world_size: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., protection: _Optional[_Union[Protection, _Mapping]] = ..., parity_budget_bytes: _Optional[int] = ..., pool_checksums: _Optional[_Iterable[int]] = ..., source_node: _Optional[str] = ...) -> None: ...
+    creator: str
+    def __init__(self, group: _Optional[str] = ..., uid: _Optional[str] = ..., world_size: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., protection: _Optional[_Union[Protection, _Mapping]] = ..., parity_budget_bytes: _Optional[int] = ..., pool_checksums: _Optional[_Iterable[int]] = ..., source_node: _Optional[str] = ..., creator: _Optional[str] = ...) -> None: ...
 
 class MovePiece(_message.Message):
     __slots__ = ("header", "offset", "data", "checksum", "ledger", "ledger_checksum", "commit")

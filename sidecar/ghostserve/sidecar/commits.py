@@ -7,7 +7,6 @@ is taken, so a client cannot grow the sidecar past its budget with commits or Re
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -91,12 +90,20 @@ def protect(c: Custodian, g: group.Group, request_id: str, chunk: ledger.Chunk) 
         return c.unprotect(chunk, ledger.Failure.NOT_PROTECTED, "pool-invalid")
     with c.lock:
         if g.budget_bytes:
-            held = c.store.held_where(lambda o: isinstance(o, tuple) and o[0] == g.name)
-            if held + g.parity_nbytes > g.budget_bytes:
-                c.unprotect(chunk, ledger.Failure.NOT_PROTECTED, "group-budget-full")
-                raise errors.ResourceExhausted(
-                    f"group {g.name!r} holds {held} B of parity, its budget is {g.budget_bytes} B"
-                )
+
+            def mine(o: object) -> bool:
+                return isinstance(o, tuple) and o[0] == g.name
+
+            # Over its own budget a group gives up its own least valuable requests' parity first (the
+            # global policy, within the group); the chunk's own request is never its own victim.
+            while (held := c.store.held_where(mine)) + g.parity_nbytes > g.budget_bytes:
+                if not c.store.evict_least_valuable(
+                    mine, exclude=g.owner(request_id), tokens_of=c.tokens_of, on_evict=c.on_evict
+                ):
+                    c.unprotect(chunk, ledger.Failure.NOT_PROTECTED, "group-budget-full")
+                    raise errors.ResourceExhausted(
+                        f"group {g.name!r} holds {held} B of parity, its budget is {g.budget_bytes} B"
+                    )
         try:
             item = c.store.reserve(
                 g.owner(request_id),
@@ -197,4 +204,4 @@ def compact_journal(c: Custodian, g: group.Group) -> None:
         for ch in sorted(req.complete_chunks(), key=lambda ch: ch.index)
     ]
     c.journal.rewrite(g.name, records)
-    log.info(json.dumps({"event": "journal-compacted", "group": g.name, "records": len(records)}))
+    log.info("journal-compacted", extra={"group": g.name, "records": len(records)})

@@ -60,7 +60,9 @@ def int_array(values: Sequence[int], *, what: str, limit: int) -> npt.NDArray[np
     """`values` (a repeated proto field) as int64, its length checked before anything is converted."""
     if len(values) > limit:
         raise errors.InvalidArgument(f"{what}: {len(values)} values, at most {limit} allowed")
-    return np.asarray(values, dtype=np.int64)
+    # fromiter with a count fills the array in place: np.asarray would build a list of Python ints
+    # first (~40 bytes per value, x5 the array).
+    return np.fromiter(values, dtype=np.int64, count=len(values))
 
 
 def describe(g: group.Group) -> pb.GroupDescription:

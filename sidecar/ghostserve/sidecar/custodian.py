@@ -13,7 +13,6 @@ inside it, never the other way round, and holds neither while it moves bulk byte
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import threading
 from collections.abc import Iterator
@@ -207,11 +206,7 @@ class Custodian:
             info = g.pool_info(rank)
             assert info is not None
             needs_rebuild = not rp.valid
-        log.info(
-            json.dumps(
-                {"event": "attach", "group": name, "rank": rank, "worker": worker_id, "created": created}
-            )
-        )
+        log.info("attach", extra={"group": name, "rank": rank, "worker": worker_id, "group_created": created})
         return AttachResult(info, created, needs_rebuild)
 
     def pool_bytes_held(self) -> int:
@@ -255,7 +250,7 @@ class Custodian:
                 self.journal.delete(name)
             self.save_state()
             self.sync_gauges()
-        log.info(json.dumps({"event": "group-deleted", "group": name}))
+        log.info("group-deleted", extra={"group": name})
 
     def mark_lost(self, name: str, ranks: list[int], *, reason: str) -> None:
         """Device fault: each rank gets a fresh zeroed pool (new segment, generation + 1), marked invalid
@@ -276,11 +271,7 @@ class Custodian:
                 rp.segment, rp.generation, rp.valid = new, rp.generation + 1, False
             g.ledger.drop_rank_commits(set(ranks))
             self.save_state()
-        log.warning(
-            json.dumps(
-                {"event": "ranks-lost", "group": name, "ranks": sorted(set(ranks)), "reason": reason[:200]}
-            )
-        )
+        log.warning("ranks-lost", extra={"group": name, "ranks": sorted(set(ranks)), "reason": reason[:200]})
 
     # ---- ledger (see `commits`) ------------------------------------------------------------------
 
@@ -364,7 +355,7 @@ class Custodian:
             if self.spill and g:
                 self.spill.delete_chunk(g.name, rid, idx)
         self.metrics.evictions.inc(len(keys))
-        log.info(json.dumps({"event": "parity-evicted", "group": name, "request": rid, "chunks": len(keys)}))
+        log.info("parity-evicted", extra={"group": name, "request": rid, "chunks": len(keys)})
 
     def sync_gauges(self) -> None:
         self.metrics.parity_bytes.set(self.store.held_bytes)

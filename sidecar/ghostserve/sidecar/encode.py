@@ -8,7 +8,6 @@ its job ended, so Flush never reports drained while a chunk is stuck.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -93,11 +92,7 @@ class EncodeJob:
                 # Disk full or gone: parity that does not survive a restart is what the operator asked
                 # us not to promise, so the chunk is unprotected (and its memory given back).
                 c.spill.delete_chunk(g.name, self.rid, chunk.index)
-                log.warning(
-                    json.dumps(
-                        {"event": "spill-failed", "group": g.name, "request": self.rid, "error": str(exc)}
-                    )
-                )
+                log.warning("spill-failed", extra={"group": g.name, "request": self.rid, "error": str(exc)})
                 self._give_up("spill-failed")
                 return
             spilled = True

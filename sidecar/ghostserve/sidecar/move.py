@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import re
 import time
@@ -23,7 +22,8 @@ import grpc
 import grpc.aio
 import numpy as np
 import numpy.typing as npt
-from ghostserve.sidecar import checksums, client, convert, custodian, errors
+from ghostserve.kernels import checksums
+from ghostserve.sidecar import client, convert, custodian, errors
 from ghostserve.v1 import sidecar_pb2 as pb
 from ghostserve.v1 import sidecar_pb2_grpc as pb_grpc
 
@@ -99,6 +99,7 @@ def snapshot(c: custodian.Custodian, name: str) -> Snapshot:
             protection=convert.protection_to(g.protection),
             parity_budget_bytes=g.budget_bytes,
             source_node=c.config.node,
+            creator=g.creator,
         )
     # Hashed outside the lock: the ranks are not running (the replica is being replaced), and a pool
     # that did change would fail the target's check, never be installed wrong.
@@ -213,16 +214,14 @@ class Mover:
         reply.seconds = time.perf_counter() - start_t
         self.bytes_sent += reply.bytes_moved
         log.info(
-            json.dumps(
-                {
-                    "event": "group-moved",
-                    "group": request.group,
-                    "target": request.target,
-                    "bytes": reply.bytes_moved,
-                    "resumed_from": reply.resumed_from_bytes,
-                    "seconds": round(reply.seconds, 3),
-                }
-            )
+            "group-moved",
+            extra={
+                "group": request.group,
+                "target": request.target,
+                "bytes": reply.bytes_moved,
+                "resumed_from": reply.resumed_from_bytes,
+                "seconds": round(reply.seconds, 3),
+            },
         )
         return reply
 

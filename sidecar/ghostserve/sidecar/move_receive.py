@@ -19,9 +19,9 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 import numpy.typing as npt
+from ghostserve.kernels import checksums
 from ghostserve.sidecar import (
     budget,
-    checksums,
     coding,
     commits,
     convert,
@@ -29,6 +29,7 @@ from ghostserve.sidecar import (
     errors,
     group,
     ledger,
+    persist,
     pools,
 )
 from ghostserve.v1 import sidecar_pb2 as pb
@@ -37,6 +38,7 @@ from google.protobuf import message as pb_message
 log = logging.getLogger("ghostserve.sidecar")
 
 STREAM_WAIT_S = 10.0
+STAGING_FILE = "moves-staging.json"  # in the state dir: segments of moves staged here
 
 
 @dataclasses.dataclass(eq=False)
@@ -77,6 +79,8 @@ def settings_of(header: pb.MoveHeader) -> group.Settings:
         )
     if not 1 <= len(header.uid) <= 64:
         raise errors.InvalidArgument("header.uid must be 1-64 characters")
+    if len(header.creator) > 256:
+        raise errors.InvalidArgument("header.creator longer than 256 characters")
     return settings
 
 
@@ -87,6 +91,36 @@ class Receiver:
         self.c = c
         self.staged: dict[str, Staging] = {}
         self.bytes_received = 0
+        self._record = c.config.state_dir / STAGING_FILE if c.config.state_dir else None
+        self._drop_leftovers()
+
+    def _drop_leftovers(self) -> None:
+        """Unlink the staging segments a killed predecessor left behind (a staged move does not
+        survive a restart: the source resends it from offset 0)."""
+        if self._record is None:
+            return
+        try:
+            raw = persist.read_own(self._record)
+        except FileNotFoundError:
+            return
+        try:
+            names = json.loads(raw or b"{}").get("segments", [])
+        except (ValueError, AttributeError):
+            names = []
+        prefix = self.c.config.shm_prefix
+        for name in names:
+            if isinstance(name, str) and name.startswith(prefix) and "/" not in name:
+                (pools.SHM_DIR / name).unlink(missing_ok=True)
+        self._record.unlink(missing_ok=True)
+
+    def _save(self) -> None:
+        """Record the staged segments' names (state dir only), so a restart can free them."""
+        if self._record is None:
+            return
+        names = [seg.name for st in self.staged.values() for seg in st.segments]
+        tmp = self._record.with_name(self._record.name + ".tmp")
+        tmp.write_text(json.dumps({"segments": names}))
+        tmp.replace(self._record)
 
     def check_attachable(self, name: str) -> None:
         """Raises Unavailable while a group of that id is being moved here."""
@@ -101,7 +135,8 @@ class Receiver:
         if st is None:
             return False
         st.unlink()
-        log.info(json.dumps({"event": "move-discarded", "group": name}))
+        self._save()
+        log.info("move-discarded", extra={"group": name})
         return True
 
     def close(self) -> None:
@@ -158,6 +193,7 @@ class Receiver:
                     s.unlink()
                 raise
             st = self.staged[header.group] = Staging(header, settings, segments)
+            self._save()
         return st
 
     def _write(self, st: Staging, piece: pb.MovePiece) -> None:
@@ -249,6 +285,7 @@ class Receiver:
             self.discard(name)
             raise
         self.staged.pop(name, None)
+        self._save()
 
     def _install(self, st: Staging, moved: pb.MovedLedger) -> None:
         """Build the group from the staged pools and the ledger, make it visible, queue its parity."""
@@ -257,7 +294,7 @@ class Receiver:
             codec = coding.make_codec(settings.protection, settings.world_size)
         except Exception as exc:
             raise errors.InvalidArgument(f"code settings rejected: {exc}") from exc
-        g = group.Group(h.group, settings, codec=codec, uid=h.uid)
+        g = group.Group(h.group, settings, codec=codec, uid=h.uid, creator=h.creator)
         g.budget_bytes = h.parity_budget_bytes
         for rp, seg in zip(g.ranks, st.segments, strict=True):
             rp.segment = seg
@@ -280,16 +317,14 @@ class Receiver:
                 with contextlib.suppress(errors.ResourceExhausted):
                     commits.protect(c, g, rid, chunk)
         log.info(
-            json.dumps(
-                {
-                    "event": "group-received",
-                    "group": h.group,
-                    "from": h.source_node,
-                    "bytes": st.total,
-                    "requests": len(moved.requests),
-                    "chunks": len(complete),
-                }
-            )
+            "group-received",
+            extra={
+                "group": h.group,
+                "from": h.source_node,
+                "bytes": st.total,
+                "requests": len(moved.requests),
+                "chunks": len(complete),
+            },
         )
 
 

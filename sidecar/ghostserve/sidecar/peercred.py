@@ -122,7 +122,7 @@ class UnixFront:
             await asyncio.gather(_pipe(reader, out), _pipe(inner_reader, writer))
         except (OSError, asyncio.CancelledError) as exc:
             if not isinstance(exc, asyncio.CancelledError):
-                log.warning('{"event": "relay-failed", "error": "%s"}', type(exc).__name__)
+                log.warning("relay-failed", extra={"error": type(exc).__name__})
         finally:
             for w in (out, writer):
                 if w is not None:

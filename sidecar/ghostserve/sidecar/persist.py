@@ -55,15 +55,14 @@ def read_own(path: pathlib.Path) -> bytes | None:
     except OSError as exc:
         if isinstance(exc, FileNotFoundError):
             raise
-        log.warning(json.dumps({"event": "untrusted-file", "path": str(path), "error": str(exc)}))
+        log.warning("untrusted-file", extra={"path": str(path), "error": str(exc)})
         return None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
             log.warning(
-                json.dumps(
-                    {"event": "untrusted-file", "path": str(path), "uid": st.st_uid, "mode": oct(st.st_mode)}
-                )
+                "untrusted-file",
+                extra={"path": str(path), "uid": st.st_uid, "mode": oct(st.st_mode)},
             )
             return None
         with os.fdopen(os.dup(fd), "rb") as f:
@@ -207,7 +206,8 @@ class Journal:
             return self._lines.get(group, 0)
 
     def load(self, group: str) -> list[dict[str, Any]]:
-        """Records in order; a torn last line (crash mid-write) is ignored."""
+        """Records in order. Every line that does not decode to a JSON object is skipped: a torn last
+        line (crash mid-write), but also a damaged line in the middle, whose record is then lost."""
         try:
             raw = read_own(self._path(group))
         except FileNotFoundError:

@@ -2,7 +2,7 @@
 
 The sidecar owns every segment (creates, wipes, unlinks it); workers only map it. Workers map the
 /dev/shm file with mmap directly instead of attaching through `multiprocessing.shared_memory`, whose
-resource tracker unlinks an attached segment when the attaching process dies (DESIGN §7): a worker killed
+resource tracker unlinks an attached segment when the attacher dies (docs/design.md §11): a worker killed
 with SIGKILL must lose nothing. Segment names start with `gs` (the test suite checks /dev/shm for leaks).
 
 GPU custody (CUDA VMM allocations exported as shareable handles) is a different `PoolHandle.kind`

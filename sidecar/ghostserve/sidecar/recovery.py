@@ -10,7 +10,6 @@ recomputes them and commits them again.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Generator
@@ -223,11 +222,7 @@ class Rebuilder:
                 c.counters.rebuild_seconds += seconds
         c.metrics.rebuild_bytes.inc(total)
         failed = sum(len(r.failed) for r in self.results.values())
-        log.info(
-            json.dumps(
-                {"event": "rebuilt", "group": self.name, "lost": self.lost, "bytes": total, "failed": failed}
-            )
-        )
+        log.info("rebuilt", extra={"group": self.name, "lost": self.lost, "bytes": total, "failed": failed})
         self.report = Report(list(self.results.values()), total, seconds)
 
     def run(self) -> Report:

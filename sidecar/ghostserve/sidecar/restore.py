@@ -9,7 +9,6 @@ and the rest of the group is restored. Runs before the server accepts calls.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -33,7 +32,7 @@ def restore(c: custodian.Custodian) -> int:
             try:
                 _restore_group(c, name, data)
             except (errors.SidecarError, KeyError, TypeError, ValueError) as exc:
-                log.warning(json.dumps({"event": "restore-failed", "group": name, "error": str(exc)}))
+                log.warning("restore-failed", extra={"group": name, "error": str(exc)})
         c.save_state()
         return len(c.groups)
 
@@ -62,11 +61,7 @@ def _restore_group(c: custodian.Custodian, name: str, data: dict[str, Any]) -> N
                 if not isinstance(exc, errors.NotFound):
                     # Not a segment this sidecar made (a link, another owner, a loose mode): its bytes
                     # are not trusted as KV. The name is removed (a link itself, never its target).
-                    log.warning(
-                        json.dumps(
-                            {"event": "pool-discarded", "group": name, "segment": shm_name, "why": str(exc)}
-                        )
-                    )
+                    log.warning("pool-discarded", extra={"group": name, "segment": shm_name, "why": str(exc)})
                     pools.discard(shm_name)
                 rp.segment, rp.generation, rp.valid = (
                     custody.create(g.layout.pool_nbytes),
@@ -81,7 +76,7 @@ def _restore_group(c: custodian.Custodian, name: str, data: dict[str, Any]) -> N
     c.store.meta_bytes += sum(commits.request_cost(req) for req in g.ledger.requests.values())
     if c.journal:
         commits.compact_journal(c, g)
-    log.info(json.dumps({"event": "group-restored", "group": name, "requests": len(g.ledger.requests)}))
+    log.info("group-restored", extra={"group": name, "requests": len(g.ledger.requests)})
 
 
 def _replay_journal(c: custodian.Custodian, g: group.Group) -> None:
@@ -115,14 +110,8 @@ def _restore_spill(c: custodian.Custodian, g: group.Group) -> None:
             rid, idx, slots, tokens, sums = _check_record(g, meta)
         except (KeyError, TypeError, ValueError, OverflowError, errors.SidecarError) as exc:
             log.warning(
-                json.dumps(
-                    {
-                        "event": "spill-record-dropped",
-                        "group": g.name,
-                        "path": str(meta_path),
-                        "why": str(exc),
-                    }
-                )
+                "spill-record-dropped",
+                extra={"group": g.name, "path": str(meta_path), "why": str(exc)},
             )
             c.spill.delete_record(meta_path)
             continue
@@ -133,14 +122,8 @@ def _restore_spill(c: custodian.Custodian, g: group.Group) -> None:
             continue
         if not _adopt_parity(c, g, rid, idx, slots, tokens, sums, bin_path):
             log.warning(
-                json.dumps(
-                    {
-                        "event": "spill-record-dropped",
-                        "group": g.name,
-                        "path": str(meta_path),
-                        "why": "parity file unusable",
-                    }
-                )
+                "spill-record-dropped",
+                extra={"group": g.name, "path": str(meta_path), "why": "parity file unusable"},
             )
             c.spill.delete_record(meta_path)
 

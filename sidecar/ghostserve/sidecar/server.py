@@ -199,7 +199,7 @@ def create_server(
         try:
             source = health.NvmlHealthSource()
         except Exception as exc:  # no driver / no GPU: nothing to watch
-            log.info('{"event": "nvml-unavailable", "error": %s}', _json_str(exc))
+            log.info("nvml-unavailable", extra={"error": str(exc)})
             source = health.FakeHealthSource(0)
     hub = health.HealthHub(
         source, on_event=lambda e: custodian.metrics.health_events.labels(e.kind.name).inc()
@@ -238,12 +238,6 @@ def create_server(
     return srv, port
 
 
-def _json_str(exc: BaseException) -> str:
-    import json
-
-    return json.dumps(str(exc))
-
-
 async def serve(
     address: str,
     *,
@@ -266,11 +260,11 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
-    log.info('{"event": "serving", "address": %s, "port": %d}', _json_str(Exception(address)), port)
+    log.info("serving", extra={"address": address, "port": port})
     try:
         await stop.wait()
     finally:
-        log.info('{"event": "shutting-down"}')
+        log.info("shutting-down")
         await server.stop(grace)
     return 0
 
@@ -299,8 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.insecure and args.listen:
         log.warning(
-            '{"event": "insecure-tcp", "listen": %s, "note": "every TCP caller is trusted as the operator"}',
-            _json_str(Exception(args.listen)),
+            "insecure-tcp",
+            extra={"listen": args.listen, "note": "every TCP caller is trusted as the operator"},
         )
     address = f"unix://{pathlib.Path(socket_path).resolve()}" if socket_path else args.listen
     also_listen = args.listen if socket_path else None
@@ -322,5 +316,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ghostserve sidecar: {exc}", file=sys.stderr)
         return 2
     except (RuntimeError, OSError) as exc:
-        log.error('{"event": "failed", "error": %s}', _json_str(exc))
+        log.error("failed", extra={"error": str(exc)})
         return 1

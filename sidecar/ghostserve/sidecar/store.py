@@ -223,6 +223,28 @@ class ParityStore:
             self._items.pop(owner, None)
         return freed
 
+    def evict_least_valuable(
+        self,
+        pred: Callable[[Hashable], bool],
+        *,
+        exclude: Hashable,
+        tokens_of: Callable[[Hashable], int],
+        on_evict: Callable[[Hashable, list[Hashable]], None],
+    ) -> bool:
+        """Evict the parity of the least valuable owner `pred` accepts, other than `exclude` (the same
+        score as the global policy). Returns False when no such owner holds evictable parity."""
+        best: tuple[float, Hashable] | None = None
+        for owner in self._items:
+            held = self._evictable(owner) if owner != exclude and pred(owner) else 0
+            if held:
+                score = recompute_score(tokens_of(owner), held)
+                if best is None or score < best[0]:
+                    best = (score, owner)
+        if best is None:
+            return False
+        on_evict(best[1], self._evict(best[1]))
+        return True
+
     def held_where(self, pred: Callable[[Hashable], bool]) -> int:
         """Bytes held (reserved or not) by the owners `pred` accepts."""
         return sum(i.buf.size for o, items in self._items.items() if pred(o) for i in items.values())

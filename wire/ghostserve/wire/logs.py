@@ -15,8 +15,13 @@ import sys
 import time
 from typing import Any, TextIO
 
-# Attributes every LogRecord has; anything else on a record came from `extra=`.
-_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+# Attributes every LogRecord has; anything else on a record came from `extra=`. kopf's per-object
+# loggers (the operator) add their settings object and a flag of their own: not log fields.
+_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message", "asctime", "settings", "k8s_skip",
+}  # fmt: skip
+# ... and the object a record is about, under a clearer name.
+_RENAMED = {"k8s_ref": "object"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -30,7 +35,18 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "event": record.getMessage(),
         }
-        out.update((k, v) for k, v in vars(record).items() if k not in _RECORD_FIELDS and k[0] != "_")
+        if out["event"].startswith("{"):
+            # Old sidecar call sites log a JSON object as the message: keep their keys until migrated.
+            try:
+                legacy = json.loads(out["event"])
+            except ValueError:
+                legacy = None
+            if isinstance(legacy, dict):
+                del out["event"]
+                out.update(legacy)
+        for key, value in vars(record).items():
+            if key not in _RECORD_FIELDS and not key.startswith("_"):
+                out[_RENAMED.get(key, key)] = value
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)

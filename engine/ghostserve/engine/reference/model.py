@@ -1,6 +1,6 @@
 """Weights and the batch-invariant tensor-parallel forward pass of the reference decoder.
 
-Batch invariance (DESIGN §7): every matmul, norm and attention runs per request, so a request's
+Batch invariance (docs/design.md §11): every matmul, norm and attention runs per request, so a request's
 numbers never depend on which other requests share the step; replaying a request with the same
 chunk boundaries and decode steps therefore writes bit-identical KV. Only the all-reduces are shared
 by the whole step, and they sum the ranks' partials in rank order, elementwise, so they are

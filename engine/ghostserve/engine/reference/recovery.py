@@ -16,41 +16,16 @@ may already list them as valid (its Rebuild finished) although the recompute of 
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
+from ghostserve.engine.reference import driver
 from ghostserve.engine.reference import rank as rank_mod
+from ghostserve.engine.reference.records import RecoveryReport  # re-exported (its historical home)
 from ghostserve.v1 import sidecar_pb2 as pb
 
-if TYPE_CHECKING:
-    from ghostserve.engine.reference import engine as engine_mod
 
-
-@dataclasses.dataclass
-class RecoveryReport:
-    """What one recovery did and how long each phase took (seconds, measured)."""
-
-    kind: str  # "process" | "device"
-    dead_ranks: list[int]
-    lost_ranks: list[int]
-    restart_s: float = 0.0
-    restore_s: float = 0.0  # rebuild + recompute, after the restart
-    rebuild_s: float = 0.0  # the sidecar's Rebuild call (overlaps head_s)
-    head_s: float = 0.0  # recompute of the planned first r chunks
-    after_s: float = 0.0  # recompute after the rebuild: unrebuilt chunks and the tail
-    total_s: float = 0.0
-    bytes_rebuilt: int = 0
-    chunks_rebuilt: int = 0
-    chunks_recomputed: int = 0
-    tokens_recomputed: int = 0
-    failed_chunks: int = 0
-    plan: dict[str, int] = dataclasses.field(default_factory=dict)  # request -> r
-    failures: dict[str, int] = dataclasses.field(default_factory=dict)  # ChunkFailure name -> chunks
-
-
-def recover(engine: engine_mod.ReferenceEngine, dead: Sequence[int]) -> RecoveryReport:
+def recover(engine: driver.Driver, dead: Sequence[int]) -> RecoveryReport:
     """Bring ``engine`` back to serving after ranks ``dead`` died. Mutates the engine's cluster, the
     lost ranks' pools (via the sidecar) and every rank's request tables. Raises EngineError when the
     group cannot be restored."""
@@ -75,7 +50,7 @@ def recover(engine: engine_mod.ReferenceEngine, dead: Sequence[int]) -> Recovery
     return report
 
 
-def _restore(engine: engine_mod.ReferenceEngine, lost: list[int], report: RecoveryReport) -> None:
+def _restore(engine: driver.Driver, lost: list[int], report: RecoveryReport) -> None:
     t = engine.opts.chunk_tokens
     active = [r for r in engine.requests.values() if r.kv_len]
     for req in active:
@@ -139,7 +114,7 @@ def _restore(engine: engine_mod.ReferenceEngine, lost: list[int], report: Recove
             engine.cluster.call(rank_mod.Commit(rid, tuple(range(r))))
 
 
-def _recommit(engine: engine_mod.ReferenceEngine) -> None:
+def _recommit(engine: driver.Driver) -> None:
     """Commit again every complete chunk the sidecar does not list as committed: commits queued in the
     killed ranks never arrived (commits are idempotent, so over-committing is harmless)."""
     assert engine.cluster is not None
@@ -153,7 +128,7 @@ def _recommit(engine: engine_mod.ReferenceEngine) -> None:
             engine.cluster.call(rank_mod.Commit(req.request_id, missing))
 
 
-def _rebuild(engine: engine_mod.ReferenceEngine, lost: list[int], first: dict[str, int]) -> pb.RebuildReport:
+def _rebuild(engine: driver.Driver, lost: list[int], first: dict[str, int]) -> pb.RebuildReport:
     # A separate channel: the driver's main client stays free for the engine thread.
     from ghostserve.sidecar import client as client_mod
 
@@ -163,7 +138,7 @@ def _rebuild(engine: engine_mod.ReferenceEngine, lost: list[int], first: dict[st
         )
 
 
-def _rebuild_rate(engine: engine_mod.ReferenceEngine) -> float:
+def _rebuild_rate(engine: driver.Driver) -> float:
     """Measured rebuild bandwidth if the sidecar has rebuilt before, else its encode bandwidth."""
     if engine.opts.plan_rebuild_bytes_per_s is not None:
         return engine.opts.plan_rebuild_bytes_per_s

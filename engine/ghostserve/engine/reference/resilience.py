@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import grpc
 from ghostserve.engine.reference import cluster as cluster_mod
-from ghostserve.engine.reference import devices, recovery
+from ghostserve.engine.reference import devices, driver, recovery
 from ghostserve.sidecar import client as client_mod
-
-if TYPE_CHECKING:
-    from ghostserve.engine.reference import engine as engine_mod
 
 T = TypeVar("T")
 
@@ -47,7 +44,7 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, grpc.RpcError) and exc.code() in _TRANSIENT
 
 
-def guarded(engine: engine_mod.ReferenceEngine, op: Callable[[], T], *, what: str) -> T:
+def guarded(engine: driver.Driver, op: Callable[[], T], *, what: str) -> T:
     """Run ``op`` (which talks to the ranks and/or the sidecar); on a rank fault recover and run it again.
 
     ``op`` must be safe to redo after a recovery (forward steps rewrite identical KV; Digest/Drop/
@@ -71,7 +68,7 @@ def guarded(engine: engine_mod.ReferenceEngine, op: Callable[[], T], *, what: st
             wait_for_sidecar(engine)
 
 
-def recover(engine: engine_mod.ReferenceEngine, dead: Iterable[int]) -> None:
+def recover(engine: driver.Driver, dead: Iterable[int]) -> None:
     """Recover from the death of ranks ``dead``; a fault or sidecar outage during the recovery starts
     it over (the ranks it restarted are killed again, the lost ranks stay lost until a recovery
     completes: ``engine.pending_lost``). Appends one report per completed recovery."""
@@ -104,7 +101,7 @@ def recover(engine: engine_mod.ReferenceEngine, dead: Iterable[int]) -> None:
         return
 
 
-def wait_for_sidecar(engine: engine_mod.ReferenceEngine) -> None:
+def wait_for_sidecar(engine: driver.Driver) -> None:
     """Wait (at most ``opts.sidecar_wait_s``) until the sidecar answers, on fresh channels: a channel
     whose peer vanished waits out gRPC's reconnect backoff (seconds) after the sidecar is back."""
     deadline = time.monotonic() + engine.opts.sidecar_wait_s

@@ -1,7 +1,7 @@
 """Which forward passes wrote which positions: the replay schedule that makes recompute bit-identical.
 
 The engine prefills a prompt in pieces cut at multiples of the chunk size T and decodes one token per
-step afterwards. Floating-point results depend on the shape of the work (DESIGN §7), so recompute after
+step afterwards. Floating-point results depend on the work's shape (docs/design.md §11), so recompute after
 a fault must cut exactly the same pieces. Pure functions of (prompt length, T).
 """
 

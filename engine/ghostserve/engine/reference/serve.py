@@ -10,14 +10,19 @@ when serving failed otherwise.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
+import pathlib
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 
 from aiohttp import web
 from ghostserve.engine.reference import httpapi, serveargs, service
+from ghostserve.wire import logs
 
 log = logging.getLogger("ghostserve.serve")
 
@@ -28,12 +33,20 @@ async def _serve(svc: service.Service) -> int:
     done = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, done.set)
-    svc.on_exit = lambda _code: loop.call_soon_threadsafe(done.set)
-    runner = web.AppRunner(httpapi.make_app(svc), shutdown_timeout=2.0, handler_cancellation=True, access_log=None)
+
+    def on_exit(_code: int) -> None:  # the driver ended (fatal fault): stop serving
+        loop.call_soon_threadsafe(done.set)
+
+    svc.on_exit = on_exit
+    runner = web.AppRunner(
+        httpapi.make_app(svc), shutdown_timeout=2.0, handler_cancellation=True, access_log=None
+    )
     await runner.setup()
     site = web.TCPSite(runner, cfg.host, cfg.port)
     await site.start()
-    log.info("serving %s (tp=%d, group %s) on http://%s:%d", cfg.model_path, cfg.tp, cfg.group, cfg.host, cfg.port)
+    log.info(
+        "serving %s (tp=%d, group %s) on http://%s:%d", cfg.model_path, cfg.tp, cfg.group, cfg.host, cfg.port
+    )
     svc.start()
     try:
         await done.wait()
@@ -45,7 +58,7 @@ async def _serve(svc: service.Service) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup()  # JSON lines on stderr, level from GHOSTSERVE_LOG_LEVEL (docs/design.md §10)
     try:
         cfg, ignored = serveargs.parse(sys.argv[1:] if argv is None else argv, os.environ)
     except serveargs.ServeArgsError as exc:
@@ -53,7 +66,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if ignored:
         log.warning("ignoring flags the reference engine has no use for: %s", " ".join(ignored))
-    return asyncio.run(_serve(service.Service(cfg)))
+    # Several pods may share a machine (the embedded cluster): each tree needs its own gloo stores.
+    own = cfg.workdir is None
+    if own:
+        cfg = dataclasses.replace(cfg, workdir=pathlib.Path(tempfile.mkdtemp(prefix="ghostserve-serve-")))
+    try:
+        return asyncio.run(_serve(service.Service(cfg)))
+    finally:
+        if own and cfg.workdir is not None:
+            shutil.rmtree(cfg.workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

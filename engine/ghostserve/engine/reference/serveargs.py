@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import pathlib
-import tempfile
 from collections.abc import Mapping, Sequence
 
 from ghostserve.engine import adapter
@@ -25,7 +24,9 @@ MODEL_PREFIX = "ghostserve/tiny-llama"
 # --model-path ghostserve/tiny-llama[-<variant>]: the reference engine's seeded random-weight models.
 MODELS: dict[str, config_mod.ModelConfig] = {
     "": config_mod.ModelConfig(),
-    "demo": config_mod.ModelConfig(vocab=1024, hidden=256, layers=4, heads=8, kv_heads=4, head_dim=32, ffn=512),
+    "demo": config_mod.ModelConfig(
+        vocab=1024, hidden=256, layers=4, heads=8, kv_heads=4, head_dim=32, ffn=512
+    ),
 }
 RESUME_WAIT_ENV = "GHOSTSERVE_RESUME_WAIT_S"
 WORKDIR_ENV = "GHOSTSERVE_WORKDIR"
@@ -50,7 +51,7 @@ class ServeConfig:
     rpc_timeout: float
     # Held requests (in the sidecar's ledger, waiting for the client to resubmit) are released after this.
     resume_wait_s: float
-    workdir: pathlib.Path
+    workdir: pathlib.Path | None  # gloo store files; None: a fresh private directory per process
     devices: tuple[devices.Device, ...]
     pod_name: str = ""
     node_name: str = ""
@@ -118,7 +119,7 @@ def parse(argv: Sequence[str], env: Mapping[str, str]) -> tuple[ServeConfig, lis
         protection=settings.protection,
         rpc_timeout=settings.rpc_timeout,
         resume_wait_s=resume_wait,
-        workdir=pathlib.Path(workdir) if workdir else pathlib.Path(tempfile.gettempdir()) / "ghostserve-serve",
+        workdir=pathlib.Path(workdir) if workdir else None,
         devices=tuple(devices.Device.for_rank(r, env) for r in range(args.tp)),
         pod_name=env.get("GHOSTSERVE_POD_NAME", ""),
         node_name=env.get("GHOSTSERVE_NODE_NAME", ""),
@@ -133,4 +134,6 @@ def model_config(path: str) -> config_mod.ModelConfig:
         if variant in MODELS:
             return MODELS[variant]
     names = ", ".join(MODEL_PREFIX + (f"-{v}" if v else "") for v in MODELS)
-    raise ServeArgsError(f"the reference engine serves only its own random-weight models ({names}), got {path!r}")
+    raise ServeArgsError(
+        f"the reference engine serves only its own random-weight models ({names}), got {path!r}"
+    )

@@ -94,6 +94,8 @@ class Service:
             pool_slots=cfg.pool_slots,
             devices=cfg.devices,
         )
+        if cfg.workdir is None:
+            raise ValueError("Service needs a workdir for the ranks' gloo stores")
         self.engine = engine_mod.ReferenceEngine(
             cfg.model, self.opts, sidecar=cfg.sidecar, group=cfg.group, workdir=cfg.workdir
         )
@@ -265,7 +267,11 @@ class Service:
             led = None  # unknown to (or unreachable) sidecar: its KV cannot be trusted, recompute
         valid = resume.valid_prefix(_chunks(led), t) if led is not None else 0
         n = resume.reuse(
-            job.input_ids, prompt_len=held.prompt_len, known_tokens=held.tokens, valid_len=valid, chunk_tokens=t
+            job.input_ids,
+            prompt_len=held.prompt_len,
+            known_tokens=held.tokens,
+            valid_len=valid,
+            chunk_tokens=t,
         )
         if n is None:
             log.warning("resubmitted %s does not match the held request: served as new", job.rid)
@@ -307,9 +313,12 @@ class Service:
             return
         # Every queued commit must reach the sidecar before the ledger is the request's only record.
         eng.guarded(lambda: eng.cluster.call(rank_mod.Drain()) if eng.cluster else None, what="drain")
-        eng.session.record_tokens(rid, req.tokens, prompt_tokens=len(req.prompt), max_new_tokens=req.max_new_tokens)
+        eng.session.record_tokens(
+            rid, req.tokens, prompt_tokens=len(req.prompt), max_new_tokens=req.max_new_tokens
+        )
         del eng.requests[rid]
-        self.held[rid] = Held(rid, len(req.prompt), tuple(req.tokens), time.monotonic() + self.cfg.resume_wait_s)
+        deadline = time.monotonic() + self.cfg.resume_wait_s
+        self.held[rid] = Held(rid, len(req.prompt), tuple(req.tokens), deadline)
 
     def _expire(self) -> None:
         now = time.monotonic()

@@ -19,7 +19,7 @@ _GROUP = re.compile(r"^[A-Za-z0-9._/-]{1,200}$")
 
 
 class SurvivorPolicy(enum.Enum):
-    """What a scheduler does when its event loop dies of a peer rank's failure (DESIGN §1)."""
+    """What a scheduler does when its event loop dies of a peer rank's failure (docs/design.md §1)."""
 
     # Detach from the sidecar (the pool stays in custody) and exit with EXIT_PEER_FAULT, without
     # sglang's SIGQUIT to the parent; the operator restarts the rank, which re-attaches its pool.
@@ -120,7 +120,7 @@ def device_uuids(visible: str) -> tuple[str, ...]:
 
 
 def check_page_size(settings: PluginSettings, page_size: int) -> None:
-    """Chunks must be whole pages (DESIGN §3). Raises SettingsError otherwise."""
+    """Chunks must be whole pages (docs/design.md §3). Raises SettingsError otherwise."""
     if settings.protection.chunk_tokens % page_size:
         raise SettingsError(
             f"GHOSTSERVE_CHUNK_TOKENS={settings.protection.chunk_tokens} is not a multiple of "

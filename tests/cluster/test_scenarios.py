@@ -1,0 +1,198 @@
+"""The fault scenarios on the embedded cluster: real operator, real sidecar per node, reference engine
+pods, the resume gateway; every run's output must equal a fault-free run's, token for token."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from cluster_support import started_cluster
+from ghostserve.cluster import api, embedded, scenarios, traffic
+
+REQUESTS, PROMPT, TOKENS = 2, 192, 24
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[embedded.Cluster]:
+    yield from started_cluster()
+
+
+def streams(dep: scenarios.Deployment, tag: str) -> list[traffic.Stream]:
+    return traffic.make_streams(
+        REQUESTS,
+        prompt_tokens=PROMPT,
+        new_tokens=TOKENS,
+        vocab=scenarios.DEMO_VOCAB,
+        seed=7,
+        tag=f"{dep.name}-{tag}",
+    )
+
+
+class Served:
+    """A deployment, its gateway and its fault-free outputs."""
+
+    def __init__(self, cluster: embedded.Cluster, dep: scenarios.Deployment) -> None:
+        self.cluster, self.dep = cluster, dep
+        scenarios.deploy(cluster, dep)
+        self.url = scenarios.gateway(cluster, dep.name)
+        self.reference = scenarios.stream(cluster, self.url, streams(dep, "ref")).outputs
+        self.runs = 0
+
+    def pod(self) -> str:
+        return str(scenarios.engine_pods(self.cluster, self.dep.name)[0]["metadata"]["name"])
+
+    def placement(self) -> tuple[str, list[int]]:
+        return scenarios.pod_gpus(self.cluster, self.pod())
+
+    def recoveries(self) -> int:
+        return int(scenarios.status_of(self.cluster, self.dep.name).get("recoveries") or 0)
+
+    def run_with(
+        self, fault: Callable[[], None], *, recovery: bool = True
+    ) -> tuple[scenarios.Outcome, dict[str, Any]]:
+        """Stream with `fault` mid-decode; assert identical tokens; returns (outcome, status.lastRecovery)."""
+        self.runs += 1
+        before = self.recoveries()
+        settle = scenarios.recovered(self.cluster, self.dep.name, before + 1) if recovery else None
+        out = scenarios.stream(
+            self.cluster, self.url, streams(self.dep, f"run{self.runs}"), fault=fault, settle=settle
+        )
+        assert out.outputs == self.reference
+        assert all(len(t) == TOKENS for t in out.outputs.values())
+        return out, dict(scenarios.status_of(self.cluster, self.dep.name).get("lastRecovery") or {})
+
+    def events(self, out: scenarios.Outcome) -> list[str]:
+        return [
+            str(w.obj.get("reason"))
+            for w in out.writes
+            if w.plural == "events"
+            and w.action == "create"
+            and (w.obj.get("involvedObject") or {}).get("name") == self.dep.name
+        ]
+
+    def close(self) -> None:
+        scenarios.undeploy(self.cluster, self.dep.name)
+
+
+def serving_node(cluster: embedded.Cluster, name: str) -> str:
+    return scenarios.pod_gpus(cluster, scenarios.engine_pods(cluster, name)[0]["metadata"]["name"])[0]
+
+
+@pytest.fixture(scope="class")
+def t2(cluster: embedded.Cluster) -> Iterator[Served]:
+    served = Served(cluster, scenarios.Deployment("t2", tp=2))
+    yield served
+    served.close()
+
+
+@pytest.fixture(scope="class")
+def t4(cluster: embedded.Cluster) -> Iterator[Served]:
+    served = Served(cluster, scenarios.Deployment("t4", tp=4))
+    yield served
+    served.close()
+
+
+class TestTwoRanks:
+    def test_device_fault_with_a_free_gpu_swaps_it_on_the_node(
+        self, t2: Served, cluster: embedded.Cluster
+    ) -> None:
+        node, gpus = t2.placement()
+        out, last = t2.run_with(lambda: cluster.inject_gpu_fault(node, gpus[1], xid=79))
+        assert (last["kind"], last["outcome"], last.get("kv")) == ("device", "Succeeded", "Rebuilt")
+        assert last["ranks"] == [1] and last["bytesRebuilt"] > 0 and last["chunksRecomputed"] == 0
+        assert last["sourceNode"] == last["targetNode"] == node
+        new_node, new_gpus = t2.placement()
+        assert new_node == node and gpus[1] not in new_gpus
+        assert scenarios.allocatable(cluster, node) == cluster.options.gpus - 1
+        assert {"FaultDevice", "RecoverySucceeded"} <= set(t2.events(out))
+        assert all(s.cached_tokens >= PROMPT for s in out.streams)
+        cluster.repair_gpu(node, gpus[1])
+        cluster.wait_for(
+            lambda: scenarios.allocatable(cluster, node) == cluster.options.gpus, what="GPU back"
+        )
+
+    def test_process_crash_restarts_in_place_with_nothing_rebuilt(
+        self, t2: Served, cluster: embedded.Cluster
+    ) -> None:
+        node, _ = t2.placement()
+        out, last = t2.run_with(lambda: cluster.kill_pod(t2.pod()))
+        assert (last["kind"], last["outcome"]) == ("process", "Succeeded")
+        assert last["bytesRebuilt"] == 0 and int(last.get("bytesMoved", 0)) == 0
+        assert t2.placement()[0] == node
+        assert "RecoverySucceeded" in t2.events(out)
+
+    def test_sidecar_restart_keeps_the_requests(self, t2: Served, cluster: embedded.Cluster) -> None:
+        node, _ = t2.placement()
+        starts = cluster.nodes[node].sidecar_starts
+        before = t2.recoveries()
+        t2.run_with(lambda: cluster.kill_sidecar(node), recovery=False)
+        cluster.wait_for(lambda: cluster.nodes[node].sidecar_starts == starts + 1, what="sidecar restarted")
+        with cluster.sidecar_client(node) as side:
+            side.wait_ready(timeout=60)
+            held = side.describe_group(group="default/t2-r0")  # pools re-adopted from the state file
+        assert len(held.ranks) == 2
+        last = scenarios.status_of(cluster, "t2").get("lastRecovery") or {}
+        if t2.recoveries() > before:  # the engine lost its sidecar connection and was restarted
+            assert last["outcome"] == "Succeeded"
+
+    def test_operator_killed_mid_recovery_finishes_it(self, t2: Served, cluster: embedded.Cluster) -> None:
+        node, gpus = t2.placement()
+        starts = cluster.operator_starts
+        steps: list[str] = []
+
+        def fault_then_kill_operator() -> None:
+            cluster.inject_gpu_fault(node, gpus[0], kind="GPU_LOST")
+            steps.extend(
+                cluster.wait_for(
+                    lambda: [
+                        r["step"]
+                        for r in scenarios.status_of(cluster, "t2").get("inFlight") or []
+                        if r.get("step")
+                    ],
+                    what="a recorded recovery step",
+                )
+            )
+            cluster.kill_operator()
+            cluster.start_operator()
+
+        _out, last = t2.run_with(fault_then_kill_operator)
+        assert cluster.operator_starts == starts + 1
+        assert (last["kind"], last["reason"], last["outcome"], last.get("kv")) == (
+            "device",
+            "GpuLost",
+            "Succeeded",
+            "Rebuilt",
+        )
+        assert last["ranks"] == [0]
+        assert last["bytesRebuilt"] > 0, f"operator SIGKILLed at step {steps}: {last}"
+        cluster.repair_gpu(node, gpus[0])
+        cluster.wait_for(
+            lambda: scenarios.allocatable(cluster, node) == cluster.options.gpus, what="GPU back"
+        )
+
+
+class TestFullNode:
+    def test_device_fault_without_a_free_gpu_moves_the_replica(
+        self, t4: Served, cluster: embedded.Cluster
+    ) -> None:
+        node, gpus = t4.placement()
+        out, last = t4.run_with(lambda: cluster.inject_gpu_fault(node, gpus[2], kind="ECC_DOUBLE_BIT"))
+        assert (last["kind"], last["outcome"], last.get("kv")) == ("device", "Succeeded", "Moved")
+        assert last["sourceNode"] == node and last["targetNode"] != node
+        assert int(last.get("bytesMoved", 0)) > 0 and last["bytesRebuilt"] > 0
+        assert t4.placement()[0] == last["targetNode"]
+        assert "RecoverySucceeded" in t4.events(out)
+        cluster.repair_gpu(node, gpus[2])
+        cluster.wait_for(
+            lambda: scenarios.allocatable(cluster, node) == cluster.options.gpus, what="GPU back"
+        )
+
+    def test_node_not_ready_recomputes_on_another_node(self, t4: Served, cluster: embedded.Cluster) -> None:
+        node, _ = t4.placement()
+        _out, last = t4.run_with(lambda: cluster.power_off(node))
+        assert (last["kind"], last["outcome"]) == ("node", "Succeeded")
+        assert last.get("kv") == "Recomputed" and last["bytesRebuilt"] == 0
+        assert t4.placement()[0] != node
+        node_obj = cluster.get(api.NODES, node)
+        assert node_obj is not None and node_obj["status"]["conditions"][0]["status"] == "Unknown"

@@ -1,0 +1,126 @@
+"""Two real `ghostserve operator` processes with leader election against one emulated cluster: only
+the Lease holder acts, so every fault gets exactly one MarkLost and one replacement pod; when the
+leader is SIGKILLed the standby takes the Lease over and handles the next fault, again exactly once."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import pytest
+
+from tests.operator import harness, opsec_support
+from tests.operator.opsec_support import NS
+
+FAST_LEASE = (
+    "--leader-elect",
+    "--leader-namespace",
+    NS,
+    "--leader-lease-name",
+    opsec_support.LEASE,
+    "--leader-lease-seconds",
+    "4",
+    "--leader-renew-deadline-seconds",
+    "3",
+    "--leader-retry-seconds",
+    "0.5",
+)
+
+
+def _holder(cluster: harness.Cluster) -> str:
+    lease = cluster.get(opsec_support.LEASES, NS, opsec_support.LEASE) or {}
+    return str((lease.get("spec") or {}).get("holderIdentity") or "")
+
+
+def _replica_pods_created(recorder: opsec_support.Recorder) -> list[str]:
+    return [
+        str(c.body["metadata"]["name"]) for c in recorder.of("pods", "create") if isinstance(c.body, dict)
+    ]
+
+
+def _device_fault(cluster: harness.Cluster, pod: dict[str, Any]) -> None:
+    cluster.fail_gpu(pod["spec"]["nodeName"], harness.gpus_of(pod)[0])
+
+
+def test_two_operators_act_once_per_fault(
+    cluster: harness.Cluster, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = opsec_support.Recorder()
+    recorder.install(cluster, monkeypatch)
+    opsec_support.declare_leases(cluster)
+    procs = {}
+    for tag in ("a", "b"):
+        monkeypatch.setenv("POD_NAME", f"op-{tag}")  # the Lease holder identity starts with it
+        procs[tag] = opsec_support.operator(cluster, tmp_path, tag, *FAST_LEASE)
+    try:
+        cluster.write("create", harness.GSD, NS, None, opsec_support.deployment("llama"))
+        cluster.wait_for(lambda: opsec_support.serving(cluster, "llama"), timeout=90, what="Serving")
+        leader = _holder(cluster).split("-")[1]
+        standby = "b" if leader == "a" else "a"
+        assert _replica_pods_created(recorder) == ["llama-r0"]  # not one per operator
+
+        first = cluster.get(harness.PODS, NS, "llama-r0")
+        assert first is not None
+        _device_fault(cluster, first)
+        cluster.wait_for(
+            lambda: (
+                opsec_support.status(cluster, "llama").get("recoveries") == 1
+                and opsec_support.serving(cluster, "llama")
+            ),
+            timeout=90,
+            what="first recovery",
+        )
+        assert [r.group for _, _, r in cluster.calls("MarkLost")] == [f"{NS}/llama-r0"]
+        assert len(cluster.calls("Rebuild")) == 1
+        assert _replica_pods_created(recorder) == ["llama-r0", "llama-r0"]  # one replacement
+
+        # The leader dies without a word; the standby waits out the lease, then acts alone.
+        procs[leader].kill()
+        cluster.wait_for(lambda: _holder(cluster).startswith(f"op-{standby}-"), timeout=60, what="takeover")
+        second = cluster.get(harness.PODS, NS, "llama-r0")
+        assert second is not None and second["metadata"]["uid"] != first["metadata"]["uid"]
+        _device_fault(cluster, second)
+        cluster.wait_for(
+            lambda: (
+                opsec_support.status(cluster, "llama").get("recoveries") == 2
+                and opsec_support.serving(cluster, "llama")
+            ),
+            timeout=90,
+            what="second recovery by the new leader",
+        )
+        assert [r.group for _, _, r in cluster.calls("MarkLost")] == [f"{NS}/llama-r0"] * 2
+        assert len(cluster.calls("Rebuild")) == 2
+        debug = [(c.status, (c.body.get("spec") or {}).get("affinity")) for c in recorder.of("pods", "create")]
+        assert _replica_pods_created(recorder) == ["llama-r0"] * 3, (debug, [e.get("reason") for e in opsec_support.events(cluster, "llama")])
+        lease = cluster.get(opsec_support.LEASES, NS, opsec_support.LEASE)
+        assert lease is not None and lease["spec"]["leaseTransitions"] == 1
+    finally:
+        print(*opsec_support.stopped(*procs.values()))
+
+
+def test_a_standby_never_acts(
+    cluster: harness.Cluster, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Control: with the Lease held by someone else (a live leader elsewhere), an operator creates nothing."""
+    recorder = opsec_support.Recorder()
+    recorder.install(cluster, monkeypatch)
+    opsec_support.declare_leases(cluster)
+    monkeypatch.setenv("POD_NAME", "op-a")
+    leader = opsec_support.operator(cluster, tmp_path, "a", *FAST_LEASE)
+    try:
+        cluster.wait_for(lambda: _holder(cluster).startswith("op-a-"), timeout=60, what="a leads")
+        leader.proc.send_signal(19)  # SIGSTOP: alive but silent; the lease must expire before b acts
+        monkeypatch.setenv("POD_NAME", "op-b")
+        standby = opsec_support.operator(cluster, tmp_path, "b", *FAST_LEASE)
+        try:
+            cluster.write("create", harness.GSD, NS, None, opsec_support.deployment("llama"))
+            cluster.wait_for(lambda: _holder(cluster).startswith("op-b-"), timeout=60, what="b takes over")
+            cluster.wait_for(lambda: opsec_support.serving(cluster, "llama"), timeout=90, what="Serving")
+            leader.proc.send_signal(18)  # SIGCONT: the old leader wakes up, finds the Lease gone and exits
+            assert leader.proc.wait(timeout=60) == 1
+            assert "lost the leader lease" in leader.output()
+            assert _replica_pods_created(recorder) == ["llama-r0"]
+        finally:
+            print(*opsec_support.stopped(standby))
+    finally:
+        print(*opsec_support.stopped(leader))
