@@ -5,7 +5,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 V=.venv/bin
 echo "== ruff"; "$V/ruff" check .
-echo "== mypy"; "$V/mypy" -p ghostserve.kernels -p ghostserve.sidecar -p ghostserve.engine -p ghostserve.operator -p ghostserve.cli -p ghostserve.cluster -p ghostserve.gateway -p ghostserve.wire tests
+# Every component's source root and the tests (mypy_path in pyproject names the roots as package bases).
+echo "== mypy"; "$V/mypy" kernels wire sidecar engine operator cli cluster gateway tests
 echo "== import contracts"; PYTHONPATH=kernels:protos:wire:sidecar:engine:operator:cli:cluster:gateway "$V/lint-imports"
 echo "== nvcc"; bash scripts/compile_cuda.sh
 if [ $# -gt 0 ]; then

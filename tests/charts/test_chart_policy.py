@@ -11,7 +11,7 @@ import chart_support
 import pytest
 import yaml
 
-# (group, resource, verb, resourceName or None). tests/operator/test_opsec_rbac.py checks these against
+# (group, resource, verb, resourceName or None). tests/operator/test_opsec_operator.py checks these against
 # the calls the operator really makes; this table pins the rendered chart to them.
 OPERATOR_RULES = {
     # Framework (kopf)

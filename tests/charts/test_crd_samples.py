@@ -22,7 +22,6 @@ AGREED: dict[str, tuple[str, Any, int | None, int | None, list[str] | None]] = {
     "engine.args": ("array", None, None, None, None),
     "engine.tensorParallel": ("integer", None, 1, 64, None),
     "engine.replicas": ("integer", 1, 1, 64, None),
-    "engine.gpusPerRank": ("integer", 1, 1, 8, None),
     "engine.resources": ("object", None, None, None, None),
     "engine.env": ("array", None, None, None, None),
     "engine.nodeSelector": ("object", None, None, None, None),
@@ -42,14 +41,20 @@ REMOVED_GROUPS = {"sidecar"}  # declared (unknown fields kept) only so that a CE
 STATUS_FIELDS = {
     "phase", "observedGeneration", "conditions", "readyRanks", "totalRanks", "ready", "ranks", "protection",
     "recoveries", "recentRecoveries", "lastRecovery", "recovery", "kopf",
+    "inFlight", "sidecarGroups", "gatewayURL",
 }  # fmt: skip
 
 # Each bad sample -> exactly the violations it must produce: (source, schema keyword or CEL message, path).
 XOR_MSG = "code xor needs parityShards == 1"
+TP_NODES_MSG = (
+    "tensor parallelism across nodes (--nnodes/--node-rank/--dist-init-addr) is not supported: a replica's "
+    "ranks run in one pod on one node, so that one sidecar holds every stripe (docs/kubernetes.md)"
+)
 EXPECTED_REJECTIONS: dict[str, set[tuple[str, str, str]]] = {
     "missing-model": {("schema", "required", "spec")},
     "missing-image": {("schema", "required", "spec.engine")},
     "tensor-parallel-zero": {("schema", "minimum", "spec.engine.tensorParallel")},
+    "tensor-parallel-across-nodes": {("cel", TP_NODES_MSG, "spec.engine.args")},
     "replicas-not-integer": {("schema", "type", "spec.engine.replicas")},
     "unknown-engine-field": {
         ("schema", "additionalProperties", "spec.engine"),
@@ -242,7 +247,7 @@ def test_minimal_spec_gets_every_default(validator: crd_validator.CRDValidator) 
     spec = crd_validator.apply_defaults(validator.schema, minimal)["spec"]
     assert spec == {
         "model": {"name": "x"},
-        "engine": {"kind": "sglang", "image": "i", "tensorParallel": 2, "replicas": 1, "gpusPerRank": 1},
+        "engine": {"kind": "sglang", "image": "i", "tensorParallel": 2, "replicas": 1},
         "protection": {
             "enabled": True, "code": "xor", "parityShards": 1, "chunkTokens": 256, "pageSize": 16,
             "hostMemoryBudget": "64Gi",

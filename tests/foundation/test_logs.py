@@ -30,3 +30,12 @@ def test_event_and_extra_fields_become_keys() -> None:
     assert first["time"].endswith("Z") and "exception" not in first
     assert second["event"] == "failed" and second["path"] == "/x"
     assert "KeyError: 'boom'" in second["exception"]
+
+
+def test_kopf_object_records_keep_the_object_and_drop_framework_fields() -> None:
+    record = logging.LogRecord("kopf.objects", logging.INFO, __file__, 1, "recovery-step", (), None)
+    ref = {"kind": "GhostServeDeployment", "name": "a"}
+    record.__dict__.update(settings=object(), k8s_skip=False, k8s_ref=ref, step="rebuild")
+    out = json.loads(logs.JsonFormatter().format(record))
+    assert out["object"] == ref and out["step"] == "rebuild"
+    assert not {"settings", "k8s_skip", "k8s_ref"} & set(out)

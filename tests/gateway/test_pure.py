@@ -87,7 +87,8 @@ def test_progress_refuses_a_shrinking_stream_and_reports_aborts() -> None:
     p.update(event([5, 6], " x y"))
     with pytest.raises(progress.ProtocolError, match="shrank"):
         p.update(event([5], " x"))
-    assert p.aborted(event([5, 6], "", finish={"type": "abort", "message": "shutting down"})) == "shutting down"
+    abort = event([5, 6], "", finish={"type": "abort", "message": "shutting down"})
+    assert p.aborted(abort) == "shutting down"
     assert p.aborted(event([5, 6], "", finish={"type": "stop"})) is None
 
 

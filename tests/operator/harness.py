@@ -128,13 +128,14 @@ class StandInSidecar(sidecar_pb2_grpc.SidecarServicer):
         self._log("MoveGroup", request)
         await self._maybe_fail("MoveGroup", context)
         ranks = self.groups.get(request.group)
+        target = self.peers.get(request.target)
         if ranks is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "unknown group")
         if self.invalid.get(request.group):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a rank's pool is not valid")
-        target = self.peers.get(request.target)
         if target is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"no sidecar at {request.target}")
+        assert ranks is not None and target is not None  # abort raises
         if target.groups.get(request.group) is not None:
             return sidecar_pb2.MoveGroupReply()
         target.groups[request.group] = dict(ranks)
@@ -147,6 +148,7 @@ class StandInSidecar(sidecar_pb2_grpc.SidecarServicer):
         ranks = self.groups.get(request.group)
         if ranks is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "unknown group")
+            raise AssertionError("abort raises")
         bad = self.invalid.get(request.group, set())
         return sidecar_pb2.GroupDescription(
             group=request.group,
@@ -591,9 +593,12 @@ class OperatorProcess:
         *extra: str,
         sidecar_port: int = 7443,
         crash_at: str | None = None,
+        env_extra: dict[str, str] | None = None,
     ) -> None:
         env = dict(os.environ, KUBECONFIG=str(kubeconfig), PYTHONUNBUFFERED="1")
         env.pop("GHOSTSERVE_OPERATOR_CRASH_AT", None)
+        env.pop("GHOSTSERVE_GATEWAY_IMAGE", None)
+        env.update(env_extra or {})
         if crash_at:
             env["GHOSTSERVE_OPERATOR_CRASH_AT"] = crash_at
         self.log = log

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from ghostserve.operator import faults, phases, placement, pods, record, remediation, status
+from ghostserve.operator import faults, phases, placement, pods, record, remediation, specs, status
 
 BASE = {"model": {"name": "m"}, "engine": {"image": "img", "tensorParallel": 8}}
 
@@ -167,24 +167,187 @@ def _node(**parts: Any) -> dict[str, Any]:
         (_node(), None, None),
         (_node(status__conditions=[{"type": "Ready", "status": "Unknown"}]), "node", "NodeNotReady"),
         (_node(spec__unschedulable=True), "node", "NodeCordoned"),
-        (_node(spec__taints=[{"key": "nvidia.com/gpu-xid", "effect": "NoSchedule"}]), "device", "GpuTaint"),
-        (_node(spec__taints=[{"key": "example.com/other", "effect": "NoSchedule"}]), None, None),
-        (
-            _node(
-                status__conditions=[
-                    {"type": "Ready", "status": "True"},
-                    {"type": "GpuXidError", "status": "True"},
-                ]
-            ),
-            "device",
-            "GpuCondition",
-        ),
-        (_node(status__allocatable={"nvidia.com/gpu": "7"}), "device", "GpuAllocatableDropped"),
+        # GPU signals are not node faults: they hit one rank (node_gpu_faults), never the node.
+        (_node(spec__taints=[{"key": "nvidia.com/gpu-xid", "effect": "NoSchedule"}]), None, None),
+        (_node(status__allocatable={"nvidia.com/gpu": "7"}), None, None),
     ],
 )
 def test_classify_node(node: dict[str, Any], kind: str | None, reason: str | None) -> None:
     fault = faults.classify_node(node)
     assert (fault.kind, fault.reason) == (kind, reason) if fault else kind is None
+
+
+UUID = "GPU-4e0c6f0e-8a3b-11ee-b9d1-0242ac120002"
+
+
+def _running_pod(node: str = "n1") -> dict[str, Any]:
+    meta = {"name": "llama-r0", "uid": "u"}
+    return {"metadata": meta, "spec": {"nodeName": node}, "status": {"phase": "Running"}}
+
+
+def test_a_gpu_signal_hits_exactly_the_rank_holding_that_gpu() -> None:
+    group = "ns/llama-r0"
+    stamped = faults.classify_health(
+        {"fatal": True, "kind": "XID", "xid": 79, "gpu_index": 3, "gpu_uuid": UUID, "group": group, "rank": 2}
+    )
+    assert stamped is not None and (stamped.kind, stamped.gpu, stamped.group, stamped.rank) == (
+        "device",
+        UUID,
+        group,
+        2,
+    )
+    assert faults.classify_health({"fatal": False, "kind": "XID", "gpu_index": 3}) is None
+    found = faults.replica_faults(_running_pod(), _node(), [stamped], group=group, uuid_ranks={})
+    assert [(r, f.reason) for r, f in found] == [(2, "Xid")]
+    # Another replica's group on the same node: not this replica.
+    assert faults.replica_faults(_running_pod(), _node(), [stamped], group="ns/llama-r1", uuid_ranks={}) == []
+    # No group from the sidecar and a UUID no rank attached with: ignored, never "GPU 0" or every rank.
+    unknown = faults.classify_health({"fatal": True, "kind": "XID", "gpu_index": 0, "gpu_uuid": "GPU-x"})
+    assert unknown is not None and unknown.group is None and unknown.rank is None
+    assert faults.replica_faults(_running_pod(), _node(), [unknown], group=group, uuid_ranks={UUID: 1}) == []
+    # ... but a UUID the group's ranks attached with (DescribeGroup) is that rank.
+    by_uuid = faults.classify_health({"fatal": True, "kind": "GPU_LOST", "gpu_uuid": UUID})
+    assert by_uuid is not None
+    found = faults.replica_faults(_running_pod(), _node(), [by_uuid], group=group, uuid_ranks={UUID: 1})
+    assert [(r, f.reason) for r, f in found] == [(1, "GpuLost")]
+
+
+def test_node_gpu_taints_and_conditions_hit_the_named_gpu_only() -> None:
+    named = _node(
+        status__conditions=[
+            {"type": "Ready", "status": "True"},
+            {"type": "GpuXidError", "status": "True", "message": f"Xid 79 on {UUID}"},
+        ]
+    )
+    [fault] = faults.node_gpu_faults(named)
+    assert (fault.kind, fault.reason, fault.gpu) == ("device", "GpuCondition", UUID)
+    found = faults.replica_faults(_running_pod(), named, [], group="g", uuid_ranks={UUID: 3})
+    assert [(r, f.reason) for r, f in found] == [(3, "GpuCondition")]
+    vague = _node(spec__taints=[{"key": "nvidia.com/gpu-unhealthy", "effect": "NoSchedule"}])
+    [fault] = faults.node_gpu_faults(vague)
+    assert fault.gpu is None  # reported by the operator, attributed to nobody
+    assert faults.replica_faults(_running_pod(), vague, [], group="g", uuid_ranks={UUID: 3}) == []
+
+
+def test_deleted_node_is_a_node_fault_only_once_seen() -> None:
+    found = faults.replica_faults(_running_pod(), None, [], group="g", uuid_ranks={}, node_deleted=True)
+    assert [(r, f.kind, f.reason) for r, f in found] == [(None, "node", "NodeDeleted")]
+    assert faults.replica_faults(_running_pod(), None, [], group="g", uuid_ranks={}) == []
+
+
+def _gpu_node(name: str, gpus: int, *, allocatable: int | None = None, **spec_: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+        "spec": dict(spec_),
+        "status": {
+            "conditions": [{"type": "Ready", "status": "True"}],
+            "capacity": {"nvidia.com/gpu": str(gpus)},
+            "allocatable": {"nvidia.com/gpu": str(gpus if allocatable is None else allocatable)},
+        },
+    }
+
+
+def test_placement_same_node_else_another_else_none() -> None:
+    tp4 = spec(engine__tensorParallel=4)
+    nodes = {"a": _gpu_node("a", 8, allocatable=7), "b": _gpu_node("b", 4), "c": _gpu_node("c", 8)}
+    # The failed pod's GPUs are free again; 7 healthy - 0 used >= 4: the swap stays on the same node.
+    same = placement.choose(nodes, {}, tp4, source="a")
+    assert (same.node, same.same_node) == ("a", True)
+    # 7 healthy but 4 used by another replica: elsewhere, the node with most free GPUs.
+    other = placement.choose(nodes, {"a": 4, "c": 2}, tp4, source="a")
+    assert (other.node, other.same_node) == ("c", False)
+    # The plugin has not lowered allocatable yet: GPUs the operator knows are bad still count out.
+    lagging = {"a": _gpu_node("a", 4), "b": _gpu_node("b", 4)}
+    assert placement.choose(lagging, {}, tp4, source="a", bad_gpus={"a": 1}).node == "b"
+    cordoned = {"a": _gpu_node("a", 8, unschedulable=True), "b": _gpu_node("b", 2)}
+    none = placement.choose(cordoned, {}, tp4, source="a")
+    assert none.node is None and "never spans nodes" in none.reason and "cordoned" in none.reason
+    tolerated = spec(engine__tensorParallel=4, engine__tolerations=[{"key": "gpu", "operator": "Exists"}])
+    tainted = {"t": _gpu_node("t", 8, taints=[{"key": "gpu", "effect": "NoSchedule"}])}
+    assert placement.choose(tainted, {}, tp4, source=None).node is None
+    assert placement.choose(tainted, {}, tolerated, source=None).node == "t"
+
+
+def test_recovery_record_never_holds_null_and_round_trips() -> None:
+    rec = record.Recovery(id="r", replica=2, kind="device", reason="Xid", message="m", action="Reschedule",
+                          detected_at="t", lost_ranks=[1])  # fmt: skip
+    rec.faults = [record.RankFault(1, "device", "Xid", UUID)]
+    raw = rec.to_dict()
+
+    def nulls(value: Any) -> bool:
+        if isinstance(value, dict):
+            return any(v is None or nulls(v) for v in value.values())
+        return isinstance(value, list) and any(nulls(v) for v in value)
+
+    assert not nulls(raw) and raw["lostRanks"] == [1] and raw["target"] == ""
+    assert record.Recovery.from_dict(raw) == rec
+    # A record written by an older operator (fewer keys) still loads; a malformed one is dropped.
+    old = {"id": "x", "replica": 0, "kind": "process", "reason": "r", "message": "",
+           "action": "RestartInPlace", "detectedAt": "t"}  # fmt: skip
+    assert record.in_flight([old, {"junk": 1}])[0].step == "Detected"
+
+
+def _walk(rec: record.Recovery) -> list[str]:
+    seen = []
+    while rec.step != record.DONE:
+        rec.step = record.next_step(rec)
+        if rec.step == record.PLACED and not rec.target:
+            rec.target = "n2"
+        seen.append(rec.step)
+    return seen
+
+
+def test_steps_per_kind_of_recovery() -> None:
+    base: dict[str, Any] = {"id": "r", "replica": 0, "message": "", "detected_at": "t", "source": "n1"}
+    base["protected"] = True
+    device = record.Recovery(kind="device", reason="Xid", action="Reschedule", lost_ranks=[1], **base)
+    assert _walk(device) == ["MarkedLost", "PodDeleted", "Rebuilt", "Placed", "KVReady", "PodCreated",
+                             "Running", "Released", "Done"]  # fmt: skip
+    swap = record.Recovery(kind="device", reason="Xid", action="Reschedule", lost_ranks=[1], target="n1", **base)  # noqa: E501
+    assert "Released" not in _walk(swap)  # same node: nothing moved, nothing to free
+    process = record.Recovery(kind="process", reason="OOMKilled", action="RestartInPlace", target="n1", **base)  # noqa: E501
+    assert _walk(process) == ["PodDeleted", "Placed", "KVReady", "PodCreated", "Running", "Done"]
+    node = record.Recovery(kind="node", reason="NodeNotReady", action="Reschedule", source_alive=False, **base)  # noqa: E501
+    assert _walk(node) == ["PodDeleted", "Placed", "KVReady", "PodCreated", "Running", "Done"]
+    restarted = record.Recovery(kind="process", reason="ContainerRestarted", action="RecordOnly", **base)
+    assert _walk(restarted) == ["Done"]
+
+
+def test_outcome_is_never_succeeded_when_expected_bytes_did_not_come_back() -> None:
+    base: dict[str, Any] = {"id": "r", "replica": 0, "message": "", "detected_at": "t", "source": "n1"}
+    base["protected"] = True
+    rec = record.Recovery(kind="device", reason="Xid", action="Reschedule", lost_ranks=[1], target="n1",
+                          expected_chunks=5, **base)  # fmt: skip
+    rec.note("rebuild given up: UNAVAILABLE")
+    assert record.outcome(rec)[:2] == ("Degraded", "Rebuilt") and "UNAVAILABLE" in record.outcome(rec)[2]
+    rec.chunks_rebuilt = 5
+    assert record.outcome(rec)[:2] == ("Succeeded", "Rebuilt")
+    moved = record.Recovery(kind="device", reason="Xid", action="Reschedule", lost_ranks=[1], target="n2",
+                            expected_chunks=5, chunks_rebuilt=5, group_found=True, **base)  # fmt: skip
+    assert record.outcome(moved)[:2] == ("Degraded", "Moved")
+    moved.bytes_moved = 1 << 20
+    assert record.outcome(moved)[:2] == ("Succeeded", "Moved")
+    lost = record.Recovery(kind="node", reason="NodeDeleted", action="Reschedule", source_alive=False, **base)
+    assert record.outcome(lost) == ("Succeeded", "Recomputed", "KV recomputed: node n1 was lost")
+    assert record.outcome(lost, failed="timed out")[0] == "Failed"
+
+
+def test_mixed_faults_lose_only_the_device_faulted_ranks() -> None:
+    process = faults.Fault("process", "ContainerTerminated", "exit 1", node="n1")
+    device = faults.Fault("device", "Xid", "GPU x", node="n1", gpu=UUID)
+    rec = remediation.plan(
+        [(None, process), (2, device)],
+        remediation.Decision(remediation.RESCHEDULE),
+        replica=0, old_uid="u", node="n1", protected=True, policy="rank", detected_at="t", recovery_id="r",
+    )  # fmt: skip
+    assert (rec.kind, rec.lost_ranks, rec.source_alive, rec.target) == ("device", [2], True, "")
+    gone = faults.Fault("node", "NodeDeleted", "gone", node="n1", node_wide=True)
+    rec = remediation.plan(
+        [(None, gone), (2, device)],
+        remediation.Decision(remediation.RESCHEDULE),
+        replica=0, old_uid="u", node="n1", protected=True, policy="rank", detected_at="t", recovery_id="r",
+    )  # fmt: skip
+    assert (rec.kind, rec.lost_ranks, rec.source_alive, rec.avoid) == ("node", [], False, ["n1"])
 
 
 @pytest.mark.parametrize(
@@ -236,3 +399,21 @@ def test_next_phase(facts: dict[str, Any], phase: str) -> None:
         "ever_served": False,
     }
     assert phases.next_phase(**{**base, **facts}) == phase
+
+
+def test_protected_condition_is_honest() -> None:
+    def condition(**figures: Any) -> str:
+        prot = status.protection_summary(enabled=True, parity_bytes=0, **figures)
+        rows = [{"group": 0, "rank": 0, "pod": "p", "node": "n", "gpu": "", "state": "Ready", "restarts": 0}]
+        out = status.summary(spec_valid=True, rows=rows, recovery=None, gave_up=None, ever_served=True,
+                             protection=prot, old_conditions=[], generation=4, now="T")  # fmt: skip
+        assert all(c["observedGeneration"] == 4 for c in out["conditions"])
+        return str(next(c["status"] for c in out["conditions"] if c["type"] == "Protected"))
+
+    assert condition(protected_chunks=3, unprotected_chunks=0) == "True"
+    assert condition(protected_chunks=0, unprotected_chunks=0) == "False"  # 0/0 protects nothing
+    assert condition(protected_chunks=3, unprotected_chunks=1) == "False"  # a backlog without parity
+    assert condition(protected_chunks=3, unprotected_chunks=0, known=False) == "Unknown"
+    again = status.conditions([{"type": "Ready", "status": "False", "lastTransitionTime": "T1"}],
+                              {"Ready": ("False", "RanksNotReady", "x")}, now="T2")  # fmt: skip
+    assert again[0]["lastTransitionTime"] == "T1"

@@ -3,6 +3,7 @@ kubelet / device plugin stand-in and one recording sidecar stand-in per node (ha
 
 from __future__ import annotations
 
+import pathlib
 import urllib.request
 from typing import Any
 
@@ -137,7 +138,9 @@ def test_pod_model_process_fault_gpu_swap_and_delete(
 
     # Device fault on rank 1 of replica 1: exactly that rank is lost; same-node GPU swap (the node
     # still has 2 healthy free GPUs), rebuilt on that node's sidecar only; replica 0 untouched.
-    node1, bad = pod(cluster, 1)["spec"]["nodeName"], harness.gpus_of(pod(cluster, 1))[1]  # type: ignore[index]
+    r1_now = pod(cluster, 1)
+    assert r1_now is not None
+    node1, bad = r1_now["spec"]["nodeName"], harness.gpus_of(r1_now)[1]
     cluster.fail_gpu(node1, bad)
     cluster.wait_for(lambda: recovered(cluster, 2, 4), timeout=60, what="device recovery")
     last = gsd(cluster)["status"]["lastRecovery"]
@@ -245,3 +248,50 @@ def test_unschedulable_replacement_is_reported(
     status = gsd(cluster)["status"]
     assert status["phase"] == "Recovering" and "never spans nodes" in str(status["conditions"])
     assert pod(cluster, 1) is None  # deleted; nothing created that could not run
+
+
+def test_resume_gateway_per_deployment(cluster: harness.Cluster, tmp_path: pathlib.Path) -> None:
+    image = "ghcr.io/ghostserve/ghostserve:test"
+    proc = harness.OperatorProcess(
+        cluster.kubeconfig(tmp_path / "kubeconfig"),
+        tmp_path / "operator.log",
+        sidecar_port=cluster.sidecar_port,
+        env_extra={"GHOSTSERVE_GATEWAY_IMAGE": image},
+    )
+    try:
+        cluster.write("create", harness.GSD, NS, None, deployment(replicas=2))
+        cluster.wait_for(
+            lambda: serving(cluster, 4) and gsd(cluster)["status"].get("gatewayURL"), timeout=60, what="gateway"
+        )
+        assert gsd(cluster)["status"]["gatewayURL"] == f"http://{NAME}.{NS}.svc:8000"
+        gateway = cluster.get(harness.PODS, NS, f"{NAME}-gateway")
+        assert gateway is not None and gateway["metadata"]["ownerReferences"][0]["name"] == NAME
+        container = gateway["spec"]["containers"][0]
+        assert container["image"] == image and container["args"][0] == "gateway"
+        args = container["args"]
+        selector = args[args.index("--selector") + 1]
+        assert selector == f"ghostserve.io/deployment={NAME},app.kubernetes.io/component=engine"
+        assert args[args.index("--namespace") + 1] == NS and args[args.index("--backend-port") + 1] == "30000"
+        # The selector picks exactly the replica pods, not the gateway itself.
+        wanted = dict(kv.split("=") for kv in selector.split(","))
+        picked = sorted(
+            p["metadata"]["name"]
+            for p in cluster.list(harness.PODS, NS)
+            if all(p["metadata"]["labels"].get(k) == v for k, v in wanted.items())
+        )
+        assert picked == [f"{NAME}-r0", f"{NAME}-r1"]
+        service = cluster.get(harness.SERVICES, NS, NAME)
+        assert service is not None
+        assert all(gateway["metadata"]["labels"][k] == v for k, v in service["spec"]["selector"].items())
+        assert service["spec"]["ports"][0]["port"] == 8000
+        # A dead gateway is replaced.
+        cluster.write("update", harness.PODS, NS, f"{NAME}-gateway", {"status": {"phase": "Failed"}})
+        cluster.wait_for(
+            lambda: (found := cluster.get(harness.PODS, NS, f"{NAME}-gateway")) is not None
+            and found["metadata"]["uid"] != gateway["metadata"]["uid"],
+            timeout=60,
+            what="gateway replaced",
+        )
+    finally:
+        proc.stop()
+        print(proc.output()[-4000:])

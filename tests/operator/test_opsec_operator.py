@@ -181,7 +181,7 @@ def test_grace_period_unless_the_node_is_gone(
 
     def replaced() -> dict[str, Any] | None:
         found = cluster.get(harness.PODS, NS, "llama-r0")
-        new = found is not None and found["metadata"]["uid"] != first["metadata"]["uid"]  # type: ignore[index]
+        new = found is not None and found["metadata"]["uid"] != first["metadata"]["uid"]
         return found if new and opsec_support.serving(cluster, "llama") else None
 
     # A node whose object was deleted is confirmed gone: no kubelet can still run the container.

@@ -138,7 +138,9 @@ def serve(rank: int) -> dict[str, object]:
             rid: {
                 "tokens": [int(x) for x in list(r.origin_input_ids) + list(r.output_ids)],
                 "prompt": len(r.origin_input_ids),
-                "slots": [int(x) for x in rtp.req_to_token[r.kv.req_pool_idx, : rt.protector.tracker.written(rid)]],
+                "slots": [
+                    int(x) for x in rtp.req_to_token[r.kv.req_pool_idx, : rt.protector.tracker.written(rid)]
+                ],
                 "committed": rt.protector.tracker.committed(rid),
                 "max_new_tokens": r.sampling_params.max_new_tokens,
             }
@@ -173,7 +175,7 @@ def resume(rank: int) -> dict[str, object]:
     assert rt is not None
     # What a restarted scheduler process starts with: no session, no tracked requests. (The hooks are
     # bound to this runtime object, so it is reset in place rather than replaced.)
-    rt.__init__(rt.settings)  # type: ignore[misc]
+    rt.__init__(rt.settings)
     pool, allocator, rtp = build(rank)
     assert rt.session is not None, f"pool not in custody: {rt.skipped}"
     params = CacheInitParams(

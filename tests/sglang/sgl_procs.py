@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import os
 import pathlib
+import secrets
 import signal
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def sglang_version() -> str | None:
         return None
 
 
-def wait_until(predicate, *, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+def wait_until(predicate, *, timeout: float, what: str) -> None:
     """Poll real state until `predicate()` holds; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -60,10 +61,11 @@ class Sidecar:
 def run_sidecar() -> Iterator[Sidecar]:
     """A real `ghostserve sidecar` process on a Unix socket in a short temporary directory."""
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="gs-sgl-", dir="/tmp"))
+    prefix = f"gs-sgl{secrets.token_hex(3)}-"  # this sidecar's own segments: tests may run side by side
     sock = workdir / "sidecar.sock"
     log = workdir / "sidecar.log"
     cmd = [sys.executable, "-m", "ghostserve.cli.main", "sidecar", "--socket", str(sock), "--grace", "2",
-           "--shm-prefix", "gs-sgl", "--budget", "64MiB"]
+           "--shm-prefix", prefix, "--budget", "64MiB"]
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     sc = Sidecar(proc, f"unix://{sock}", log, workdir)
@@ -91,7 +93,7 @@ def run_sidecar() -> Iterator[Sidecar]:
         for p in sorted(workdir.rglob("*"), reverse=True):
             p.unlink() if not p.is_dir() else p.rmdir()
         workdir.rmdir()
-    leaked = sorted(p.name for p in pathlib.Path("/dev/shm").glob("gs-sgl*"))
+    leaked = sorted(p.name for p in pathlib.Path("/dev/shm").glob(prefix + "*"))
     assert not leaked, f"the sidecar left pool segments behind: {leaked}"
 
 
@@ -135,7 +137,7 @@ class Rank:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             if line.startswith("REPORT "):
-                return json.loads(line[len("REPORT ") :])  # type: ignore[no-any-return]
+                return json.loads(line[len("REPORT ") :])
         raise AssertionError(f"rank {self.rank} exited with {self.proc.wait()}:\n{self.stderr()}")
 
     def send(self, **command: object) -> None:

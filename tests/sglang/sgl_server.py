@@ -55,7 +55,7 @@ def server_args(model: pathlib.Path, *, port: int, tp: int, page_size: int) -> l
         "--model-path", str(model), "--device", "cpu", "--attention-backend", "torch_native",
         "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port), "--tp-size", str(tp),
         "--page-size", str(page_size), "--max-total-tokens", "4096", "--disable-cuda-graph",
-        "--mem-fraction-static", "0.05", "--skip-server-warmup", "--watchdog-timeout", "60",
+        "--mem-fraction-static", "0.05", "--watchdog-timeout", "60",
     ]
 
 
@@ -103,9 +103,11 @@ class Server:
             return []
 
     def scheduler(self, rank: int) -> psutil.Process:
+        # sglang renames its scheduler processes: `sglang::scheduler_TP<r>`, or `sglang::scheduler` at tp=1.
+        names = {f"sglang::scheduler_TP{rank}"} | ({"sglang::scheduler"} if self.tp == 1 else set())
         for p in self.tree():
             with contextlib.suppress(psutil.Error):
-                if f"scheduler_TP{rank}" in " ".join(p.cmdline()) or p.name().endswith(f"TP{rank}"):
+                if " ".join(p.cmdline()).strip() in names:
                     return p
         raise AssertionError(f"no scheduler process for TP{rank} in {[p.pid for p in self.tree()]}")
 
@@ -120,10 +122,8 @@ class Server:
         members = self.tree()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
         for p in members:
             with contextlib.suppress(psutil.Error):
                 p.kill()
@@ -134,10 +134,13 @@ class Server:
 
 
 @contextlib.contextmanager
-def run_gateway(backend: str, *, log: pathlib.Path, resume_timeout: float = 400.0) -> Iterator[str]:
-    """A real `ghostserve gateway` process in front of `backend`; yields its URL."""
+def run_gateway(
+    backend: str, *, log: pathlib.Path, resume_timeout: float = 400.0, python: str | None = None
+) -> Iterator[str]:
+    """A real `ghostserve gateway` process (run by `python`, default this one) in front of `backend`;
+    yields its URL."""
     port = free_port()
-    cmd = [sys.executable, "-m", "ghostserve.cli.main", "gateway", "--listen", f"127.0.0.1:{port}",
+    cmd = [python or sys.executable, "-m", "ghostserve.cli.main", "gateway", "--listen", f"127.0.0.1:{port}",
            "--backend", backend, "--resume-timeout", str(resume_timeout), "--prefer-same-for", "600"]
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)

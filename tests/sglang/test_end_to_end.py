@@ -35,7 +35,7 @@ def expected_shard(rank: int, rid: str, positions: list[int]) -> np.ndarray:
     return torch.stack(planes).numpy()
 
 
-def pool_rows(desc, rank: int, slots: list[int]) -> np.ndarray:  # type: ignore[no-untyped-def]
+def pool_rows(desc, rank: int, slots: list[int]) -> np.ndarray:
     """Rank's pool rows at `slots` in canonical shard order, read through the sidecar's pool handle."""
     layout = desc.layout
     row = layout.kv_heads * layout.head_dim * 2  # bf16

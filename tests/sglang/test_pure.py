@@ -161,7 +161,7 @@ class Exited(Exception):
     pass
 
 
-def exit_raises(code: int):  # type: ignore[no-untyped-def]
+def exit_raises(code: int):
     raise Exited(code)
 
 
@@ -188,3 +188,46 @@ def test_react_exits_even_if_detach_fails() -> None:
         survivors.react(RuntimeError("gloo: Connection reset by peer"),
                         policy=settings_mod.SurvivorPolicy.DETACH_EXIT, detach=broken,
                         exit_process=exit_raises)
+
+
+def test_settings_budget_device_and_grace() -> None:
+    env = {"GHOSTSERVE_PARITY_BUDGET": "1048576", "GHOSTSERVE_RESUME_GRACE_PASSES": "50",
+           "NVIDIA_VISIBLE_DEVICES": "GPU-aaa,GPU-bbb"}
+    s = settings_mod.PluginSettings.from_env(env)
+    assert s.parity_budget_bytes == 1 << 20 and s.resume_grace_passes == 50
+    assert (s.device_uuid(0), s.device_uuid(1), s.device_uuid(2)) == ("GPU-aaa", "GPU-bbb", "")
+    plain = settings_mod.PluginSettings.from_env({"NVIDIA_VISIBLE_DEVICES": "0,1"})
+    assert plain.parity_budget_bytes == 0 and plain.device_uuid(0) == ""  # indices, not UUIDs
+    assert settings_mod.device_uuids("all") == () == settings_mod.device_uuids("")
+    for name, value in [("GHOSTSERVE_PARITY_BUDGET", "-1"), ("GHOSTSERVE_PARITY_BUDGET", "1Gi"),
+                        ("GHOSTSERVE_RESUME_GRACE_PASSES", "0")]:
+        with pytest.raises(settings_mod.SettingsError, match=name):
+            settings_mod.PluginSettings.from_env({name: value})
+
+
+def test_tracker_seeded_request_never_recommits_the_ledgers_chunks() -> None:
+    t = chunks.ChunkTracker(4)
+    t.seed("r", floor=2)  # the ledger holds chunks 0 and 1 (restored, pinned)
+    tokens = list(range(100, 113))
+    # The resubmission matched 4 tokens of the restored prefix and recomputed 4..10 at new slots.
+    t.observe("r", start=4, new_slots=[70, 71, 72, 73, 74, 75, 76],
+              prefix_slots=lambda b, e: [40, 41, 42, 43])
+    assert t.ready("r", tokens[:11]) == []  # chunk 1 was recomputed at other slots: not committed again
+    t.observe("r", start=11, new_slots=[77], prefix_slots=lambda b, e: [])
+    assert [(c.index, c.slots) for c in t.ready("r", tokens[:12])] == [(2, (74, 75, 76, 77))]
+    t.observe("r", start=2, new_slots=[90, 91], prefix_slots=lambda b, e: [])  # retraction: re-laid
+    assert t.committed("r") == 2  # never below the floor
+    with pytest.raises(ValueError, match="already tracked"):
+        t.seed("r", floor=1)
+    with pytest.raises(ValueError, match="floor"):
+        t.seed("s", floor=-1)
+
+
+def test_token_view_reads_prompt_and_output_without_copying() -> None:
+    import types
+
+    from ghostserve.engine.sglang import capture
+
+    view = capture.TokenView(types.SimpleNamespace(origin_input_ids=[1, 2, 3], output_ids=[4, 5]))
+    assert len(view) == 5 and view[0] == 1 and view[3] == 4 and view[-1] == 5
+    assert view[1:4] == [2, 3, 4] and view[:] == [1, 2, 3, 4, 5] and view[4:9] == [5]

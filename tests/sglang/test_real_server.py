@@ -20,9 +20,9 @@ import sgl_procs
 if sgl_procs.sglang_version() != "0.5.23":
     pytest.skip("needs sglang 0.5.23 (.venv-sglang, scripts/setup-sglang.sh)", allow_module_level=True)
 
-import requests  # noqa: E402
-import sgl_server  # noqa: E402
-import tiny_model  # noqa: E402
+import requests
+import sgl_server
+import tiny_model
 
 # Each test starts sglang twice: about a minute each on a quiet 2-core machine, several when it is busy.
 pytestmark = pytest.mark.timeout(1800)
@@ -170,5 +170,6 @@ def test_tp1_process_crash_resumes_without_rebuild(
     assert out["bytes_rebuilt"] == 0  # a process crash loses no KV: the pool stayed in custody
     resumed = out["final_meta"]["ghostserve"]["attempts"][-1]
     assert out["committed_at_crash"] >= 1
-    assert resumed["cached_tokens"] >= min(out["committed_at_crash"] * T, resumed["input_tokens"] - 1) // PAGE * PAGE
+    restored = min(out["committed_at_crash"] * T, resumed["input_tokens"] - 1) // PAGE * PAGE
+    assert resumed["cached_tokens"] >= restored > 0
     assert out["attached_after_stop"] == [False]

@@ -232,7 +232,9 @@ def test_resume_refuses_slots_in_use_and_changes_nothing() -> None:
     before = alloc.free_pages.clone()
     clash = resume.RestoredRequest("r", tuple(range(9)), 4, (*[int(x) for x in used], 40, 41, 42, 43), 20)
     with pytest.raises(resume.ResumeError, match="already in use"):
-        resume.insert(tree, alloc, clash, resume.plan(clash, page_size=PAGE))
+        clash_plan = resume.plan(clash, page_size=PAGE)
+        assert clash_plan is not None
+        resume.insert(tree, alloc, clash, clash_plan)
     partial = resume.RestoredRequest("p", tuple(range(9)), 4, (40, 41, 42, 44), 20)
     with pytest.raises(resume.ResumeError, match="whole pages"):
         resume.claim_slots(alloc, partial.slots)

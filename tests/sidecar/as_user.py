@@ -52,7 +52,7 @@ def main() -> None:
         for name, call in calls:
             try:
                 reply = call()
-                extra = list(reply.groups) if name == "list" else None
+                extra = list(reply.groups) if name == "list" else None  # type: ignore[attr-defined]
                 results.append([name, "OK", extra])
             except grpc.RpcError as exc:
                 results.append([name, exc.code().name, None])

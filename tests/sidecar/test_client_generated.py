@@ -38,3 +38,18 @@ def test_a_message_and_fields_together_are_refused() -> None:
             c.describe_group(pb.DescribeGroupRequest(group="a"), group="b")
     finally:
         c.close()
+
+
+def test_every_rpc_is_wrapped_by_both_clients_with_its_request_fields() -> None:
+    """The servicer side is checked by test_contract_complete; this is the client side, per rpc."""
+    service = pb.DESCRIPTOR.services_by_name["Sidecar"]
+    for m in service.methods:
+        name = "".join("_" + ch.lower() if ch.isupper() else ch for ch in m.name).lstrip("_")
+        sync, aio = getattr(client.SidecarClient, name), getattr(client.AsyncSidecarClient, name)
+        assert inspect.iscoroutinefunction(aio) == (not m.server_streaming), m.name
+        assert not inspect.iscoroutinefunction(sync), m.name
+        if m.client_streaming or m.name == "Flush":
+            continue
+        for fn in (sync, aio):
+            params = inspect.signature(fn).parameters
+            assert [f.name for f in m.input_type.fields if f.name not in params] == [], m.name

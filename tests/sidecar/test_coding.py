@@ -55,7 +55,12 @@ def test_encode_chunk_rejects_pools_of_the_wrong_size() -> None:
     lay = kvlayout.KVLayout(1, 1, 4, "float32", 1, 8)
     prot = coding.Protection("xor", 1, 2)
     pools = [np.zeros(lay.pool_nbytes, np.uint8), np.zeros(lay.pool_nbytes - 1, np.uint8)]
-    with pytest.raises(ValueError, match="flat uint8"):
+    from ghostserve.kernels import errors as codec_errors
+
+    with pytest.raises(codec_errors.ShardSizeError, match="pool 1"):
         coding.encode_chunk(
             coding.make_codec(prot, 2), prot, lay, pools, np.arange(2), np.zeros(32, np.uint8)
         )
+    rep = coding.Protection("replicate", 0, 2)
+    with pytest.raises(ValueError, match="flat uint8"):
+        coding.encode_chunk(None, rep, lay, pools, np.arange(2), np.zeros(32, np.uint8))

@@ -6,6 +6,7 @@ import queue
 import sys
 import threading
 import types
+from typing import Any
 
 import pytest
 from ghostserve.sidecar import errors, health, workqueue
@@ -25,7 +26,7 @@ class NVMLError_GpuIsLost(NVMLError):
 
 def fake_pynvml(events: queue.Queue[tuple[str, int, int]], lost: threading.Event) -> types.ModuleType:
     """The subset of pynvml the source calls, backed by a queue of (uuid, event type, data)."""
-    m = types.ModuleType("pynvml")
+    m: Any = types.ModuleType("pynvml")  # attributes set one by one below
     m.NVMLError, m.NVMLError_Timeout, m.NVMLError_GpuIsLost = (
         NVMLError,
         NVMLError_Timeout,

@@ -316,3 +316,27 @@ def test_source_refuses_invalid_ranks_and_bad_targets(pair: tuple[kv.Sidecar, kv
         s.rebuild(group=GROUP, lost_ranks=[0])
         assert s.move_group(group=GROUP, target=dst.address).ranks_moved == 2
         assert d.list_groups().groups == [GROUP]
+
+
+def test_two_moves_of_one_group_at_once_install_it_once(pair: tuple[kv.Sidecar, kv.Sidecar]) -> None:
+    """Two operator replicas (or a retry racing the first call) move the same group together."""
+    import concurrent.futures
+
+    src, dst = pair
+    with src.client(timeout=120) as s, dst.client(timeout=60) as d:
+        filled = move_kit.fill_group(s, GROUP, requests=2)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            calls = [
+                pool.submit(s.move_group, group=GROUP, target=dst.address, piece_bytes=64 * 1024)
+                for _ in range(2)
+            ]
+            replies = [c.result(timeout=120) for c in calls]
+        total = sum(p.size for p in filled.pools)
+        # Whatever the interleaving, every pool byte went over (one stream waits for the other and
+        # then finds the group installed, or resumes where it stopped) and the group is installed once.
+        assert sum(r.bytes_moved for r in replies) >= total
+        assert all(r.ranks_moved == 2 for r in replies)
+        got = move_kit.read_pools(d, GROUP)
+        assert all(np.array_equal(a, b) for a, b in zip(got, filled.pools, strict=True))
+        stats = d.get_stats()
+        assert stats.moves_in_progress == 0 and d.list_groups().groups == [GROUP]

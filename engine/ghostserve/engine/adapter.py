@@ -128,16 +128,7 @@ class SidecarSession:
     def attach(self) -> AttachResult:
         """Attach this rank (creates the group on first attach). Raises AdapterError on refusal."""
         try:
-            reply = self.client.attach(
-                group=self.group,
-                rank=self.rank,
-                world_size=self.world_size,
-                layout=wire_layout.layout_to(self.layout),
-                protection=wire_protection.protection_to(self.protection),
-                worker_id=self.worker_id,
-                device_uuid=self.device_uuid,
-                parity_budget_bytes=self.parity_budget_bytes,
-            )
+            reply = self._attach_call()
         except grpc.RpcError as exc:
             raise AdapterError(
                 f"attach of rank {self.rank} to {self.group!r} refused: {exc.details()}"
@@ -145,12 +136,8 @@ class SidecarSession:
         self.pool = reply.pool
         return AttachResult(reply.pool, reply.created, reply.needs_rebuild)
 
-    def _reattach(self) -> None:
-        """Attach again after the sidecar restarted (it re-adopts pools but forgets workers).
-
-        Raises PoolChangedError when the pool is no longer the segment this rank maps."""
-        before = self.pool
-        reply = self.client.attach(  # grpc.RpcError propagates: the caller decides if it is transient
+    def _attach_call(self) -> pb.AttachResponse:
+        return self.client.attach(
             group=self.group,
             rank=self.rank,
             world_size=self.world_size,
@@ -160,6 +147,13 @@ class SidecarSession:
             device_uuid=self.device_uuid,
             parity_budget_bytes=self.parity_budget_bytes,
         )
+
+    def _reattach(self) -> None:
+        """Attach again after the sidecar restarted (it re-adopts pools but forgets workers).
+
+        Raises PoolChangedError when the pool is no longer the segment this rank maps."""
+        before = self.pool
+        reply = self._attach_call()  # grpc.RpcError propagates: the caller decides if it is transient
         self.reattaches += 1
         self.pool = reply.pool
         if before is not None and (reply.pool.shm_name, reply.pool.generation) != (

@@ -37,7 +37,12 @@ def parse_url(text: str) -> Backend:
 
 
 class Pool:
-    """Backends and their health, as the gateway last saw them. Health is probed on demand."""
+    """Backends and what the gateway knows of their health.
+
+    A backend is presumed healthy until a request on it failed (`mark_down`): probing /health on every
+    request would cost a generation on sglang, whose /health runs one. A backend marked down is
+    probed until it answers again.
+    """
 
     def __init__(
         self,
@@ -53,23 +58,38 @@ class Pool:
         # How long a resumed request waits for its own backend before taking another healthy one.
         self._prefer_same_for = prefer_same_for
         self._rr = itertools.count()
+        self._down: set[str] = set()
+
+    def mark_down(self, name: str) -> None:
+        self._down.add(name)
 
     async def healthy(self) -> tuple[list[Backend], list[Backend]]:
-        """(every listed backend, the healthy ones)."""
+        """(every listed backend, the ones answering /health now)."""
         backends = list(await self._list())
         checks = await asyncio.gather(*(upstream.healthy(self._session, b.url) for b in backends))
         return backends, [b for b, ok in zip(backends, checks, strict=True) if ok]
 
-    async def pick(self, *, wait: float, prefer: str | None = None) -> Backend:
-        """A healthy backend, waiting up to `wait` seconds for one.
+    async def _usable(self) -> tuple[list[Backend], list[Backend]]:
+        """(every listed backend, those not known to be down); probes the ones marked down."""
+        listed = list(await self._list())
+        down = [b for b in listed if b.name in self._down]
+        if down:
+            checks = await asyncio.gather(*(upstream.healthy(self._session, b.url) for b in down))
+            for b, ok in zip(down, checks, strict=True):
+                if ok:
+                    self._down.discard(b.name)
+        return listed, [b for b in listed if b.name not in self._down]
 
-        With `prefer` (a backend name), that backend is taken as soon as it is healthy; another one
+    async def pick(self, *, wait: float, prefer: str | None = None) -> Backend:
+        """A usable backend, waiting up to `wait` seconds for one.
+
+        With `prefer` (a backend name), that backend is taken as soon as it is usable; another one
         only after `prefer_same_for` seconds, or at once when it is no longer listed (its pod is gone).
         Raises NoBackendError after `wait` seconds.
         """
         start = time.monotonic()
         while True:
-            listed, up = await self.healthy()
+            listed, up = await self._usable()
             waited = time.monotonic() - start
             if prefer is not None and any(b.name == prefer for b in listed):
                 same = [b for b in up if b.name == prefer]

@@ -3,14 +3,16 @@
 A backend failure (connection refused or reset, a 5xx, a stream cut short, an abort) does not reach
 the client. The relay waits (bounded) for a healthy backend, preferring the one the request was on,
 and resubmits the same rid with prompt + the tokens produced so far and the remaining budget. It
-gives up after `max_failures` consecutive attempts that produced nothing.
+gives up when the request went `wait` seconds without a new token.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,8 +27,8 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    wait: float = 300.0  # seconds a request waits for a healthy backend after a failure
-    max_failures: int = 5  # consecutive attempts without a new token before the client gets an error
+    wait: float = 300.0  # seconds a request may go without a new token across failures before it fails
+    backoff: float = 0.2  # first pause after a failed attempt; doubles per failure in a row, up to 5 s
 
 
 @dataclasses.dataclass
@@ -65,15 +67,18 @@ class Relay:
             return list(job.input_ids)
         payload: dict[str, Any] = {"messages": list(job.messages)} if job.messages else {"prompt": job.text}
         failures = 0
+        start = time.monotonic()
         while True:
             backend = await self.pool.pick(wait=self.limits.wait)
             try:
                 return await upstream.tokenize(self.session, backend.url, payload)
             except upstream.BackendError as exc:
+                self.pool.mark_down(backend.name)
                 failures += 1
-                if failures > self.limits.max_failures:
+                if time.monotonic() - start > self.limits.wait:
                     raise
                 log.warning("tokenize on %s failed (%s); retrying", backend.name, exc)
+                await asyncio.sleep(min(self.limits.backoff * 2 ** (failures - 1), 5.0))
 
     async def run(self, job: req_mod.Job, progress: progress_mod.Progress) -> AsyncIterator[Update]:
         """Yield every update of `progress` until it is done. Raises upstream.RejectedError,
@@ -81,6 +86,7 @@ class Relay:
         self.counters.requests += 1
         prefer: str | None = None
         failures = 0
+        progressed_at = time.monotonic()
         while not progress.done:
             backend = await self.pool.pick(wait=self.limits.wait, prefer=prefer)
             body = progress.next_body(backend.name)
@@ -99,17 +105,23 @@ class Relay:
                 if not progress.done:
                     raise upstream.BackendError("the stream ended without a finish reason")
             except (upstream.BackendError, progress_mod.ProtocolError) as exc:
-                failures = 0 if len(progress.output_ids) > before else failures + 1
-                if failures > self.limits.max_failures:
+                if len(progress.output_ids) > before:
+                    failures, progressed_at = 0, time.monotonic()
+                failures += 1
+                if time.monotonic() - progressed_at > self.limits.wait:
                     self.counters.failed += 1
                     raise upstream.BackendError(
-                        f"{job.rid}: {failures} attempts in a row produced nothing; last: {exc}"
+                        f"{job.rid}: no new token for {self.limits.wait:.0f} s across {failures} attempts; "
+                        f"last: {exc}"
                     ) from exc
                 self.counters.resumes += 1
                 log.warning(
                     "request %s lost its backend %s after %d tokens (%s); resuming",
                     job.rid, backend.name, len(progress.output_ids), exc,
                 )
+                self.pool.mark_down(backend.name)
                 # The backend may still run it (a cut connection, not a crash): free the rid there.
                 await upstream.abort(self.session, backend.url, job.rid)
                 prefer = backend.name
+                # A dying server may still answer /health for a moment: do not spin on it.
+                await asyncio.sleep(min(self.limits.backoff * 2 ** (failures - 1), 5.0))

@@ -188,12 +188,20 @@ class Codec:
         return all(self._be.equal(a, b) for a, b in zip(fresh, parity, strict=True))
 
     def encode_gather(
-        self, pools: Sequence[Any], layout: kvlayout.KVLayout, slots: Any, parity_out: Sequence[Any]
+        self,
+        pools: Sequence[Any],
+        layout: kvlayout.KVLayout,
+        slots: Any,
+        parity_out: Sequence[Any],
+        *,
+        checksums_out: list[int] | None = None,
     ) -> None:
         """Encode the chunk at `slots` of the N rank `pools` straight into `parity_out` (mutated).
 
         Each pool is one rank's whole pool buffer (`layout.pool_nbytes` bytes, any dtype); the shards are
-        gathered a cache-sized block at a time, never packed whole. Raises `ShardSizeError` if a pool or
+        gathered a cache-sized block at a time, never packed whole. With `checksums_out` (a list, replaced
+        in place) it also returns each data shard's xxh3-64 (= `checksum` of the gathered shard), hashed
+        block by block while the block is in cache where it can. Raises `ShardSizeError` if a pool or
         parity buffer does not match the layout, `CodecError` for bad slots.
         """
         if not isinstance(layout, kvlayout.KVLayout):
@@ -218,4 +226,6 @@ class Codec:
         devices = {self._be.device(v) for v in [*pool_views, *parity]}
         if len(devices) > 1:
             raise errors.ShardTypeError(f"pools and parity must be on one device, got {sorted(devices)}")
-        codes.encode_gather(self.code, self._be, pool_views, layout, slot_arr, parity, size)
+        codes.encode_gather(
+            self.code, self._be, pool_views, layout, slot_arr, parity, size, checksums_out=checksums_out
+        )

@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import xxhash
 from ghostserve.kernels import backend as backend_mod
-from ghostserve.kernels import gf256, rdp
+from ghostserve.kernels import checksums, gf256, rdp
 from ghostserve.kernels import layout as kvlayout
 
 Backend = backend_mod.Backend
@@ -101,28 +102,50 @@ def encode_gather(
     slots: npt.NDArray[np.int64],
     parity: Sequence[Any],
     size: int,
+    checksums_out: list[int] | None = None,
 ) -> None:
     """Encode the shards at `slots` of every pool into `parity`: fused in one kernel where the backend
-    can (`encode_gather_fused`, cuda), else gathering a cache-sized block at a time."""
-    if size == 0:
-        return
+    can (`encode_gather_fused`, cuda), else gathering a cache-sized block at a time. With
+    `checksums_out`, also fill it with each data shard's xxh3-64 (`checksums.checksum` of the gathered
+    shard): host blocks are hashed right after their gather, while they are in cache; other paths
+    (fused, RDP's column order, device memory) hash the shard in a second pass."""
     n = len(pools)
+    hashers = [xxhash.xxh3_64() for _ in pools] if checksums_out is not None else None
     rows = kvlayout.pool_rows(layout, slots)
-    if code in ("xor", "rs"):
+    done = size == 0
+    if not done and code in ("xor", "rs"):
         fused = getattr(be, "encode_gather_fused", None)
         matrix = gf256.cauchy_parity(n, len(parity)) if code == "rs" else None
-        if fused is not None and fused(code, matrix, pools, layout, slots, parity):
-            return
-        block = min(size, be.gather_block_bytes)
-        scratch = [be.empty(block, like=parity[0]) for _ in range(n)]
-        for start in range(0, size, block):
-            length = min(block, size - start)
-            srcs = [s[:length] for s in scratch]
-            for pool, src in zip(pools, srcs, strict=True):
-                be.gather(pool, layout, rows, start, src)
-            encode(code, be, srcs, [p[start : start + length] for p in parity], length)
-        return
-    _rdp_encode_gather(be, pools, layout, rows, parity, size)
+        done = fused is not None and fused(code, matrix, pools, layout, slots, parity)
+        if not done:
+            block = min(size, be.gather_block_bytes)
+            scratch = [be.empty(block, like=parity[0]) for _ in range(n)]
+            if hashers is not None and not isinstance(scratch[0], np.ndarray):
+                hashers = None  # device blocks: hashed below from the pools instead
+            for start in range(0, size, block):
+                length = min(block, size - start)
+                srcs = [s[:length] for s in scratch]
+                for i, (pool, src) in enumerate(zip(pools, srcs, strict=True)):
+                    be.gather(pool, layout, rows, start, src)
+                    if hashers is not None:
+                        hashers[i].update(src)
+                encode(code, be, srcs, [p[start : start + length] for p in parity], length)
+            if hashers is not None and checksums_out is not None:
+                checksums_out[:] = [int(h.intdigest()) for h in hashers]
+                return
+            done = True
+    if not done:
+        _rdp_encode_gather(be, pools, layout, rows, parity, size)
+    if checksums_out is not None:
+        checksums_out[:] = [_shard_checksum(be, pool, layout, slots, size) for pool in pools]
+
+
+def _shard_checksum(be: Backend, pool: Any, layout: kvlayout.KVLayout, slots: Any, size: int) -> int:
+    if isinstance(pool, np.ndarray):
+        return checksums.shard_checksum(pool, layout, np.asarray(slots, np.int64))
+    shard = be.empty(size, like=pool)  # device memory: gather, then hash a host copy
+    be.gather(pool, layout, kvlayout.pool_rows(layout, slots), 0, shard)
+    return checksums.checksum(shard)
 
 
 def _rdp_encode_gather(

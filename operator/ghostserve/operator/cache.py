@@ -10,7 +10,7 @@ import collections
 from collections.abc import Mapping
 from typing import Any
 
-from ghostserve.operator import faults, pods
+from ghostserve.operator import faults, pods, specs
 
 Key = tuple[str, str]  # (namespace, deployment name)
 
@@ -21,14 +21,33 @@ class ClusterView:
         self._nodes: dict[str, dict[str, Any]] = {}
         self._gpu_faults: dict[str, dict[str, faults.Fault]] = collections.defaultdict(dict)
         self._deleted_nodes: set[str] = set()
+        self._gateways: dict[Key, dict[str, Any]] = {}
         self._bad: dict[str, set[str]] = collections.defaultdict(set)  # node -> GPUs faulty since
 
     @staticmethod
     def pod_key(pod: Mapping[str, Any]) -> tuple[Key, int] | None:
         return pods.replica_of(pod)
 
+    @staticmethod
+    def gateway_key(pod: Mapping[str, Any]) -> Key | None:
+        meta = pod.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        if labels.get(pods.COMPONENT_LABEL) != specs.GATEWAY_COMPONENT:
+            return None
+        if specs.DEPLOYMENT_LABEL not in labels:
+            return None
+        return str(meta.get("namespace")), str(labels[specs.DEPLOYMENT_LABEL])
+
+    def gateway(self, key: Key) -> dict[str, Any] | None:
+        return self._gateways.get(key)
+
     def put_pod(self, pod: Mapping[str, Any]) -> Key | None:
-        """Record the latest state of a replica pod; returns its deployment key (None for other pods)."""
+        """Record the latest state of a replica (or gateway) pod; returns its deployment key (None for
+        other pods)."""
+        gateway = self.gateway_key(pod)
+        if gateway is not None:
+            self._gateways[gateway] = dict(pod)
+            return gateway
         found = self.pod_key(pod)
         if found is None:
             return None
@@ -38,6 +57,13 @@ class ClusterView:
 
     def drop_pod(self, pod: Mapping[str, Any]) -> Key | None:
         """Forget a deleted pod, unless a newer pod (another UID) already took its slot."""
+        gateway = self.gateway_key(pod)
+        if gateway is not None:
+            current = self._gateways.get(gateway)
+            uid = (pod.get("metadata") or {}).get("uid")
+            if current is not None and current["metadata"].get("uid") == uid:
+                del self._gateways[gateway]
+            return gateway
         found = self.pod_key(pod)
         if found is None:
             return None
@@ -60,6 +86,7 @@ class ClusterView:
 
     def forget(self, key: Key) -> None:
         self._pods.pop(key, None)
+        self._gateways.pop(key, None)
 
     def put_node(self, node: Mapping[str, Any]) -> None:
         self._nodes[node["metadata"]["name"]] = dict(node)

@@ -161,9 +161,9 @@ async def control_loop(
         except Exception as exc:  # API errors, rejected pods, sidecar errors: report, back off; never die
             wait = retry.fail()
             reason, message = failure_reason(exc), str(exc)
-            # kopf posts this object logger's warnings as Kubernetes Events: a readable sentence there,
-            # the same fields structured in `extra` for the JSON log.
-            logger.warning(
+            # The module logger, not kopf's object logger (whose warnings become Events): `report` posts
+            # one Event per distinct failure, not one per retry.
+            log.warning(
                 f"reconcile failed ({reason}), retrying in {wait:.1f}s: {exc!r}",
                 extra={"reason": reason, "retry_s": round(wait, 1), "error": repr(exc)},
             )

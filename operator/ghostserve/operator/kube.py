@@ -6,7 +6,7 @@ ownership are decided here once: creating what exists counts as success only whe
 object belongs to the same owner (else NotOwned), deleting what is gone counts as success, and an
 object the deployment did not create is never deleted. Every pod passes `podpolicy.enforce` first.
 `CALLS` lists every (API group, resource, verb) used here; the chart's RBAC grants exactly these plus
-kopf's own (tests/operator/test_opsec_rbac.py compares them).
+kopf's own (tests/operator/test_opsec_operator.py compares them).
 """
 
 from __future__ import annotations

@@ -202,6 +202,58 @@ def build_replica_pod(
     }
 
 
+def gateway_pod_name(name: str) -> str:
+    return f"{name}-gateway"
+
+
+def build_gateway_pod(namespace: str, name: str, image: str) -> dict[str, Any]:
+    """The deployment's resume gateway (`ghostserve gateway`, docs/gateway.md): finds the ready replica
+    pods by label, fronts them, and keeps client streams alive across a replica's recovery by
+    resubmitting in-flight requests with their tokens so far. The client Service selects it."""
+    selector = f"{specs.DEPLOYMENT_LABEL}={name},{COMPONENT_LABEL}={ENGINE_COMPONENT}"
+    health = {"httpGet": {"path": "/health", "port": "http"}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": gateway_pod_name(name),
+            "namespace": namespace,
+            "labels": {
+                specs.APP_LABEL: specs.APP_VALUE,
+                specs.DEPLOYMENT_LABEL: name,
+                COMPONENT_LABEL: specs.GATEWAY_COMPONENT,
+            },
+        },
+        "spec": {
+            "restartPolicy": "Always",  # stateless: kubelet restarts it in place
+            "containers": [
+                {
+                    "name": "gateway",
+                    "image": image,
+                    "args": [
+                        "gateway",
+                        "--listen",
+                        f"0.0.0.0:{specs.GATEWAY_PORT}",
+                        "--selector",
+                        selector,
+                        "--namespace",
+                        namespace,
+                        "--backend-port",
+                        str(specs.ENGINE_PORT),
+                    ],
+                    "ports": [{"name": "http", "containerPort": specs.GATEWAY_PORT}],
+                    "readinessProbe": {**health, "periodSeconds": 5},
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "allowPrivilegeEscalation": False,
+                        "capabilities": {"drop": ["ALL"]},
+                    },
+                }
+            ],
+        },
+    }
+
+
 def gpu_request(pod: Mapping[str, Any]) -> int:
     """nvidia.com/gpu the pod's containers hold (limits, as the device plugin allocates)."""
     total = 0

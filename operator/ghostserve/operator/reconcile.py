@@ -60,6 +60,7 @@ class Reconciler:
         self.warned: set[str] = set()  # one Event per distinct problem, not one per pass
         self.first_seen: dict[str, float] = {}  # pod UID -> when a process-only fault was first seen
         self.tries: dict[str, int] = {}  # failed attempts of best-effort sidecar calls outside recoveries
+        self.gateway_requested = False  # created (or found existing) and not yet seen by the pod watch
 
     # ---- entry point -------------------------------------------------------------------------
     async def step(self) -> float | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 from collections.abc import Callable
 
 from ghostserve.operator import cache, faults, kube, sidecars, specs
@@ -22,6 +23,11 @@ class Config:
     sidecar_timeout_seconds: float = 10.0
     watch_health: bool = True
     node_access: specs.NodeAccess = dataclasses.field(default_factory=specs.NodeAccess)
+    # Image of each deployment's resume gateway (the operator's own; the chart sets the variable).
+    # Empty: no gateway is deployed and status.gatewayURL stays unset.
+    gateway_image: str = dataclasses.field(
+        default_factory=lambda: os.environ.get("GHOSTSERVE_GATEWAY_IMAGE", "")
+    )
 
 
 class Runtime:

@@ -83,6 +83,28 @@ async def ensure(loop: Reconciler, spec: Mapping[str, Any], pods: Mapping[int, A
             loop.rt.ensure_health_watch(node, loop.port(spec), loop_fault_handler(loop))
     await observe_groups(loop, spec, pods)
     await roll(loop, spec, pods)
+    await ensure_gateway(loop)
+
+
+async def ensure_gateway(loop: Reconciler) -> None:
+    """One resume gateway pod per deployment (when the operator has a gateway image); a failed one is
+    replaced. status.gatewayURL names the client Service in front of it."""
+    image = loop.rt.config.gateway_image
+    if not image:
+        return
+    gateway = loop.rt.view.gateway(loop.key)
+    if gateway is not None and (gateway.get("status") or {}).get("phase") in {"Failed", "Succeeded"}:
+        await _delete(loop, gateway)
+        return  # its DELETED event brings us back to create the new one
+    if gateway is None and not loop.gateway_requested:
+        manifest = podmodel.build_gateway_pod(loop.namespace, loop.name, image)
+        await loop.rt.kube.create_pod(loop.namespace, loop.adopted(manifest))
+        loop.gateway_requested = True  # cleared when the view shows it gone again
+    if gateway is not None:
+        loop.gateway_requested = False
+    url = f"http://{loop.name}.{loop.namespace}.svc:{specs.GATEWAY_PORT}"
+    if loop.status.get("gatewayURL") != url:
+        await loop.persist(gatewayURL=url)
 
 
 def loop_fault_handler(loop: Reconciler) -> Any:

@@ -6,7 +6,6 @@ REPLICATE keeps full copies of all N shards instead of parity; NONE never gets h
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,17 +35,7 @@ def split(buf: npt.NDArray[np.uint8], count: int) -> list[npt.NDArray[np.uint8]]
     return [buf[i * size : (i + 1) * size] for i in range(count)]
 
 
-BYTEWISE = ("xor", "rs", "replicate")  # byte i of the parity depends only on byte i of each shard
-BLOCK_BYTES = 512 * 1024  # per shard and step: N + M blocks stay in L2/L3 between gather, hash and encode
-_local = threading.local()
-
-
-def _blocks(count: int, nbytes: int) -> list[npt.NDArray[np.uint8]]:
-    """Per-thread reusable block buffers (no allocation, no page faults per chunk)."""
-    bufs: list[npt.NDArray[np.uint8]] = getattr(_local, "blocks", [])
-    if len(bufs) < count or (bufs and bufs[0].size < nbytes):
-        bufs = _local.blocks = [np.empty(nbytes, dtype=np.uint8) for _ in range(count)]
-    return [b[:nbytes] for b in bufs[:count]]
+BLOCK_BYTES = 512 * 1024  # replicate copies a block of every shard at a time: it stays in cache for the hash
 
 
 def encode_chunk(
@@ -60,32 +49,29 @@ def encode_chunk(
     """Fill `out` (stored_shards * S bytes) with the chunk's parity (or copies); return the checksums of
     the N data shards. Reads the pools, mutates `out` only. Raises kernels.CodecError on bad buffers.
 
-    For byte-wise codes the shards are walked a block at a time: gather the block of every rank, hash
-    it while it is in cache, encode it. (Codec.encode_gather followed by a separate hashing pass reads
-    every byte from memory twice; this reads it once.)
+    Codes go through `Codec.encode_gather(checksums_out=...)`, which hashes each gathered block while it
+    is in cache (RDP, whose diagonals span the whole shard, hashes in a second pass). Replicate copies
+    block by block into the parity buffer and hashes each block as it lands.
     """
-    if protection.code not in BYTEWISE:
-        # RDP's diagonals span the whole shard: encode it in one go, then hash in a second pass.
-        codec.encode_gather(list(pools), layout, slots, split(out, protection.parity_shards))
-        return tuple(checksums.shard_checksum(pool, layout, np.asarray(slots, np.int64)) for pool in pools)
+    if protection.code != "replicate":
+        sums: list[int] = []
+        parity = split(out, protection.parity_shards)
+        codec.encode_gather(list(pools), layout, slots, parity, checksums_out=sums)
+        return tuple(sums)
     slot_arr = kvlayout.check_slots(layout, slots)
     if any(p.dtype != np.uint8 or p.ndim != 1 or p.size != layout.pool_nbytes for p in pools):
         raise ValueError(f"pools must be flat uint8 arrays of {layout.pool_nbytes} bytes")
     size = layout.shard_nbytes(slot_arr.size)
     rows = kvlayout.pool_rows(layout, slot_arr)
     digests = [xxhash.xxh3_64() for _ in pools]
-    replicate = protection.code == "replicate"
-    targets = split(out, len(pools) if replicate else protection.parity_shards)
+    targets = split(out, len(pools))
     block = max(layout.row_bytes, BLOCK_BYTES // layout.row_bytes * layout.row_bytes)
-    scratch = [] if replicate else _blocks(len(pools), min(block, size))
     for off in range(0, size, block):
         step = min(block, size - off)
-        views = [t[off : off + step] for t in targets] if replicate else [b[:step] for b in scratch]
-        for pool, digest, view in zip(pools, digests, views, strict=True):
+        for pool, digest, target in zip(pools, digests, targets, strict=True):
+            view = target[off : off + step]
             kvlayout.gather_range(pool, layout, rows, off, view)
             digest.update(view.data)
-        if not replicate:
-            codec.encode(views, [t[off : off + step] for t in targets])
     return tuple(int(d.intdigest()) for d in digests)
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -13,13 +13,21 @@ from ghostserve.v1 import sidecar_pb2 as pb
 from ghostserve.wire import layout as wire_layout
 from ghostserve.wire import protection as wire_protection
 
+M = TypeVar("M")
+T = TypeVar("T")
+
+
+def _checked(convert: Callable[[M], T], msg: M) -> T:
+    """`convert(msg)`, its ValueError (the wire layer's "bad message") raised as InvalidArgument."""
+    try:
+        return convert(msg)
+    except ValueError as exc:
+        raise errors.InvalidArgument(str(exc)) from exc
+
 
 def layout_from(msg: pb.KVLayout) -> kvlayout.KVLayout:
     """Raises InvalidArgument for a missing dtype or zero sizes."""
-    try:
-        return wire_layout.layout_from(msg)
-    except ValueError as exc:
-        raise errors.InvalidArgument(str(exc)) from exc
+    return _checked(wire_layout.layout_from, msg)
 
 
 def layout_to(lay: kvlayout.KVLayout) -> pb.KVLayout:
@@ -28,10 +36,7 @@ def layout_to(lay: kvlayout.KVLayout) -> pb.KVLayout:
 
 def protection_from(msg: pb.Protection, world_size: int) -> coding.Protection:
     """Raises InvalidArgument for a missing code or a parity count the code does not have."""
-    try:
-        return wire_protection.protection_from(msg)
-    except ValueError as exc:
-        raise errors.InvalidArgument(str(exc)) from exc
+    return _checked(wire_protection.protection_from, msg)
 
 
 def protection_to(p: coding.Protection) -> pb.Protection:

@@ -135,7 +135,7 @@ class NvmlHealthSource:
             try:
                 nv.nvmlDeviceRegisterEvents(h, mask, event_set)
             except nv.NVMLError as exc:
-                log.warning("nvml: cannot register events: %s", exc)
+                log.warning("nvml-events-unavailable", extra={"error": str(exc)})
         try:
             while not self._stop.is_set():
                 try:
@@ -150,7 +150,7 @@ class NvmlHealthSource:
                 except nv.NVMLError_Timeout:
                     pass
                 except nv.NVMLError as exc:
-                    log.warning("nvml: event wait failed: %s", exc)
+                    log.warning("nvml-event-wait-failed", extra={"error": str(exc)})
                 self._poll(publish)
         finally:
             nv.nvmlEventSetFree(event_set)

@@ -137,9 +137,12 @@ def _serialize(item: pb.MovePiece | bytes) -> bytes:
     return item if isinstance(item, bytes) else item.SerializeToString()
 
 
-async def _pieces(snap: Snapshot, start: int, piece_bytes: int) -> AsyncIterator[pb.MovePiece | bytes]:
+async def _pieces(
+    snap: Snapshot, start: int, piece_bytes: int, sent: list[int] | None = None
+) -> AsyncIterator[pb.MovePiece | bytes]:
     """Header, pool pieces from `start` (never across two ranks' pools), the ledger in parts, the
-    last part with the commit."""
+    last part with the commit. `sent[0]` counts the pool and ledger bytes handed to gRPC."""
+    sent = sent if sent is not None else [0]
     yield pb.MovePiece(header=snap.header)
     base = 0
     for pool in snap.pools:
@@ -149,12 +152,15 @@ async def _pieces(snap: Snapshot, start: int, piece_bytes: int) -> AsyncIterator
             view = pool[off - base : min(off - base + piece_bytes, pool.size)]
             yield encode_piece(off, view)
             off += view.size
+            sent[0] += view.size
         base = end
     ledger = snap.ledger
     for off in range(0, max(len(ledger) - piece_bytes, 0), piece_bytes):
         yield pb.MovePiece(ledger=ledger[off : off + piece_bytes])
+        sent[0] += piece_bytes
     last = ledger[(max(len(ledger) - 1, 0) // piece_bytes) * piece_bytes :]
     yield pb.MovePiece(ledger=last, ledger_checksum=checksums.checksum(ledger), commit=True)
+    sent[0] += len(last)
 
 
 class Mover:
@@ -205,12 +211,13 @@ class Mover:
                 request_serializer=_serialize,
                 response_deserializer=pb.ReceiveGroupReply.FromString,
             )
-            done = await receive(_pieces(snap, held.received_bytes, piece_bytes))
+            sent = [0]
+            done = await receive(_pieces(snap, held.received_bytes, piece_bytes, sent))
             if not done.complete:
                 raise errors.Unavailable(
                     f"target holds {done.received_bytes} of {done.total_bytes} bytes after the stream"
                 )
-        reply.bytes_moved = snap.total - held.received_bytes + len(snap.ledger)
+        reply.bytes_moved = sent[0]
         reply.seconds = time.perf_counter() - start_t
         self.bytes_sent += reply.bytes_moved
         log.info(

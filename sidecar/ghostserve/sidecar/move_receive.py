@@ -229,6 +229,9 @@ class Receiver:
             self.discard(header.group)
             return pb.ReceiveGroupReply(received_bytes=total, total_bytes=total, complete=True)
         st = await self._begin(header, settings)
+        if self._installed(header):  # the stream it waited for installed the group
+            self.discard(header.group)
+            return pb.ReceiveGroupReply(received_bytes=total, total_bytes=total, complete=True)
         if not st.idle.is_set():
             raise errors.FailedPrecondition(f"a move of {header.group!r} is already streaming here")
         st.idle.clear()

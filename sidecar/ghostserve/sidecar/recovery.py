@@ -160,7 +160,14 @@ class Rebuilder:
             self.lost = _check_lost(g, lost_ranks)
             self.todo = _selection(g, request_ids, first_chunk)
             self.generations = g.generations()
-            self.targets = {r: g.ranks[r].segment.array for r in self.lost if g.ranks[r].segment}
+            self.targets = {}
+            for r in self.lost:
+                seg = g.ranks[r].segment
+                if seg is None:
+                    raise errors.FailedPrecondition(
+                        f"rank {r} of {name!r} has no pool to rebuild into: attach it"
+                    )
+                self.targets[r] = seg.array
         self.results: dict[str, RequestResult] = {
             rid: RequestResult(rid) for rid in (request_ids or [t[0] for t in self.todo])
         }

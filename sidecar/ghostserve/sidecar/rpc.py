@@ -128,7 +128,7 @@ class Authorizer:
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
     code, message = service.status_of(exc)
     if code == grpc.StatusCode.INTERNAL:
-        log.error("unexpected error in %s", method, exc_info=exc)
+        log.error("unexpected-error", extra={"method": method}, exc_info=exc)
     await context.abort(code, message)
 
 

@@ -66,7 +66,7 @@ def _mapped(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
         except Exception as exc:
             code, message = status_of(exc)
             if code == grpc.StatusCode.INTERNAL:
-                log.exception("unexpected error in %s", fn.__name__)
+                log.exception("unexpected-error", extra={"method": fn.__name__})
             await context.abort(code, message)
             raise  # abort raises; this line only satisfies type checkers
 

@@ -70,6 +70,12 @@ class ParityStore:
         to make room. Raises ResourceExhausted, charging nothing, when even that cannot make room."""
         if nbytes <= 0:
             return
+        if self._floor() + nbytes > self.budget:
+            # Even evicting everything evictable would not make room: refuse before evicting anything.
+            raise errors.ResourceExhausted(
+                f"sidecar memory budget full: {nbytes} B more for the ledger does not fit "
+                f"({self.meta_bytes} B ledger, {self.held_bytes} B parity of {self.budget} B)"
+            )
         while self.used_bytes() + nbytes > self.budget:
             if self._drop_cached(other_than=-1):
                 continue
@@ -123,6 +129,11 @@ class ParityStore:
             raise errors.ResourceExhausted(
                 f"one chunk's parity ({nbytes} B) exceeds the budget ({self.budget} B)"
             )
+        if self._floor() + nbytes > self.budget:
+            raise errors.ResourceExhausted(
+                f"parity budget full ({self.used_bytes()} of {self.budget} B held by encodes in flight, "
+                "pinned parity and the ledger)"
+            )
         while True:
             free = self._free.get(nbytes)
             if free:
@@ -156,6 +167,10 @@ class ParityStore:
                 self.cached_bytes -= size
                 return True
         return False
+
+    def _floor(self) -> int:
+        """What stays used after evicting every evictable item and dropping every cached buffer."""
+        return self.meta_bytes + self.held_bytes - sum(self._evictable(o) for o in self._items)
 
     def _evictable(self, owner: Hashable) -> int:
         return sum(i.buf.size for i in self._items.get(owner, {}).values() if not i.reserved and not i.pins)

@@ -7,12 +7,8 @@ from typing import Any
 from ghostserve.kernels import layout as kvlayout
 from ghostserve.v1 import sidecar_pb2 as pb
 
-DTYPE_IDS: dict[str, Any] = {
-    "float16": pb.FLOAT16,
-    "bfloat16": pb.BFLOAT16,
-    "float8": pb.FLOAT8,
-    "float32": pb.FLOAT32,
-}
+# The proto's DType enum names each dtype in capitals (FLOAT16 = "float16"); a missing one fails at import.
+DTYPE_IDS: dict[str, Any] = {name: pb.DType.Value(name.upper()) for name in kvlayout.ITEMSIZE}
 DTYPES: dict[int, str] = {int(v): k for k, v in DTYPE_IDS.items()}
 
 

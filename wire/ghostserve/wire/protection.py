@@ -11,13 +11,8 @@ from typing import Any
 from ghostserve.kernels import protection
 from ghostserve.v1 import sidecar_pb2 as pb
 
-CODE_IDS: dict[str, Any] = {
-    "none": pb.NONE,
-    "replicate": pb.REPLICATE,
-    "xor": pb.XOR,
-    "rdp": pb.RDP,
-    "rs": pb.RS,
-}
+# The proto's Code enum names each code in capitals (XOR = "xor"); a code without one fails at import.
+CODE_IDS: dict[str, Any] = {name: pb.Code.Value(name.upper()) for name in protection.CODES}
 CODES: dict[int, str] = {int(v): k for k, v in CODE_IDS.items()}
 
 

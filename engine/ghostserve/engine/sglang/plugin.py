@@ -24,6 +24,7 @@ RELEASE = "sglang.srt.mem_cache.common.release_kv_cache"
 SCHEDULER_INIT = "sglang.srt.managers.scheduler.Scheduler.__init__"
 EVENT_LOOP = "sglang.srt.managers.scheduler.Scheduler.run_event_loop"
 KILL_TREE = "sglang.srt.utils.common.kill_process_tree"
+FLUSH = "sglang.srt.managers.scheduler.Scheduler.flush_cache"
 
 RUNTIME: Any = None  # runtime.Runtime once registered
 
@@ -70,6 +71,7 @@ def _register() -> Any:
         SCHEDULER_INIT: (rt.after_scheduler_init, hook_type.AFTER),
         EVENT_LOOP: (rt.guard_event_loop, hook_type.AROUND),
         KILL_TREE: (rt.kill_tree, hook_type.AROUND),
+        FLUSH: (rt.after_flush, hook_type.AFTER),
     }
     for target, (fn, kind) in hooks.items():
         registry.register(target, fn, kind)

@@ -93,6 +93,16 @@ class Protector:
             self.recorded.discard(rid)
             self.sender.release(rid)
 
+    def on_flush(self) -> None:
+        """sglang flushed its cache (tree and allocator reset): the pinned prefixes are gone from the
+        tree and their slots are free, so the ledger entries of the requests still waiting for their
+        client are released (their KV is no longer guaranteed)."""
+        for rid in list(self.pins):
+            self.pins.pop(rid)
+            self._deadline.pop(rid, None)
+            log.warning("cache flushed: restored request %s is released", rid)
+            self.sender.release(rid)
+
     def turn_off(self, reason: str) -> None:
         """Serve every request unprotected from now on (logged and counted once)."""
         if self.off is None:

@@ -197,6 +197,11 @@ class Runtime:
             log.exception("GhostServe release failed")
             self.protector.turn_off(f"release failed: {type(exc).__name__}: {exc}")
 
+    def after_flush(self, result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
+        """AFTER Scheduler.flush_cache: a successful flush drops the restored prefixes' pins."""
+        if result and self.protector is not None:
+            self.protector.on_flush()
+
     def guard_event_loop(self, original: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:
         """AROUND Scheduler.run_event_loop: GhostServe's reaction to a peer failure (survivors.py)."""
         return survivors.guard_event_loop(

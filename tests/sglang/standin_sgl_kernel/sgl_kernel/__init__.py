@@ -52,7 +52,8 @@ def copy_all_layer_kv_cache_cpu(
     for ptr, stride in zip(data_ptrs.tolist(), strides.tolist(), strict=True):
         for tgt, src in zip(tgt_loc.tolist(), src_loc.tolist(), strict=True):
             if tgt != src:
-                ctypes.memmove(int(ptr) + int(tgt) * int(stride), int(ptr) + int(src) * int(stride), int(stride))
+                base, width = int(ptr), int(stride)
+                ctypes.memmove(base + int(tgt) * width, base + int(src) * width, width)
 
 
 _ABSENT = frozenset({"convert_weight_packed", "convert_weight_packed_scale_zp"})
