@@ -137,3 +137,22 @@ def test_what_cannot_run_here_is_refused_with_the_kubelet_reason(change: dict[st
     with pytest.raises(containers.ContainerError) as err:
         launch(pod)
     assert err.value.reason == reason
+
+
+def test_dollar_references_expand_and_listen_addresses_bind_the_pod_ip() -> None:
+    pod = engine_pod("ghcr.io/ghostserve/ghostserve:0.1.0", command=["ghostserve", "gateway"])
+    container = pod["spec"]["containers"][0]
+    container["args"] = [
+        "--listen",
+        "0.0.0.0:8000",
+        "--name=$(GHOSTSERVE_POD_NAME)",
+        "--x=$(UNSET)",
+        "--bind=0.0.0.0",
+    ]
+    assert launch(pod).argv[4:] == [
+        "--listen",
+        "127.9.20.3:8000",
+        "--name=m-r0",
+        "--x=$(UNSET)",
+        "--bind=127.9.20.3",
+    ]

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ghostserve.engine.reference import engine as engine_mod
+from ghostserve.kernels import protection
 from ghostserve.sidecar import client as client_mod
 
 KINDS = (
@@ -34,7 +35,7 @@ KINDS = (
     "sidecar@rebuild",
     "sidecar@step",
 )
-CODES = {"xor": 1, "rdp": 2, "rs": 2}
+CODES = {code: protection.resolve_parity(code) for code in protection.ERASURE_CODES}  # code -> its M
 TP = {"xor": 2, "rdp": 4, "rs": 4}
 
 

@@ -261,7 +261,7 @@ def test_resume_gateway_per_deployment(cluster: harness.Cluster, tmp_path: pathl
     try:
         cluster.write("create", harness.GSD, NS, None, deployment(replicas=2))
         cluster.wait_for(
-            lambda: serving(cluster, 4) and gsd(cluster)["status"].get("gatewayURL"), timeout=60, what="gateway"
+            lambda: serving(cluster, 4) and gsd(cluster)["status"].get("gatewayURL"), timeout=60, what="gw"
         )
         assert gsd(cluster)["status"]["gatewayURL"] == f"http://{NAME}.{NS}.svc:8000"
         gateway = cluster.get(harness.PODS, NS, f"{NAME}-gateway")

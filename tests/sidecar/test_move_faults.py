@@ -7,12 +7,11 @@ import pathlib
 import threading
 
 import grpc
-import inproc
 import kv
 import move_kit
 import numpy as np
 import pytest
-from ghostserve.sidecar import config, pools
+from ghostserve.sidecar import pools
 
 GROUP = "ns/demo-r1"
 
@@ -75,22 +74,30 @@ def test_source_killed_mid_move_resumes_after_restart(short_tmp: pathlib.Path, s
 def test_full_target_refuses_and_stages_nothing(short_tmp: pathlib.Path, shm_prefix: str) -> None:
     src = kv.start_sidecar(short_tmp, listen=f"127.0.0.1:{kv.free_port()}", prefix=shm_prefix, name="src")
     group_bytes = 2 * move_kit.LAYOUT.pool_slots * 512 * 2 * move_kit.LAYOUT.layers
-    cfg = config.Config(max_pool_bytes=group_bytes - 1, shm_prefix=shm_prefix + "t", fake_gpus=0)
-    bg = inproc.Background("127.0.0.1:0", cfg)
-    target = f"127.0.0.1:{bg.port}"
+    dst = kv.start_sidecar(
+        short_tmp,
+        "--max-pool-bytes",
+        str(group_bytes - 1),
+        listen=f"127.0.0.1:{kv.free_port()}",
+        prefix=shm_prefix + "t",
+        name="dst",
+    )
     try:
-        with src.client(timeout=60) as s:
+        with src.client(timeout=60) as s, dst.client(timeout=10) as d:
             move_kit.fill_group(s, GROUP, requests=1)
             with pytest.raises(grpc.RpcError) as full:
-                s.move_group(group=GROUP, target=target)
+                s.move_group(group=GROUP, target=dst.address)
             assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert full.value.details().startswith(f"target {target}:")
+            assert full.value.details().startswith(f"target {dst.address}:")
+            assert "max-pool-bytes" in full.value.details()
             assert sorted(pools.SHM_DIR.glob(shm_prefix + "t*")) == []
-            with kv.client.SidecarClient(target, timeout=10) as d:
-                assert d.list_groups().groups == [] and d.get_stats().moves_in_progress == 0
+            assert d.list_groups().groups == [] and d.get_stats().moves_in_progress == 0
+            with pytest.raises(grpc.RpcError) as missing:
+                d.describe_group(group=GROUP)
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND
             assert s.describe_group(group=GROUP).ranks[0].pool_valid  # the source keeps its copy
     finally:
-        bg.stop()
+        dst.terminate()
         src.terminate()
 
 

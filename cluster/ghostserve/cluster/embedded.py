@@ -79,6 +79,12 @@ class Cluster:
         self.stop()
 
     def start(self) -> None:
+        """Start everything. Raises RuntimeError (e.g. a workdir too long for Unix socket paths)."""
+        longest = self.workdir.resolve() / "nodes" / "control-plane" / node_mod.SOCKET_DIR / "sidecar.sock"
+        if len(str(longest)) > 100:  # sun_path holds 107 bytes
+            raise RuntimeError(
+                f"workdir {self.workdir} is too long for the nodes' Unix sockets: use a shorter one"
+            )
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._thread.start()
         try:

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import pathlib
+import platform
 import signal
 import sys
 import time
@@ -188,7 +189,18 @@ class Node:
                         "lastHeartbeatTime": api_mod.now(),
                     }
                 ],
-                "nodeInfo": {"kubeletVersion": "ghostserve-embedded", "containerRuntimeVersion": "local://"},
+                "nodeInfo": {
+                    "architecture": platform.machine(),
+                    "bootID": s.name,
+                    "containerRuntimeVersion": "local://ghostserve-embedded",
+                    "kernelVersion": platform.release(),
+                    "kubeProxyVersion": "",
+                    "kubeletVersion": "ghostserve-embedded",
+                    "machineID": s.name,
+                    "operatingSystem": "linux",
+                    "osImage": "ghostserve embedded node",
+                    "systemUUID": s.name,
+                },
             },
         }
 
@@ -212,10 +224,13 @@ class Node:
             self.sidecar.signal_tree(signal.SIGKILL)
 
     async def power_off(self) -> None:
-        """The machine dies: pods and sidecar are SIGKILLed; the node stops reporting."""
+        """The machine dies: pods and sidecar are SIGKILLed, its memory (the pools in /dev/shm) is gone,
+        and the node stops reporting."""
         await self.kubelet.power_off()
         if self.sidecar is not None:
             await self.sidecar.stop(0)
+        for segment in pathlib.Path("/dev/shm").glob(self.spec.shm_prefix + "*"):
+            segment.unlink(missing_ok=True)
 
     async def stop(self) -> None:
         """Tear down: pods (SIGKILL), then the sidecar (SIGTERM: it frees its pools)."""

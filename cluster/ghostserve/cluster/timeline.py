@@ -71,3 +71,48 @@ def first_token_after(streams: Sequence[traffic.Stream], t0: float) -> float | N
     if not outages or any(o is None for o in outages):
         return None
     return min(o[1] for o in outages if o is not None) - t0
+
+
+PHASES = ("detection", "scheduling", "engine_start", "kv_restore", "resume")
+
+
+def phases(outcome: scenarios.Outcome, name: str) -> dict[str, float]:
+    """Seconds of each recovery phase, from the fault to the first token after the outage:
+
+    detection (fault -> the operator recorded Detected), kv_restore (Detected -> KVReady: MarkLost,
+    rebuild from parity, the move when there is one), scheduling (KVReady -> the replacement was bound,
+    `Scheduled` Event), engine_start (bound -> the replacement pod Ready), resume (Ready -> the first
+    token after the outage). Raises LookupError when a step is missing from the record."""
+    t0 = outcome.fault_at
+    if t0 is None:
+        raise LookupError("no fault in this outcome")
+    marks: dict[str, float] = {}
+    created: set[str] = set()
+    for w in outcome.writes:
+        if w.at < t0:
+            continue
+        meta = w.obj.get("metadata") or {}
+        if w.plural == "ghostservedeployments" and meta.get("name") == name:
+            for rec in (w.obj.get("status") or {}).get("inFlight") or []:
+                marks.setdefault(f"step:{rec.get('step')}", w.at)
+        elif w.plural == "events" and w.action == "create" and w.obj.get("reason") == "Scheduled":
+            if str((w.obj.get("involvedObject") or {}).get("name", "")).startswith(f"{name}-r"):
+                marks.setdefault("scheduled", w.at)
+        elif w.plural == "pods" and str(meta.get("name", "")).startswith(f"{name}-r"):
+            if w.action == "create":
+                created.add(str(meta.get("uid")))
+            elif str(meta.get("uid")) in created and _ready(w.obj):
+                marks.setdefault("ready", w.at)
+    first = first_token_after(outcome.streams, t0)
+    need = ("step:Detected", "step:KVReady", "scheduled", "ready")
+    missing = [m for m in need if m not in marks]
+    if missing or first is None:
+        raise LookupError(f"recovery of {name} is missing {missing or ['the first token after the outage']}")
+    return {
+        "detection": marks["step:Detected"] - t0,
+        "kv_restore": marks["step:KVReady"] - marks["step:Detected"],
+        "scheduling": marks["scheduled"] - marks["step:KVReady"],
+        "engine_start": marks["ready"] - marks["scheduled"],
+        "resume": t0 + first - marks["ready"],
+        "total": first,
+    }

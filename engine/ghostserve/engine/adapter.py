@@ -287,9 +287,12 @@ class CommitSender:
         session: SidecarSession,
         *,
         on_rejected: Callable[[str, AdapterError], None] | None = None,
+        dropped: Callable[[str], bool] = lambda request_id: False,
     ) -> None:
         self.session = session
         self._on_rejected = on_rejected
+        # Commits and records of requests for which `dropped` holds are skipped (their releases are not).
+        self._dropped = dropped
         self._queue: queue.Queue[_Call] = queue.Queue()
         self._error: AdapterError | None = None
         self.rejected = 0
@@ -350,6 +353,8 @@ class CommitSender:
 
     def _send(self, call: _Call) -> None:
         s = self.session
+        if call.kind != "release" and self._dropped(call.request_id):
+            return
         if call.kind == "commit":
             s.commit(call.request_id, call.chunk_index, call.slots, call.token_ids)
         elif call.kind == "record":

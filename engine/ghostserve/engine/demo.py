@@ -1,4 +1,5 @@
-"""`ghostserve demo`: a protected group survives a GPU (device) fault with its output unchanged.
+"""`ghostserve demo --no-cluster`: the engine alone (no operator, no pods) survives a GPU (device) fault
+with its output unchanged. (`ghostserve demo` runs the whole system on the embedded cluster.)
 
 Starts a real sidecar and the reference engine (TP ranks as processes), serves several long requests
 fault-free, serves them again with a device fault injected mid-decode (a rank SIGKILLed and its pool
@@ -27,7 +28,7 @@ DEMO_MODEL = config.ModelConfig(vocab=1024, hidden=256, layers=4, heads=8, kv_he
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="ghostserve demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="ghostserve demo --no-cluster", description=__doc__.split("\n")[0])
     p.add_argument("--code", default="xor", choices=["xor", "rdp", "rs", "replicate", "none"])
     p.add_argument("--tp", type=int, default=4, help="tensor-parallel ranks (processes)")
     p.add_argument("--requests", type=int, default=4)

@@ -21,7 +21,7 @@ from ghostserve.operator.pods import uid_of
 from ghostserve.operator.stamps import now, now_iso, parse_iso
 
 if TYPE_CHECKING:
-    from ghostserve.operator.reconcile import Reconciler
+    from ghostserve.operator.loopstate import LoopState as Reconciler
 
 SETTLE_SECONDS = 1.0
 # Steps before the replacement pod exists: a device fault found then joins the recovery.

@@ -26,6 +26,7 @@ from ghostserve.operator import (
     specs,
 )
 
+log = logging.getLogger("ghostserve.operator")
 CR = (specs.GROUP, specs.VERSION, specs.PLURAL)
 RANK_PODS = {specs.APP_LABEL: specs.APP_VALUE}
 IN_FLIGHT_KEY = "in_flight"  # memo: deployment key -> a recovery is recorded in its status
@@ -128,6 +129,7 @@ async def reconcile_spec(
                 "reason": "InvalidSpec",
                 "message": str(exc)[:1000],
                 "lastTransitionTime": reconcile.now_iso(),
+                "observedGeneration": (body.get("metadata") or {}).get("generation"),
             }
         ]
         kopf.warn(body, reason="InvalidSpec", message=str(exc)[:1000])

@@ -16,7 +16,7 @@ from ghostserve.operator import sidecars, status
 from ghostserve.operator.stamps import now_iso
 
 if TYPE_CHECKING:
-    from ghostserve.operator.reconcile import Reconciler
+    from ghostserve.operator.loopstate import LoopState as Reconciler
 
 
 async def refresh_figures(loop: Reconciler, spec: Mapping[str, Any], pods: Mapping[int, Any]) -> None:

@@ -20,7 +20,7 @@ from ghostserve.operator.record import Recovery
 from ghostserve.operator.stamps import now, now_iso, parse_iso
 
 if TYPE_CHECKING:
-    from ghostserve.operator.reconcile import Reconciler
+    from ghostserve.operator.loopstate import LoopState as Reconciler
 
 SIDECAR_ATTEMPTS = 3
 RETRY_SECONDS = 1.0

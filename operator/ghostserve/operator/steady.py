@@ -12,11 +12,11 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import kopf
+from ghostserve.operator import faults, specs, status
 from ghostserve.operator import pods as podmodel
-from ghostserve.operator import specs, status
 
 if TYPE_CHECKING:
-    from ghostserve.operator.reconcile import Reconciler
+    from ghostserve.operator.loopstate import LoopState as Reconciler
 
 SIDECAR_ATTEMPTS = 3
 
@@ -31,6 +31,10 @@ async def save_groups(loop: Reconciler, groups: Mapping[int, Mapping[str, Any]])
 
 async def delete_group(loop: Reconciler, spec: Mapping[str, Any], replica: int, node: str, why: str) -> bool:
     """DeleteGroup of a replica's group on `node`'s sidecar; False when it must be retried."""
+    view_node = loop.rt.view.node(node)
+    down = faults.classify_node(view_node) if view_node is not None else None
+    if loop.rt.view.node_deleted(node) or (down is not None and down.reason == "NodeNotReady"):
+        return True  # the node (and its sidecar's copy) is gone or unreachable: nothing to free
     key = f"delete:{replica}:{node}"
     try:
         await loop.rt.sidecars.delete_group(loop.address(node, spec), loop.group_id(replica))
@@ -93,15 +97,15 @@ async def ensure_gateway(loop: Reconciler) -> None:
     if not image:
         return
     gateway = loop.rt.view.gateway(loop.key)
-    if gateway is not None and (gateway.get("status") or {}).get("phase") in {"Failed", "Succeeded"}:
-        await _delete(loop, gateway)
-        return  # its DELETED event brings us back to create the new one
-    if gateway is None and not loop.gateway_requested:
+    if gateway is not None:
+        loop.gateway_requested = False  # the watch shows it: from now on the view says whether it exists
+        if (gateway.get("status") or {}).get("phase") in {"Failed", "Succeeded"}:
+            await _delete(loop, gateway)
+            return  # its DELETED event brings us back to create the new one
+    elif not loop.gateway_requested:
         manifest = podmodel.build_gateway_pod(loop.namespace, loop.name, image)
         await loop.rt.kube.create_pod(loop.namespace, loop.adopted(manifest))
-        loop.gateway_requested = True  # cleared when the view shows it gone again
-    if gateway is not None:
-        loop.gateway_requested = False
+        loop.gateway_requested = True
     url = f"http://{loop.name}.{loop.namespace}.svc:{specs.GATEWAY_PORT}"
     if loop.status.get("gatewayURL") != url:
         await loop.persist(gatewayURL=url)

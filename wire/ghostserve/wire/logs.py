@@ -35,15 +35,6 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "event": record.getMessage(),
         }
-        if out["event"].startswith("{"):
-            # Old sidecar call sites log a JSON object as the message: keep their keys until migrated.
-            try:
-                legacy = json.loads(out["event"])
-            except ValueError:
-                legacy = None
-            if isinstance(legacy, dict):
-                del out["event"]
-                out.update(legacy)
         for key, value in vars(record).items():
             if key not in _RECORD_FIELDS and not key.startswith("_"):
                 out[_RENAMED.get(key, key)] = value

@@ -45,7 +45,8 @@ async def _serve(svc: service.Service) -> int:
     site = web.TCPSite(runner, cfg.host, cfg.port)
     await site.start()
     log.info(
-        "serving %s (tp=%d, group %s) on http://%s:%d", cfg.model_path, cfg.tp, cfg.group, cfg.host, cfg.port
+        "serving",
+        extra={"model": cfg.model_path, "tp": cfg.tp, "group": cfg.group, "url": f"http://{cfg.host}:{cfg.port}"},
     )
     svc.start()
     try:
@@ -65,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ghostserve serve: {exc}", file=sys.stderr)
         return 2
     if ignored:
-        log.warning("ignoring flags the reference engine has no use for: %s", " ".join(ignored))
+        log.warning("flags-ignored", extra={"flags": ignored, "why": "the reference engine has no use"})
     # Several pods may share a machine (the embedded cluster): each tree needs its own gloo stores.
     own = cfg.workdir is None
     if own:

@@ -193,7 +193,7 @@ class Service:
             lambda: eng.client.rebuild(group=eng.group, lost_ranks=lost, request_ids=[], timeout=600.0),
             what="rebuild at start",
         )
-        log.info("rebuilt lost ranks %s at start: %d bytes", lost, report.bytes_rebuilt)
+        log.info("rebuilt-at-start", extra={"lost_ranks": lost, "bytes": report.bytes_rebuilt})
 
     def _load_held(self) -> None:
         eng = self.engine
@@ -215,12 +215,12 @@ class Service:
                     raise resume.ResumeError("no prompt length recorded")
                 eng.alloc.assign(rid, layout)
             except (resume.ResumeError, kvpool.PoolFullError) as exc:
-                log.warning("ledger request %s cannot be held (%s): released", rid, exc)
+                log.warning("held-request-released", extra={"request": rid, "why": str(exc)})
                 eng.session.release(rid)
                 continue
             self.held[rid] = Held(rid, int(led.prompt_tokens), tuple(led.token_ids), deadline)
         if self.held:
-            log.info("holding %d request(s) from the ledger for resubmission", len(self.held))
+            log.info("holding-ledger-requests", extra={"requests": len(self.held)})
 
     def _admit(self, job: Job) -> None:
         eng = self.engine
@@ -274,7 +274,7 @@ class Service:
             chunk_tokens=t,
         )
         if n is None:
-            log.warning("resubmitted %s does not match the held request: served as new", job.rid)
+            log.warning("resubmission-mismatch", extra={"request": job.rid, "action": "served as new"})
             return False
         p = held.prompt_len
         try:
@@ -301,7 +301,7 @@ class Service:
         eng.session.record_tokens(job.rid, tokens, prompt_tokens=p, max_new_tokens=req.max_new_tokens)
         job.cached_tokens = n
         self.jobs[job.rid] = job
-        log.info("resumed %s: %d cached, %d recomputed", job.rid, n, max(0, end - n))
+        log.info("resumed", extra={"request": job.rid, "cached": n, "recomputed": max(0, end - n)})
         return True
 
     def _hold(self, rid: str) -> None:
@@ -324,7 +324,7 @@ class Service:
         now = time.monotonic()
         for rid in [r for r, h in self.held.items() if h.deadline <= now]:
             del self.held[rid]
-            log.info("held request %s was not resubmitted in %.0fs: released", rid, self.cfg.resume_wait_s)
+            log.info("held-request-released", extra={"request": rid, "why": "not resubmitted in time"})
             self._release(rid)
 
     def _release(self, rid: str) -> None:
@@ -380,7 +380,7 @@ class Service:
 
     def _fatal(self, message: str, code: int) -> None:
         self.error, self.exit_code = message, code
-        log.error("stopping: %s", message)
+        log.error("stopping", extra={"why": message})
         for job in list(self.jobs.values()) + self.waiting:
             job.emit(Failure(message, 503))
         self.jobs, self.waiting = {}, []

@@ -42,7 +42,9 @@ class Protector:
     def __init__(self, session: adapter.SidecarSession, *, grace_passes: int = 10000) -> None:
         self.session = session
         self.tracker = chunks.ChunkTracker(session.protection.chunk_tokens)
-        self.sender = adapter.CommitSender(session, on_rejected=self._rejected)
+        self.sender = adapter.CommitSender(
+            session, on_rejected=self._rejected, dropped=lambda rid: rid in self.unprotected
+        )
         self.grace_passes = grace_passes
         self.unprotected: dict[str, str] = {}  # rid -> why (written by the sender thread too)
         self.off: str | None = None  # protection off for every request, and why
@@ -170,6 +172,8 @@ class Protector:
             self.turn_off(str(error))
         else:
             self._unprotect(request_id, str(error), kind="rejected")
+            # What the ledger holds for it can no longer be trusted: drop it (after what is queued).
+            self.sender.release(request_id)
 
     def _unprotect(self, rid: str, reason: str, *, kind: str) -> None:
         if rid not in self.unprotected:
