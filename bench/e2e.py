@@ -54,7 +54,7 @@ def spread(values: Sequence[float]) -> dict[str, Any]:
 
 def _fmt(d: dict[str, Any], unit: str = "", digits: int = 2) -> str:
     lo, hi = f"{d['min']:.{digits}f}", f"{d['max']:.{digits}f}"
-    return f"{d['median']:.{digits}f}{unit} ({lo}-{hi}, n={len(d['samples'])})"
+    return f"{d['median']:.{digits}f}{unit} [{lo} .. {hi}] n={len(d['samples'])}"
 
 
 def recovery_samples(samples: int, **kw: Any) -> dict[str, Any]:
@@ -335,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         t.add_row(
             f"{phase} throughput on/off (overhead, per pair)",
             f"{r['tokens_per_s_on']:.0f}/{r['tokens_per_s_off']:.0f} tok/s "
-            f"({_fmt({**pairs, 'samples': r['overhead_pairs']['samples']}, '%', 1)})",
+            f"overhead {_fmt({**pairs, 'samples': r['overhead_pairs']['samples']}, '%', 1)}",
         )
     for r in rec_res:
         n = r["context_tokens"]

@@ -153,15 +153,20 @@ def test_client_gone_request_is_held_and_resumed(served, baseline):
     assert "held-0" not in served.state()["held"]
 
 
-def _stream_until(srv: serve_support.ServeProcess, body: dict[str, Any], n: int, on_n: Any) -> list[int]:
+def _stream_until(
+    srv: serve_support.ServeProcess, body: dict[str, Any], n: int, on_n: Any, ends: list[str] | None = None
+) -> list[int]:
     """Stream ``body``; after ``n`` tokens call ``on_n``; returns the tokens received before the stream
-    broke (connection dropped or an error event)."""
+    broke (connection dropped, or an abort event: its message is appended to ``ends``)."""
     got: list[int] = []
     try:
         for event in srv.stream(body):
-            if "error" in event:
-                break
             got = event["output_ids"]
+            finish = event["meta_info"]["finish_reason"]
+            if finish and finish["type"] == "abort":
+                if ends is not None:
+                    ends.append(finish["message"])
+                break
             if len(got) == n:
                 on_n()
     except (ConnectionError, OSError, json.JSONDecodeError):
@@ -218,8 +223,11 @@ def test_device_fault_exits_then_rescheduled_pod_rebuilds_and_resumes(
         fault = {"kind": "XID", "xid": 79, "message": "fell off the bus"}
         (gpus / "faults" / "GPU-b.json").write_text(json.dumps(fault))
 
-    got = _stream_until(srv, _body(2), 22, break_gpu)
+    ends: list[str] = []
+    got = _stream_until(srv, _body(2), 22, break_gpu, ends)
     assert srv.wait() == devices.EXIT_DEVICE_ERROR, srv.log_tail()
+    # The stream ended with sglang's abort reason and the output so far (what a gateway resubmits).
+    assert len(ends) == 1 and "device lost" in ends[0], ends
     assert 22 <= len(got) < 40
     with client_mod.SidecarClient(sidecar.address) as c:
         c.mark_lost(group=group, ranks=[1], reason="Xid 79 on GPU-b")

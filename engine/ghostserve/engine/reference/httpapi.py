@@ -5,7 +5,10 @@
 - ``POST /generate``: ``{"rid"?, "text" | "input_ids", "sampling_params": {"max_new_tokens",
   "temperature": 0}, "stream"?}`` → ``{"text", "output_ids", "meta_info": {"id", "prompt_tokens",
   "completion_tokens", "cached_tokens", "finish_reason"}}``; with ``stream`` every new token sends an
-  SSE line ``data: {json}\\n\\n`` with the cumulative output so far, then ``data: [DONE]\\n\\n``.
+  SSE line ``data: {json}\\n\\n`` with the cumulative output so far, then ``data: [DONE]\\n\\n``. When
+  serving fails mid-stream (a device fault, shutdown) the last event carries sglang's abort reason,
+  ``finish_reason: {"type": "abort", "message", "status_code"}``, with the output so far: a client
+  (the gateway) resubmits the request (service.py says how).
 - ``GET /ghostserve/state``: rank pids, generations, recoveries, running/waiting/held requests (tests,
   demo).
 
@@ -158,24 +161,43 @@ async def generate(request: web.Request) -> web.StreamResponse:
                 if event.done:
                     finished = True
                     return web.json_response(reply(rid, event, tok))
+        event = await events.get()
+        if isinstance(event, service_mod.Failure):  # refused before anything ran: a plain HTTP error
+            finished = True
+            return _error(event.message, event.status)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
+        last = service_mod.Output((), len(gen.input_ids), 0, False, gen.max_new_tokens)
         while True:
-            event = await events.get()
             if isinstance(event, service_mod.Failure):
                 finished = True
-                await resp.write(_sse({"error": {"message": event.message}}))
+                await resp.write(_sse(_abort(rid, last, event, tok)))
                 break
+            last = event
             await resp.write(_sse(reply(rid, event, tok)))
             if event.done:
                 finished = True
-                await resp.write(b"data: [DONE]\n\n")
                 break
+            event = await events.get()
+        await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
     finally:
         if not finished:
             svc.cancel(rid)  # the client went away: hold its KV for a resubmission
+
+
+def _abort(
+    rid: str, last: service_mod.Output, failure: service_mod.Failure, tok: tokenizer_mod.ByteTokenizer
+) -> dict[str, Any]:
+    """sglang's abort event: the output so far and why the request ended early."""
+    body = reply(rid, last, tok)
+    body["meta_info"]["finish_reason"] = {
+        "type": "abort",
+        "message": failure.message,
+        "status_code": failure.status,
+    }
+    return body
 
 
 def _sse(obj: Any) -> bytes:
