@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio = benchlib.spread(
         [r["total"] / p["total"] for r, p in zip(results["recompute"], results["protected"], strict=True)]
     )
-    table = Table(title="fault -> first token after the outage, seconds (median [min, max])")
+    table = Table(title="fault -> first token after the outage, seconds: median (min, max)")
     table.add_column("phase")
     for key in sides:
         table.add_column(key, justify="right")
@@ -140,13 +140,13 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(
             ph,
             *(
-                f"{summary[k][ph]['median']} [{summary[k][ph]['min']}, {summary[k][ph]['max']}]"
+                f"{summary[k][ph]['median']} ({summary[k][ph]['min']}, {summary[k][ph]['max']})"
                 for k in sides
             ),
         )
     console.print(table)
     console.print(
-        f"recompute / protected (total, per round): median {ratio['median']} [{ratio['min']}, {ratio['max']}]"
+        f"recompute / protected (total, per round): median {ratio['median']} ({ratio['min']}, {ratio['max']})"
     )
     console.print(f"outputs identical to the fault-free run: {identical}")
     report = {

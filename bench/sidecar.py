@@ -59,6 +59,7 @@ def run_code(
 ) -> dict[str, Any]:
     code, m, lost_n = CODES[name]
     n, t, chunks = args.ranks, args.chunk_tokens, args.chunks
+    workers = args.encode_workers
     lay = kvlayout.KVLayout(args.layers, args.kv_heads, args.head_dim, "float16", 16, chunks * t)
     msg_layout = pb.KVLayout(
         layers=lay.layers,
@@ -112,9 +113,16 @@ def run_code(
         assert desc.requests[0].chunks_protected == chunks, "encoder fell behind: raise --queue-depth"
         progress.advance(task)
 
+        # The bare codec gets as many threads as the sidecar's encoder (--encode-workers): a like-for-like
+        # pair. It hashes nothing; the sidecar must also record every shard's checksum.
         t0 = time.perf_counter()
-        for i, slots in enumerate(slot_lists):
-            codec.encode_gather(arrays, lay, slots, parity[i])
+        with concurrent.futures.ThreadPoolExecutor(workers) as bare_ex:
+            list(
+                bare_ex.map(
+                    lambda i, a=arrays: codec.encode_gather(a, lay, slot_lists[i], parity[i]),
+                    range(len(slot_lists)),
+                )
+            )
         bare_encode.append(time.perf_counter() - t0)
         progress.advance(task)
 

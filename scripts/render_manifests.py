@@ -81,6 +81,7 @@ def manifest_text(docs: list[tuple[str, str]], *, version: str) -> str:
     header = (
         f"# GhostServe {version}, rendered from charts/ghostserve with default values by\n"
         "# scripts/render_manifests.py. Do not edit: change the chart and re-run the script.\n"
+        "# Needs cert-manager (its Issuer/Certificate kinds issue the mTLS Secrets; docs/kubernetes.md).\n"
         f"# Install: kubectl create namespace {NAMESPACE}\n"
         "#          kubectl apply --server-side -f manifests/ghostserve.yaml\n"
     )

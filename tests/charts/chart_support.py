@@ -38,7 +38,7 @@ def objects(docs: list[tuple[str, str]]) -> list[dict[str, Any]]:
 VARIANTS: dict[str, dict[str, Any]] = {
     "namespaced": {"operator": {"watchNamespaces": ["llm", "llm-staging"]}},
     "tls-spill-extras": {
-        "tls": {"enabled": True},
+        "tls": {"mode": "secret"},
         "imagePullSecrets": [{"name": "regcred"}],
         "commonLabels": {"team": "inference"},
         "operator": {
@@ -62,6 +62,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         },
         "metrics": {"annotations": {"prometheus.io/scrape": "true"}},
     },
+    "insecure": {"tls": {"mode": "insecure"}},
     "minimal": {
         "sidecar": {"enabled": False},
         "networkPolicy": {"enabled": False},

@@ -17,6 +17,7 @@ import chart_support
 import pytest
 from ghostserve.operator import main as operator_main
 from ghostserve.sidecar import config as sidecar_config
+from ghostserve.sidecar import flags as sidecar_flags
 from ghostserve.sidecar import server as sidecar_server
 
 PROBE_DEADLINE_S = 60.0
@@ -40,11 +41,13 @@ def test_operator_accepts_the_rendered_args(render_script: ModuleType, variant: 
     assert args.sidecar_address_template == "{node_ip}:{port}"
     namespaces = (values or {}).get("operator", {}).get("watchNamespaces", [])
     assert (args.all_namespaces, args.namespace) == (not namespaces, namespaces)
-    tls = bool((values or {}).get("tls", {}).get("enabled"))
-    assert bool(args.tls_ca and args.tls_cert and args.tls_key) is tls
-    if tls:
+    mtls = (values or {}).get("tls", {}).get("mode", "cert-manager") != "insecure"
+    assert bool(args.tls_ca and args.tls_cert and args.tls_key) is mtls
+    if mtls:
         mounts = {m["name"]: m["mountPath"] for m in operator["volumeMounts"]}
-        assert pathlib.PurePath(args.tls_ca).parent == pathlib.PurePath(mounts["tls"])
+        for path in (args.tls_ca, args.tls_cert, args.tls_key):
+            assert pathlib.PurePath(path).parent == pathlib.PurePath(mounts["tls"])
+        assert args.tls_server_name == "ghostserve-sidecar"
 
 
 def _sidecar_args(render_script: ModuleType, values: dict[str, Any] | None) -> list[str]:
@@ -53,7 +56,7 @@ def _sidecar_args(render_script: ModuleType, values: dict[str, Any] | None) -> l
     return list(sidecar["args"][1:])
 
 
-@pytest.mark.parametrize("variant", ["default", "tls-spill-extras"])
+@pytest.mark.parametrize("variant", ["default", "tls-spill-extras", "insecure"])
 def test_sidecar_accepts_every_rendered_flag_but_listen(render_script: ModuleType, variant: str) -> None:
     """Every flag the DaemonSet passes exists and parses; --listen is left to the test below."""
     values = None if variant == "default" else chart_support.VARIANTS[variant]
@@ -63,7 +66,9 @@ def test_sidecar_accepts_every_rendered_flag_but_listen(render_script: ModuleTyp
     budget = (values or {}).get("sidecar", {}).get("hostMemoryBudget", "64Gi")
     assert sidecar_config.parse_bytes(args.budget) == 64 << 30 == sidecar_config.parse_bytes(budget)
     assert args.metrics_port == 9464 and args.log_level == "INFO"
-    assert args.keep_pools is (variant == "default")
+    assert args.keep_pools is (variant != "tls-spill-extras")
+    sidecar_flags.check_transport(args)  # the sidecar would refuse (exit 2) what this rejects
+    assert args.insecure is (args.tls_ca is None) is (variant == "insecure")
     assert (args.spill_dir is not None) is (variant == "tls-spill-extras")
 
 

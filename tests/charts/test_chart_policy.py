@@ -243,11 +243,12 @@ def test_network_policies_guard_the_right_pods(default_objects: list[dict[str, A
     assert not _labels_match(sidecar["podSelector"]["matchLabels"], pods["Deployment"])
     grpc_rule, metrics_rule = sidecar["ingress"]
     assert grpc_rule["ports"] == [{"protocol": "TCP", "port": 7443}]
-    [peer] = grpc_rule["from"]
-    assert set(peer) == {"podSelector"} and _labels_match(
-        peer["podSelector"]["matchLabels"], pods["Deployment"]
-    )
-    assert not _labels_match(peer["podSelector"]["matchLabels"], pods["DaemonSet"])
+    # The operator, and other sidecars: a move streams a group from one node's sidecar to another's.
+    operator_peer, sidecar_peer = grpc_rule["from"]
+    assert set(operator_peer) == set(sidecar_peer) == {"podSelector"}
+    operator_match, sidecar_match = (p["podSelector"]["matchLabels"] for p in (operator_peer, sidecar_peer))
+    assert _labels_match(operator_match, pods["Deployment"]) and not _labels_match(operator_match, pods["DaemonSet"])
+    assert _labels_match(sidecar_match, pods["DaemonSet"]) and not _labels_match(sidecar_match, pods["Deployment"])
     assert metrics_rule == {"from": [monitoring], "ports": [{"protocol": "TCP", "port": 9464}]}
 
     operator = policies["operator"]

@@ -281,3 +281,23 @@ def test_serve_rejects_bad_flags(tmp_path: pathlib.Path):
     with pytest.raises(RuntimeError, match="exited with 2"):
         srv.start(timeout_s=60)
     assert "tp" in srv.log_tail()
+
+
+def test_same_rid_resubmitted_while_running_takes_over(served, baseline):
+    """The gateway may resubmit before this server noticed the old stream broke: a continuation of the
+    running request takes it over (the old stream is told so); another prompt under that rid is refused."""
+    base = baseline(TP).outputs["req-1"]
+    stream = served.stream(_body(1, rid="dup"))
+    first = next(stream)["output_ids"]  # the request is running now (39 more decode steps to go)
+    status, out = served.generate(_body(0, rid="dup"))
+    assert status == 400 and "already running" in out["error"]["message"]
+    prompt = requests()[1].prompt
+    status, out = served.generate(
+        {"rid": "dup", "input_ids": prompt + first, "sampling_params": {"max_new_tokens": 40 - len(first)}}
+    )
+    assert status == 200, out
+    assert first + out["output_ids"] == base
+    rest = list(stream)
+    finish = rest[-1]["meta_info"]["finish_reason"]
+    assert finish["type"] == "abort" and "superseded" in finish["message"]
+    assert base[: len(rest[-1]["output_ids"])] == rest[-1]["output_ids"]

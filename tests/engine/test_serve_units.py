@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from ghostserve.engine.reference import devices, httpapi, kvpool, resume, serveargs, service, tokenizer
+from ghostserve.engine.reference import devices, httpapi, jobs, kvpool, resume, serveargs, tokenizer
 
 ENV = {"GHOSTSERVE_CHUNK_TOKENS": "32", "GHOSTSERVE_GROUP": "ns/gsd-r0", "GHOSTSERVE_CODE": "rs"}
 
@@ -60,7 +60,7 @@ def test_generate_body_parsed_and_reply_shaped():
     gen = httpapi.parse_generate({"rid": "r1", "text": "ab", "sampling_params": params, "stream": True}, tok)
     assert gen == httpapi.Generate("r1", [97, 98], 5, True)
     assert httpapi.parse_generate({"input_ids": [1, 2]}, tok).max_new_tokens == httpapi.DEFAULT_MAX_NEW_TOKENS
-    out = service.Output((104, 105), prompt_tokens=2, cached_tokens=0, done=True, max_new_tokens=2)
+    out = jobs.Output((104, 105), prompt_tokens=2, cached_tokens=0, done=True, max_new_tokens=2)
     body = httpapi.reply("r1", out, tok)
     assert json.loads(json.dumps(body)) == {
         "text": "hi",

@@ -33,13 +33,13 @@ def sidecar_args(docs: list[dict[str, Any]]) -> list[str]:
 
 
 def test_without_tls_the_sidecar_is_told_it_is_insecure() -> None:
-    args = flags.parse_args(sidecar_args(rendered(None)))
+    args = flags.parse_args(sidecar_args(rendered({"tls": {"mode": "insecure"}})))
     assert args.listen and args.insecure and not args.tls_cert
     flags.check_transport(args)  # would raise (exit 2) without --insecure
 
 
 def test_with_cert_manager_the_certificates_name_the_pinned_identities() -> None:
-    docs = rendered({"tls": {"enabled": True, "certManager": {"enabled": True}}})
+    docs = rendered(None)  # the default: tls.mode cert-manager
     args = flags.parse_args(sidecar_args(docs))
     flags.check_transport(args)
     assert not args.insecure and args.tls_ca

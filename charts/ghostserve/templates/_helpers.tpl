@@ -66,8 +66,51 @@ sidecar's hostPort), and memory sizes that would overflow. Included by every wor
 {{- fail (printf "operator.leaderElection needs retrySeconds < renewDeadlineSeconds < leaseSeconds, got %d, %d, %d" (int .retrySeconds) (int .renewDeadlineSeconds) (int .leaseSeconds)) -}}
 {{- end -}}
 {{- end -}}
+{{- include "ghostserve.validateTls" . -}}
 {{- if gt (add $budget $overhead) 67108864 -}}
 {{- fail (printf "sidecar.hostMemoryBudget + sidecar.memoryOverhead = %dMi is above 64Ti: no node has that much memory (a typo?)" (add $budget $overhead)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+How the sidecars' TCP port is secured: "cert-manager", "secret" or "insecure". values.schema.json
+checks tls.mode already; this fails the same way when a render skips the schema, and turns the removed
+switches of older charts into a pointer to tls.mode instead of a silent downgrade.
+*/}}
+{{- define "ghostserve.tlsMode" -}}
+{{- $tls := .Values.tls -}}
+{{- if or (hasKey $tls "enabled") (hasKey ($tls.certManager | default dict) "enabled") -}}
+{{- fail "tls.enabled and tls.certManager.enabled were replaced by tls.mode: cert-manager (default; mTLS with certificates from cert-manager), secret (mTLS with Secrets you create) or insecure (plaintext, unsafe)" -}}
+{{- end -}}
+{{- $mode := toString $tls.mode -}}
+{{- if not (has $mode (list "cert-manager" "secret" "insecure")) -}}
+{{- fail (printf "tls.mode %q is not a mode: use cert-manager (mTLS with certificates from cert-manager), secret (mTLS with Secrets you create) or insecure (plaintext, unsafe)" $mode) -}}
+{{- end -}}
+{{- $mode -}}
+{{- end -}}
+
+{{/* "true" when the sidecars' TCP port runs mutual TLS (every mode but insecure), else "". */}}
+{{- define "ghostserve.mtls" -}}
+{{- if ne (include "ghostserve.tlsMode" .) "insecure" -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+The identities mTLS pins: the sidecars let the operator's certificate name do operator-only calls and
+the sidecars' own name stream and move groups between them, so one name must never be the other.
+*/}}
+{{- define "ghostserve.validateTls" -}}
+{{- if include "ghostserve.mtls" . -}}
+{{- with .Values.tls -}}
+{{- if eq .sidecarServerName .operatorClientName -}}
+{{- fail (printf "tls.sidecarServerName and tls.operatorClientName are both %q: every sidecar's certificate would be allowed the operator's calls on every node" .sidecarServerName) -}}
+{{- end -}}
+{{- if eq .sidecarSecretName .operatorSecretName -}}
+{{- fail (printf "tls.sidecarSecretName and tls.operatorSecretName are both %q: the sidecars and the operator need different certificates" .sidecarSecretName) -}}
+{{- end -}}
+{{- if and (eq .mode "cert-manager") .certManager.issuerRef (not .certManager.issuerRef.name) -}}
+{{- fail "tls.certManager.issuerRef needs a name (or leave it {} for a CA made for this release)" -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 

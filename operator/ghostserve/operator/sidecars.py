@@ -159,7 +159,11 @@ class GrpcSidecars:
         side: Any = self._client(address)
         if not hasattr(side, "move_group"):
             raise NotImplementedError("this sidecar client has no MoveGroup (C3 not built yet)")
-        reply = await side.move_group(group=group, target=target, timeout=self._timeout * 30)
+        # The target is dialed by IP; with mTLS its certificate names the sidecars' shared server name.
+        server_name = self._tls.server_name if self._tls is not None else None
+        reply = await side.move_group(
+            group=group, target=target, target_server_name=server_name, timeout=self._timeout * 30
+        )
         return MoveOutcome(
             int(reply.bytes_moved),
             int(reply.ranks_moved),

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
+from ghostserve.engine.reference import jobs as jobs_mod
 from ghostserve.engine.reference import service as service_mod
 from ghostserve.engine.reference import tokenizer as tokenizer_mod
 
@@ -82,7 +83,7 @@ def parse_generate(body: Any, tok: tokenizer_mod.ByteTokenizer) -> Generate:
     return Generate(rid, input_ids, max_new, stream)
 
 
-def reply(rid: str, out: service_mod.Output, tok: tokenizer_mod.ByteTokenizer) -> dict[str, Any]:
+def reply(rid: str, out: jobs_mod.Output, tok: tokenizer_mod.ByteTokenizer) -> dict[str, Any]:
     """sglang's /generate reply for the output so far (pure)."""
     finish = {"type": "length", "length": out.max_new_tokens} if out.done else None
     return {
@@ -144,32 +145,32 @@ async def generate(request: web.Request) -> web.StreamResponse:
         return _error(svc.error or "not ready", 503)
     rid = gen.rid or svc.new_rid()
     loop = asyncio.get_running_loop()
-    events: asyncio.Queue[service_mod.Event] = asyncio.Queue()
+    events: asyncio.Queue[jobs_mod.Event] = asyncio.Queue()
 
-    def emit(event: service_mod.Event) -> None:  # driver thread
+    def emit(event: jobs_mod.Event) -> None:  # driver thread
         loop.call_soon_threadsafe(events.put_nowait, event)
 
-    svc.submit(service_mod.Job(rid, gen.input_ids, gen.max_new_tokens, emit))
+    svc.submit(jobs_mod.Job(rid, gen.input_ids, gen.max_new_tokens, emit))
     finished = False
     try:
         if not gen.stream:
             while True:
                 event = await events.get()
-                if isinstance(event, service_mod.Failure):
+                if isinstance(event, jobs_mod.Failure):
                     finished = True
                     return _error(event.message, event.status)
                 if event.done:
                     finished = True
                     return web.json_response(reply(rid, event, tok))
         event = await events.get()
-        if isinstance(event, service_mod.Failure):  # refused before anything ran: a plain HTTP error
+        if isinstance(event, jobs_mod.Failure):  # refused before anything ran: a plain HTTP error
             finished = True
             return _error(event.message, event.status)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        last = service_mod.Output((), len(gen.input_ids), 0, False, gen.max_new_tokens)
+        last = jobs_mod.Output((), len(gen.input_ids), 0, False, gen.max_new_tokens)
         while True:
-            if isinstance(event, service_mod.Failure):
+            if isinstance(event, jobs_mod.Failure):
                 finished = True
                 await resp.write(_sse(_abort(rid, last, event, tok)))
                 break
@@ -188,7 +189,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 
 def _abort(
-    rid: str, last: service_mod.Output, failure: service_mod.Failure, tok: tokenizer_mod.ByteTokenizer
+    rid: str, last: jobs_mod.Output, failure: jobs_mod.Failure, tok: tokenizer_mod.ByteTokenizer
 ) -> dict[str, Any]:
     """sglang's abort event: the output so far and why the request ended early."""
     body = reply(rid, last, tok)

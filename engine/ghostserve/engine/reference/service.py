@@ -36,48 +36,9 @@ import grpc
 from ghostserve.engine.reference import engine as engine_mod
 from ghostserve.engine.reference import kvpool, resume, serveargs
 from ghostserve.engine.reference import rank as rank_mod
+from ghostserve.engine.reference.jobs import Event, Failure, Held, Job, Output  # noqa: F401 (re-exported)
 
 log = logging.getLogger("ghostserve.serve")
-
-
-@dataclasses.dataclass(frozen=True)
-class Output:
-    """Cumulative output of one request so far (``done``: the last one)."""
-
-    output_ids: tuple[int, ...]
-    prompt_tokens: int
-    cached_tokens: int
-    done: bool
-    max_new_tokens: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Failure:
-    message: str
-    status: int = 500
-
-
-Event = Output | Failure
-
-
-@dataclasses.dataclass
-class Job:
-    """One HTTP request. ``emit`` is called on the driver thread (it must only hand the event over)."""
-
-    rid: str
-    input_ids: list[int]
-    max_new_tokens: int
-    emit: Callable[[Event], None]
-    cached_tokens: int = 0
-    sent: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class Held:
-    request_id: str
-    prompt_len: int
-    tokens: tuple[int, ...]
-    deadline: float
 
 
 class Service:
@@ -224,7 +185,8 @@ class Service:
 
     def _admit(self, job: Job) -> None:
         eng = self.engine
-        if job.rid in eng.requests or job.rid in self.jobs:
+        running = job.rid in self.jobs or any(j.rid == job.rid for j in self.waiting)
+        if running and not self._take_over(job):
             job.emit(Failure(f"request {job.rid!r} is already running", 400))
             return
         if any(not 0 <= t < eng.cfg.vocab for t in job.input_ids):
@@ -240,6 +202,33 @@ class Service:
         if held is not None:
             self._release(job.rid)
         self.waiting.append(job)
+
+    def _take_over(self, job: Job) -> bool:
+        """A resubmission of a request that is still running here: the client lost its stream before
+        this server noticed. The running one is held and the new job resumes it (the old job is told it
+        was superseded). False when ``job`` is not a continuation of it (a different prompt)."""
+        eng = self.engine
+        req = eng.requests.get(job.rid)
+        if req is None:  # still waiting for room: the new job simply takes its place
+            [old] = [j for j in self.waiting if j.rid == job.rid]
+            if job.input_ids[: len(old.input_ids)] != old.input_ids:
+                return False
+            self.waiting.remove(old)
+            old.emit(Failure("superseded by a resubmission of the same rid", 409))
+            return True
+        old = self.jobs[job.rid]
+        n = resume.reuse(
+            job.input_ids,
+            prompt_len=len(req.prompt),
+            known_tokens=req.tokens,
+            valid_len=req.kv_len,
+            chunk_tokens=self.opts.chunk_tokens,
+        )
+        if n is None:
+            return False
+        old.emit(Failure("superseded by a resubmission of the same rid", 409))
+        self._hold(job.rid)
+        return True
 
     def _admit_waiting(self) -> None:
         eng = self.engine

@@ -97,7 +97,7 @@ def take_custody(pool: Any, session: adapter.SidecarSession) -> adapter.AttachRe
         raise CustodyError(
             f"KV pool on {device}: GPU custody needs CUDA VMM pools exported by the sidecar "
             "(PoolHandle kind 'cuda'), which this GhostServe build does not implement yet. "
-            "Set GHOSTSERVE_CUSTODY=0 to let sglang allocate its own pool."
+            "Unset GHOSTSERVE_SGLANG to let sglang allocate its own (unprotected) pool."
         )
     layout = session.layout
     result = session.attach()
