@@ -33,7 +33,11 @@ _USAGES = {
     "server auth", "client auth", "code signing", "email protection", "s/mime", "ipsec end system",
     "ipsec tunnel", "ipsec user", "timestamping", "ocsp signing", "microsoft sgc", "netscape sgc",
 }  # fmt: skip
-_KEY_SIZES = {"RSA": {2048, 3072, 4096, 8192}, "ECDSA": {256, 384, 521}, "Ed25519": {None}}
+_KEY_SIZES: dict[str, set[int | None]] = {
+    "RSA": {2048, 3072, 4096, 8192},
+    "ECDSA": {256, 384, 521},
+    "Ed25519": {None},
+}
 _ISSUER_TYPES = {"acme", "ca", "selfSigned", "vault", "venafi"}
 
 
@@ -47,7 +51,9 @@ def problems(obj: dict[str, Any]) -> list[str]:
     if not isinstance(meta.get("name"), str) or not _DNS.match(meta["name"]) or len(meta["name"]) > 253:
         out.append(f"metadata.name {meta.get('name')!r} is not a DNS subdomain")
     if set(obj) - {"apiVersion", "kind", "metadata", "spec"}:
-        out.append(f"unknown top-level fields {sorted(set(obj) - {'apiVersion', 'kind', 'metadata', 'spec'})}")
+        out.append(
+            f"unknown top-level fields {sorted(set(obj) - {'apiVersion', 'kind', 'metadata', 'spec'})}"
+        )
     spec = obj.get("spec")
     if not isinstance(spec, dict):
         return [*out, "spec must be an object"]
@@ -88,8 +94,8 @@ def _certificate(spec: dict[str, Any]) -> list[str]:
 def _private_key(key: Any) -> list[str]:
     if not isinstance(key, dict):
         return ["spec.privateKey must be an object"]
-    out = [f"spec.privateKey.{k}: unknown field" for k in sorted(set(key) - {"algorithm", "encoding",
-                                                                          "rotationPolicy", "size"})]  # fmt: skip
+    known = {"algorithm", "encoding", "rotationPolicy", "size"}
+    out = [f"spec.privateKey.{k}: unknown field" for k in sorted(set(key) - known)]
     algorithm = key.get("algorithm", "RSA")
     if algorithm not in _KEY_SIZES:
         out.append(f"spec.privateKey.algorithm {algorithm!r}: one of {sorted(_KEY_SIZES)}")

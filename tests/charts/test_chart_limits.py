@@ -68,6 +68,7 @@ def test_release_name_starting_with_a_digit_fails_clearly(render_script: ModuleT
         ({"sidecar": {"socketDir": "/"}}, 'sidecar.socketDir "/"'),
         ({"sidecar": {"shmDir": "/dev/shm/../etc"}}, "sidecar.shmDir"),
         ({"operator": {"replicas": 2, "leaderElection": {"enabled": False}}}, "needs operator.leaderElec"),
+        ({"rankPods": {"runAsUser": 42}, "sidecar": {"runAsUser": 42}}, "are both 42: the sidecar treats"),
         (
             {"operator": {"leaderElection": {"leaseSeconds": 10, "renewDeadlineSeconds": 10}}},
             "retrySeconds < renewDeadlineSeconds < leaseSeconds",

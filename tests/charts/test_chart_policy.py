@@ -195,7 +195,7 @@ def test_sidecar_runs_on_gpu_nodes_with_nvml_and_host_paths(default_objects: lis
     mounts = {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}
     assert mounts["socket-dir"] == "/run/ghostserve" and mounts["shm"] == "/dev/shm"
     init = spec["initContainers"][0]
-    assert "65532:2000 /mnt/socket /mnt/shm" in init["args"][0]
+    assert "65533:2000 /mnt/socket /mnt/shm" in init["args"][0]
     for probe in ("livenessProbe", "readinessProbe"):
         command = sidecar[probe]["exec"]["command"]
         assert command[:2] == ["python", "-c"] and "unix:///run/ghostserve/sidecar.sock" in command[2]
@@ -246,9 +246,12 @@ def test_network_policies_guard_the_right_pods(default_objects: list[dict[str, A
     # The operator, and other sidecars: a move streams a group from one node's sidecar to another's.
     operator_peer, sidecar_peer = grpc_rule["from"]
     assert set(operator_peer) == set(sidecar_peer) == {"podSelector"}
-    operator_match, sidecar_match = (p["podSelector"]["matchLabels"] for p in (operator_peer, sidecar_peer))
-    assert _labels_match(operator_match, pods["Deployment"]) and not _labels_match(operator_match, pods["DaemonSet"])
-    assert _labels_match(sidecar_match, pods["DaemonSet"]) and not _labels_match(sidecar_match, pods["Deployment"])
+    operator_match = operator_peer["podSelector"]["matchLabels"]
+    sidecar_match = sidecar_peer["podSelector"]["matchLabels"]
+    assert _labels_match(operator_match, pods["Deployment"])
+    assert not _labels_match(operator_match, pods["DaemonSet"])
+    assert _labels_match(sidecar_match, pods["DaemonSet"])
+    assert not _labels_match(sidecar_match, pods["Deployment"])
     assert metrics_rule == {"from": [monitoring], "ports": [{"protocol": "TCP", "port": 9464}]}
 
     operator = policies["operator"]

@@ -63,7 +63,11 @@ def _tls_secret(objs: list[dict[str, Any]], kind: str) -> str:
     container = pod["containers"][0]
     [mount] = [m for m in container["volumeMounts"] if m["name"] == "tls"]
     assert mount["readOnly"] is True
-    files = [a.split("=", 1)[1] for a in container["args"] if a.startswith(("--tls-cert=", "--tls-key=", "--tls-ca="))]
+    files = [
+        a.split("=", 1)[1]
+        for a in container["args"]
+        if a.startswith(("--tls-cert=", "--tls-key=", "--tls-ca="))
+    ]
     assert sorted(pathlib.PurePath(f).name for f in files) == ["ca.crt", "tls.crt", "tls.key"]
     assert {str(pathlib.PurePath(f).parent) for f in files} == {mount["mountPath"]}
     [volume] = [v for v in pod["volumes"] if v["name"] == "tls"]
@@ -76,9 +80,9 @@ def _tls_secret(objs: list[dict[str, Any]], kind: str) -> str:
 
 
 def _names(certificate: dict[str, Any]) -> list[str]:
-    """The names the sidecar sees in a certificate: its SAN DNS names, else its CN."""
+    """The names the sidecar sees in a certificate: its CN and every SAN (ghostserve.sidecar.rpc)."""
     spec = certificate["spec"]
-    return list(spec.get("dnsNames") or [spec["commonName"]])
+    return [spec["commonName"], *spec.get("dnsNames", [])]
 
 
 def _certificates(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -114,16 +118,24 @@ def test_default_is_mutual_tls_with_cert_manager(render_script: ModuleType) -> N
     objs = _render(render_script)
     _assert_identities_meet(objs)
     sidecar = _sidecar_args(objs)
-    assert (sidecar.operator_identity, sidecar.peer_identity) == (["ghostserve-operator"], ["ghostserve-sidecar"])
+    assert (sidecar.operator_identity, sidecar.peer_identity) == (
+        ["ghostserve-operator"],
+        ["ghostserve-sidecar"],
+    )
     assert sidecar.tls_allow_client == []
     # The release's own CA: self-signed Issuer -> CA Certificate -> CA Issuer -> the two certificates.
     issuers = {o["metadata"]["name"]: o["spec"] for o in objs if o["kind"] == "Issuer"}
-    assert issuers == {"ghostserve-selfsigned": {"selfSigned": {}}, "ghostserve-ca": {"ca": {"secretName": "ghostserve-ca"}}}
+    assert issuers == {
+        "ghostserve-selfsigned": {"selfSigned": {}},
+        "ghostserve-ca": {"ca": {"secretName": "ghostserve-ca"}},
+    }
     certs = _certificates(objs)
     ca = certs["ghostserve-ca"]["spec"]
     assert ca["isCA"] is True and ca["issuerRef"]["name"] == "ghostserve-selfsigned"
     leaves = [c["spec"] for name, c in certs.items() if name != "ghostserve-ca"]
-    assert len(leaves) == 2 and all(s["issuerRef"]["name"] == "ghostserve-ca" and not s.get("isCA") for s in leaves)
+    assert len(leaves) == 2 and all(
+        s["issuerRef"]["name"] == "ghostserve-ca" and not s.get("isCA") for s in leaves
+    )
     assert all(certmanager_shape.problems(o) == [] for o in objs if o["kind"] in certmanager_shape.KINDS)
     assert "WARNING" not in _notes(None)
 
@@ -175,14 +187,19 @@ def test_insecure_mode_is_plaintext_with_a_warning(render_script: ModuleType) ->
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"tls": {"mode": "plaintext"}}, "at '/tls/mode': value must be one of 'cert-manager', 'secret', 'insecure'"),
+        (
+            {"tls": {"mode": "plaintext"}},
+            "at '/tls/mode': value must be one of 'cert-manager', 'secret', 'insecure'",
+        ),
         ({"tls": {"mode": None}}, "at '/tls': missing property 'mode'"),  # null unsets: no silent default
         ({"tls": {"sidecarServerName": "Not A Name"}}, "at '/tls/sidecarServerName'"),
         ({"tls": {"certManager": {"duration": "90 days"}}}, "at '/tls/certManager/duration'"),
         ({"tls": {"certManager": {"issuerRef": {"nme": "x"}}}}, "at '/tls/certManager/issuerRef'"),
     ],
 )
-def test_bad_tls_values_fail_the_schema(render_script: ModuleType, values: dict[str, Any], message: str) -> None:
+def test_bad_tls_values_fail_the_schema(
+    render_script: ModuleType, values: dict[str, Any], message: str
+) -> None:
     with pytest.raises(helm_python.HelmValuesError, match=re.escape(message)):
         render_script.render(values)
 
@@ -196,7 +213,8 @@ def test_bad_tls_values_fail_the_schema(render_script: ModuleType, values: dict[
          'tls.sidecarServerName and tls.operatorClientName are both "ghostserve-sidecar"'),
         ({"tls": {"mode": "secret", "operatorSecretName": "one", "sidecarSecretName": "one"}},
          'tls.sidecarSecretName and tls.operatorSecretName are both "one"'),
-        ({"tls": {"certManager": {"issuerRef": {"kind": "ClusterIssuer"}}}}, "tls.certManager.issuerRef needs a name"),
+        ({"tls": {"certManager": {"issuerRef": {"kind": "ClusterIssuer"}}}},
+         "tls.certManager.issuerRef needs a name"),
     ],
 )  # fmt: skip
 def test_unsafe_or_stale_tls_values_fail_the_render(
@@ -213,7 +231,9 @@ def test_unknown_mode_fails_in_the_templates_without_the_schema(
     chart = tmp_path / "ghostserve"
     shutil.copytree(chart_support.CHART, chart)
     (chart / "values.schema.json").unlink()
-    with pytest.raises(helm_python.HelmRenderError, match=re.escape(f'tls.mode "plaintext" is not a mode: {MODE_MESSAGE}')):
+    with pytest.raises(
+        helm_python.HelmRenderError, match=re.escape(f'tls.mode "plaintext" is not a mode: {MODE_MESSAGE}')
+    ):
         render_script.render({"tls": {"mode": "plaintext"}}, chart=chart)
     with pytest.raises(helm_python.HelmRenderError, match=re.escape("tls.mode")):
         _notes({"tls": {"mode": "Insecure"}}, chart)
@@ -235,7 +255,11 @@ def test_the_structural_check_catches_broken_certificates(
     default_objects: list[dict[str, Any]], change: Any, problem: str
 ) -> None:
     """Control: certmanager_shape really rejects what cert-manager would, so its passes mean something."""
-    [cert] = [o for o in default_objects if o["kind"] == "Certificate" and o["metadata"]["name"].endswith("-sidecar")]
+    [cert] = [
+        o
+        for o in default_objects
+        if o["kind"] == "Certificate" and o["metadata"]["name"].endswith("-sidecar")
+    ]
     broken = copy.deepcopy(cert)
     change(broken)
     assert any(problem in p for p in certmanager_shape.problems(broken)), certmanager_shape.problems(broken)

@@ -1,6 +1,6 @@
 """The chart's sidecar DaemonSet always renders flags the sidecar accepts: `--insecure` without TLS
-(the sidecar refuses plaintext TCP otherwise), pinned identities with TLS, and cert-manager
-certificates naming exactly those identities when asked for."""
+(the sidecar refuses plaintext TCP otherwise), pinned identities with TLS, and (the default)
+cert-manager certificates naming exactly those identities."""
 
 from __future__ import annotations
 

@@ -227,3 +227,23 @@ def test_one_groups_lock_stalls_neither_other_groups_nor_health(
                 c.delete_group(group=g)
     finally:
         bg.stop()
+
+
+def test_spill_write_failure_without_a_mount(short_tmp: pathlib.Path, shm_prefix: str) -> None:
+    """The same path where no tmpfs can be mounted: the group's spill directory is a file (ENOTDIR)."""
+    from ghostserve.sidecar import persist
+
+    spill = short_tmp / "spill"
+    cfg = config.Config(budget_bytes=1 << 20, fake_gpus=1, spill_dir=spill, shm_prefix=shm_prefix)
+    (short_tmp / "s").mkdir()
+    with served(short_tmp / "s", cfg) as c:
+        attach_all(c, "g")
+        (spill / persist.key_of("g")).write_bytes(b"in the way")
+        for idx in range(3):
+            commit(c, "g", "r", idx)
+        flush = c.flush("g", wait=30)
+        assert flush.drained and flush.chunks_queued == 0
+        states = [ch.state for ch in c.describe_request(group="g", request_id="r").chunks]
+        assert states == [pb.UNPROTECTED] * 3
+        assert c.get_stats().parity_bytes_held == 0
+        c.delete_group(group="g")

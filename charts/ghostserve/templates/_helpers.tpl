@@ -67,6 +67,9 @@ sidecar's hostPort), and memory sizes that would overflow. Included by every wor
 {{- end -}}
 {{- end -}}
 {{- include "ghostserve.validateTls" . -}}
+{{- if eq (int .Values.sidecar.runAsUser) (int .Values.rankPods.runAsUser) -}}
+{{- fail (printf "sidecar.runAsUser and rankPods.runAsUser are both %d: the sidecar treats callers with its own UID as the operator, so every engine could read and delete every other model's KV on its node" (int .Values.sidecar.runAsUser)) -}}
+{{- end -}}
 {{- if gt (add $budget $overhead) 67108864 -}}
 {{- fail (printf "sidecar.hostMemoryBudget + sidecar.memoryOverhead = %dMi is above 64Ti: no node has that much memory (a typo?)" (add $budget $overhead)) -}}
 {{- end -}}

@@ -125,12 +125,18 @@ class Codec:
 
     def encode(self, data_shards: Sequence[Any], parity_out: Sequence[Any]) -> None:
         """Compute the M parity shards of the N `data_shards` into `parity_out` (mutated, preallocated)."""
-        self._check_list(data_shards, self.n_data, "data_shards")
-        self._check_list(parity_out, self.n_parity, "parity_out")
-        data = self._views(data_shards, role="data", first=0, writable=False)
-        parity = self._views(parity_out, role="parity", first=self.n_data, writable=True)
-        size = self._check_stripe(dict(enumerate([*data, *parity])))
+        data, parity, size = self._stripe(data_shards, parity_out, "parity_out", writable=True)
         codes.encode(self.code, self._be, data, parity, size)
+
+    def _stripe(
+        self, data_shards: Sequence[Any], parity_shards: Sequence[Any], role: str, *, writable: bool
+    ) -> tuple[list[Any], list[Any], int]:
+        """Byte views of a whole stripe (N data + M parity shards) and its shard size, all checked."""
+        self._check_list(data_shards, self.n_data, "data_shards")
+        self._check_list(parity_shards, self.n_parity, role)
+        data = self._views(data_shards, role="data", first=0, writable=False)
+        parity = self._views(parity_shards, role="parity", first=self.n_data, writable=writable)
+        return data, parity, self._check_stripe(dict(enumerate([*data, *parity])))
 
     def reconstruct(self, shards: Sequence[Any | None], out: Mapping[int, Any] | None = None) -> None:
         """Rebuild lost shards (None in `shards`, N + M entries) into the preallocated `out[i]` buffers.
@@ -178,11 +184,7 @@ class Codec:
 
     def verify(self, data_shards: Sequence[Any], parity_shards: Sequence[Any]) -> bool:
         """True if `parity_shards` is the encoding of `data_shards`. Mutates nothing (uses scratch)."""
-        self._check_list(data_shards, self.n_data, "data_shards")
-        self._check_list(parity_shards, self.n_parity, "parity_shards")
-        data = self._views(data_shards, role="data", first=0, writable=False)
-        parity = self._views(parity_shards, role="parity", first=self.n_data, writable=False)
-        size = self._check_stripe(dict(enumerate([*data, *parity])))
+        data, parity, size = self._stripe(data_shards, parity_shards, "parity_shards", writable=False)
         fresh = [self._be.empty(size, like=parity[0]) for _ in parity]
         codes.encode(self.code, self._be, data, fresh, size)
         return all(self._be.equal(a, b) for a, b in zip(fresh, parity, strict=True))

@@ -8,6 +8,7 @@ its job ended, so Flush never reports drained while a chunk is stuck.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -91,7 +92,8 @@ class EncodeJob:
             except OSError as exc:
                 # Disk full or gone: parity that does not survive a restart is what the operator asked
                 # us not to promise, so the chunk is unprotected (and its memory given back).
-                c.spill.delete_chunk(g.name, self.rid, chunk.index)
+                with contextlib.suppress(OSError):
+                    c.spill.delete_chunk(g.name, self.rid, chunk.index)
                 log.warning("spill-failed", extra={"group": g.name, "request": self.rid, "error": str(exc)})
                 self._give_up("spill-failed")
                 return

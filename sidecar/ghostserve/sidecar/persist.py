@@ -13,6 +13,7 @@ O_NOFOLLOW, and only regular files owned by this uid are read back.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -135,8 +136,9 @@ class Spill:
 
     def delete_chunk(self, group: str, request_id: str, index: int) -> None:
         d = self._dir(group, request_id)
-        (d / f"{index}.json").unlink(missing_ok=True)
-        (d / f"{index}.bin").unlink(missing_ok=True)
+        with contextlib.suppress(NotADirectoryError):  # nothing of ours can be under a non-directory
+            (d / f"{index}.json").unlink(missing_ok=True)
+            (d / f"{index}.bin").unlink(missing_ok=True)
 
     def delete_request(self, group: str, request_id: str) -> None:
         shutil.rmtree(self._dir(group, request_id), ignore_errors=True)
