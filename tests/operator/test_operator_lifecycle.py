@@ -4,6 +4,7 @@ process against the emulator with one sidecar stand-in per node."""
 from __future__ import annotations
 
 import pathlib
+import time
 from typing import Any
 
 from tests.operator import harness
@@ -185,3 +186,42 @@ def test_group_policy_and_recovery_budget(
     assert (degraded["status"], degraded["reason"]) == ("True", "RecoveryBudgetExhausted")
     assert status["recoveries"] == 1 and status["ready"] == "0/2"
     cluster.wait_for(lambda: "RecoveryBudgetExhausted" in reasons(cluster), timeout=30, what="budget Event")
+
+
+def test_restart_mid_roll_never_resets_a_running_replicas_group(
+    cluster: harness.Cluster, tmp_path: pathlib.Path
+) -> None:
+    """A fresh operator's pod view starts empty: a replica whose pod is merely not listed yet must not
+    have its sidecar group reset (its KV is live) just because its settings hash is stale."""
+    kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig")
+    deleted: dict[str, float] = {}  # pod name -> when the roll deleted it
+
+    def record(action: str, resource: Any, raw: dict[str, Any]) -> None:
+        if resource == harness.PODS and action == "delete":
+            deleted.setdefault(raw["metadata"]["name"], time.monotonic())
+
+    first = harness.OperatorProcess(kubeconfig, tmp_path / "first.log", sidecar_port=cluster.sidecar_port)
+    try:
+        cluster.write("create", harness.GSD, NS, None, deployment(replicas=2))
+        cluster.wait_for(lambda: serving(cluster, 4), timeout=60, what="4/4 serving")
+        cluster.wait_for(lambda: len(gsd(cluster)["status"].get("sidecarGroups") or []) == 2, what="groups")
+    finally:
+        first.kill()
+    cluster.call(lambda: _listen(cluster, record))
+    change = {"spec": {"protection": {"code": "rs", "parityShards": 1}}}
+    cluster.write("update", harness.GSD, NS, NAME, change)
+    second = harness.OperatorProcess(kubeconfig, tmp_path / "second.log", sidecar_port=cluster.sidecar_port)
+    try:
+        cluster.wait_for(
+            lambda: len(cluster.calls("DeleteGroup")) == 2 and serving(cluster, 4), timeout=90, what="reset"
+        )
+    finally:
+        second.stop()
+    for replica in (0, 1):
+        [when] = [
+            t
+            for side in cluster.sidecars.values()
+            for n, r, t in side.calls
+            if n == "DeleteGroup" and r.group == f"{NS}/{NAME}-r{replica}"
+        ]
+        assert when > deleted[f"{NAME}-r{replica}"], f"replica {replica}'s group reset while its pod ran"

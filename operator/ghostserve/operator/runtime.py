@@ -6,11 +6,13 @@ import asyncio
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import Callable
 
 from ghostserve.operator import cache, faults, kube, sidecars, specs
 
 log = logging.getLogger("ghostserve.operator")
+VIEW_SETTLE_SECONDS = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +42,12 @@ class Runtime:
         self.view = cache.ClusterView()
         self._wakers: dict[cache.Key, asyncio.Event] = {}
         self._health_tasks: dict[str, asyncio.Task[None]] = {}
+        self._started = time.monotonic()
+
+    def settled(self) -> bool:
+        """The watches had time to list what exists. Until then a pod missing from the view may simply
+        not be listed yet, so nothing is destroyed on the strength of its absence."""
+        return time.monotonic() - self._started > VIEW_SETTLE_SECONDS
 
     def waker(self, key: cache.Key) -> asyncio.Event:
         return self._wakers.setdefault(key, asyncio.Event())

@@ -60,6 +60,8 @@ async def ensure(loop: Reconciler, spec: Mapping[str, Any], pods: Mapping[int, A
             continue
         held = groups.get(replica)
         if held and held.get("hash") != want_hash and held.get("node"):
+            if not loop.rt.settled():
+                continue  # the replica's old pod may still run, just not listed yet: never reset its KV
             if not await delete_group(loop, spec, replica, held["node"], "group settings changed"):
                 continue
             kopf.event(
@@ -124,6 +126,8 @@ async def release_removed(loop: Reconciler, spec: Mapping[str, Any], pods: Mappi
     """Free the groups of replicas scaled away, once their pods are gone."""
     replicas = int(spec["engine"]["replicas"])
     groups = groups_of(loop)
+    if not loop.rt.settled():
+        return
     gone = [r for r in groups if r >= replicas and r not in pods and r not in loop.in_flight]
     for replica in gone:
         node = groups[replica].get("node")
