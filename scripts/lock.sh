@@ -8,7 +8,7 @@ trap 'rm -rf "$tmp"' EXIT
 GHOSTSERVE_VENV="$tmp/venv" bash scripts/setup.sh --no-constraints
 {
   sed -n '1,/^# Regenerate/p' constraints.txt
-  "$tmp/venv/bin/pip" freeze --exclude-editable | grep -v -e '^torch==' -e '^ghostserve' | LC_ALL=C sort -f
+  "$tmp/venv/bin/pip" freeze --all --exclude-editable | grep -v -e '^torch==' -e '^ghostserve' -e '^#' | LC_ALL=C sort -f
 } > constraints.txt.new
 mv constraints.txt.new constraints.txt
 echo "[lock] constraints.txt rewritten: git diff constraints.txt"

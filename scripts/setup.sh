@@ -29,7 +29,7 @@ want="$(sha256sum pyproject.toml constraints.txt scripts/setup.sh | sha256sum | 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
-echo "[setup] installing into $VENV (torch==$TORCH_VERSION CPU build, constraints.txt)"
+echo "[setup] installing into $VENV (torch==$TORCH_VERSION CPU build${PINS:+, pinned by constraints.txt})"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 pip_q() {

@@ -229,7 +229,7 @@ def test_a_restarted_sidecar_still_reports_the_broken_gpu(bare_cluster: embedded
         for event in stream:
             events.append(event)
             if len(events) == 4:
-                stream.cancel()
+                stream.cancel()  # type: ignore[attr-defined]  # a grpc call: the stubs type it an iterator
                 break
     fatal = {e.gpu_uuid: pb.HealthKind.Name(e.kind) for e in events if e.fatal}
     uuids = c.gpu_uuids("node-1")
@@ -242,6 +242,6 @@ def test_inject_fault_rejects_a_gpu_the_node_does_not_have(bare_cluster: embedde
 
     with pytest.raises(grpc.RpcError) as err:
         bare_cluster.inject_gpu_fault("node-0", 4)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert os.path.isdir(bare_cluster.nodes["node-0"].spec.fake_gpu_dir / "faults")
     assert not list((bare_cluster.nodes["node-0"].spec.fake_gpu_dir / "faults").iterdir())

@@ -95,7 +95,7 @@ def test_device_fault_on_a_real_cluster_resumes_with_identical_tokens() -> None:
             for event in side.watch_health(initial_state=True, timeout=3):
                 gpus[event.gpu_uuid] = event.gpu_index
         except grpc.RpcError as exc:
-            assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED, exc  # type: ignore[attr-defined]
+            assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED, exc
     before = int(_status(ns, name).get("recoveries") or 0)
     run = streams("run")
 

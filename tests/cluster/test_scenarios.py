@@ -126,7 +126,10 @@ class TestTwoRanks:
         node, _ = t2.placement()
         starts = cluster.nodes[node].sidecar_starts
         before = t2.recoveries()
-        t2.run_with(lambda: cluster.kill_sidecar(node), recovery=False)
+        def kill() -> None:
+            cluster.kill_sidecar(node)
+
+        t2.run_with(kill, recovery=False)
         cluster.wait_for(lambda: cluster.nodes[node].sidecar_starts == starts + 1, what="sidecar restarted")
         with cluster.sidecar_client(node) as side:
             side.wait_ready(timeout=60)

@@ -14,6 +14,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+import sgl_procs
+
+if sgl_procs.sglang_version() != "0.5.23":
+    pytest.skip("needs sglang 0.5.23 (.venv-sglang)", allow_module_level=True)
+
 CHECK = r"""
 import json, pkgutil, sys
 import sglang.srt.managers.scheduler, sglang.srt.managers.tp_worker, sglang.srt.mem_cache.common  # noqa
@@ -22,6 +28,7 @@ from ghostserve.engine.sglang import plugin
 targets = {
     plugin.CREATE_BUFFERS: "create_buffers", plugin.FORWARD: "after_forward", plugin.RELEASE: "after_release",
     plugin.SCHEDULER_INIT: "after_scheduler_init", plugin.EVENT_LOOP: "guard_event_loop",
+    plugin.KILL_TREE: "kill_tree", plugin.FLUSH: "after_flush",
 }
 originals = {t: pkgutil.resolve_name(t) for t in targets}
 from sglang.srt.plugins import load_plugins

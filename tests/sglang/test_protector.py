@@ -19,6 +19,7 @@ import torch
 from ghostserve.engine import adapter
 from ghostserve.engine.sglang import metrics, protector, resume
 from ghostserve.kernels import layout as layout_mod
+from ghostserve.v1 import sidecar_pb2 as pb
 from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
 from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
@@ -69,7 +70,7 @@ def batch(reqs: list[Req], mode: ForwardMode, spans: list[tuple[int, int]], locs
     return b
 
 
-def ledger_of(prot: protector.Protector, rid: str) -> object:
+def ledger_of(prot: protector.Protector, rid: str) -> pb.RequestLedger:
     return prot.session.client.describe_request(group="prot", request_id=rid)
 
 

@@ -14,7 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sidecar": ("ghostserve.sidecar.server", "run the node-local sidecar (gRPC)"),
     "operator": ("ghostserve.operator.main", "run the Kubernetes operator (kopf)"),
     "cluster": ("ghostserve.cluster.main", "run the embedded cluster: API, GPU nodes, sidecars, operator"),
-    "gateway": ("ghostserve.gateway.server", "resume gateway: keeps client streams alive across a backend failure"),
+    "gateway": ("ghostserve.gateway.server", "resume gateway: client streams survive a backend failure"),
     "serve": ("ghostserve.engine.reference.serve", "serve the reference engine over HTTP (sglang-style)"),
 }
 
