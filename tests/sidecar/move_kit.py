@@ -139,7 +139,11 @@ class CuttingProxy:
                 dst.shutdown(socket.SHUT_WR)
 
     def close(self) -> None:
+        """Drop every connection (shutdown wakes the pump threads blocked in recv; close alone
+        would not, and the client would never see the connection go)."""
         self.listener.close()
         with self._lock:
             for s in self._socks:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
                 s.close()

@@ -141,8 +141,8 @@ def test_dropped_connection_resumes_from_what_the_target_holds(
             assert stats.moves_in_progress == 1 and 0 < stats.move_bytes_received < total
 
             reply = s.move_group(group=GROUP, target=dst.address, piece_bytes=256 * 1024)
-            assert 0 < reply.resumed_from_bytes < total
-            assert reply.resumed_from_bytes == stats.move_bytes_received
+            # The target may still have been writing pieces it had buffered when the stats were read.
+            assert stats.move_bytes_received <= reply.resumed_from_bytes < total
             assert reply.bytes_moved < total
             assert_installed(d, filled, s.describe_group(group=GROUP).uid)
             assert d.get_stats().moves_in_progress == 0

@@ -57,7 +57,8 @@ def test_source_killed_mid_move_resumes_after_restart(short_tmp: pathlib.Path, s
             with src.client(timeout=60) as s:
                 assert s.describe_group(group=GROUP).uid == uid
                 reply = s.move_group(group=GROUP, target=dst.address, piece_bytes=128 * 1024)
-            assert reply.resumed_from_bytes == held and reply.bytes_moved < total
+            # >=: the target may have written pieces it had buffered after `held` was read.
+            assert held <= reply.resumed_from_bytes < total and reply.bytes_moved < total
             got = move_kit.read_pools(d, GROUP)
             assert all(np.array_equal(a, b) for a, b in zip(got, filled.pools, strict=True))
             assert d.flush(GROUP, wait=60).drained

@@ -47,6 +47,8 @@ async def detect(loop: Reconciler, spec: Mapping[str, Any], pods: Mapping[int, A
         if replica >= int(spec["engine"]["replicas"]):
             continue
         node = (pod.get("spec") or {}).get("nodeName")
+        if node and loop.rt.view.node(node) is None and not loop.rt.settled():
+            continue  # its Node is not listed yet: neither its faults nor its sidecar's address are known
         found = faults.replica_faults(
             pod,
             loop.rt.view.node(node),

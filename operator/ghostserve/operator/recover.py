@@ -28,9 +28,11 @@ RETRY_SECONDS = 1.0
 
 async def advance(loop: Reconciler, rec: Recovery, spec: Mapping[str, Any]) -> float | None:
     """Run `rec`'s remaining steps; returns when it must wait (a delay, or None: wait for a signal)."""
-    source, gid = _src(loop, rec, spec), _gid(loop, rec)
     while True:
         step = record.next_step(rec)
+        if not _nodes_known(loop, rec):
+            return RETRY_SECONDS  # a fresh operator's node watch has not listed them: no address yet
+        source, gid = _src(loop, rec, spec), _gid(loop, rec)
         crashpoints.reached(f"before:{step}")
         pod = loop.rt.view.pods(loop.key).get(rec.replica)
         if step == record.MARKED_LOST:
@@ -101,6 +103,13 @@ async def advance(loop: Reconciler, rec: Recovery, spec: Mapping[str, Any]) -> f
         rec.step, rec.attempts = step, 0
         await loop.save(rec)
         loop.log.info("recovery-step", extra={"recovery": rec.id, "replica": rec.replica, "step": step})
+
+
+def _nodes_known(loop: Reconciler, rec: Recovery) -> bool:
+    """The source and target Nodes are in the view (their InternalIPs make the sidecar addresses), or
+    the view had time to list them (then a missing one is gone and its calls fail for real)."""
+    wanted = [n for n in (rec.source, rec.target) if n]
+    return loop.rt.settled() or all(loop.rt.view.node(n) is not None for n in wanted)
 
 
 def _pod_name(loop: Reconciler, rec: Recovery) -> str:

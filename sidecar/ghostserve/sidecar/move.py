@@ -234,5 +234,13 @@ class Mover:
 
 
 def relay_error(exc: grpc.aio.AioRpcError, target: str) -> tuple[grpc.StatusCode, str]:
-    """The status a MoveGroup caller gets for the target's refusal (same code, the target named)."""
-    return exc.code(), f"target {target}: {exc.details()}"
+    """The status a MoveGroup caller gets for the target's refusal (same code, the target named).
+
+    A connection cut in the middle of a frame reaches us from gRPC core as INTERNAL ("Internal error
+    from Core", RST_STREAM...), which callers read as a bug; it is a network failure: UNAVAILABLE, call
+    MoveGroup again. The target's own INTERNAL errors say "internal error: ..." (service.status_of)."""
+    code, details = exc.code(), exc.details() or ""
+    transport = code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+    if transport and not details.startswith("internal error"):
+        code = grpc.StatusCode.UNAVAILABLE
+    return code, f"target {target}: {details}"
