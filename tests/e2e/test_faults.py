@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 from e2e_support import CFG, assert_no_live_ranks, assert_pools_freed, options, requests
-from ghostserve.engine.reference import engine, harness
+from ghostserve.engine.reference import engine, harness, rank
+from ghostserve.sidecar import client as client_mod
 
 
 def _run(sidecar, workdir, name, opts, faults, on_step=None):
@@ -85,11 +86,17 @@ def test_two_losses_with_xor_fall_back_to_recompute(sidecar, workdir, baseline, 
 
 def test_sidecar_restart_during_serving_then_device_fault(sidecar, workdir, baseline, no_shm_leak):
     events: list[tuple[str, int]] = []
+    protected: list[int] = []
 
     def crash_sidecar(eng):
-        # Down for steps 6..8: serving goes on, commits meanwhile fail and stay unprotected. The ranks'
-        # first commit after the restart may still meet their old channel's reconnect backoff
-        # (UNAVAILABLE: left unprotected); the chunks they complete after that (step ~30) are protected.
+        # Down for steps 6..8: serving goes on, commits meanwhile fail and stay unprotected. A rank's
+        # first commit after the restart may still meet its old channel's reconnect backoff
+        # (UNAVAILABLE: that chunk stays unprotected too), so count what the new sidecar protected.
+        if eng.counters.steps == 35 and len(events) == 2:
+            eng.cluster.call(rank.Drain())
+            with client_mod.SidecarClient(sidecar.address) as c:
+                c.flush(eng.group, wait=60.0)
+                protected.append(sum(r.chunks_protected for r in c.describe_group(group=eng.group).requests))
         if eng.counters.steps == 6 and not events:
             sidecar.kill()
             events.append(("killed", eng.counters.steps))
@@ -109,5 +116,8 @@ def test_sidecar_restart_during_serving_then_device_fault(sidecar, workdir, base
     assert events == [("killed", 6), ("started", 9)]
     [rec] = res.recoveries
     # Parity held in the crashed sidecar's memory is gone and chunks completed while it was down were
-    # never encoded: those were recomputed; chunks committed after the restart were rebuilt.
-    assert rec.chunks_recomputed > 0 and rec.chunks_rebuilt > 0, rec
+    # never encoded: those were recomputed; every chunk the restarted sidecar protected was rebuilt
+    assert rec.chunks_recomputed > 0, rec
+    # (except those the hybrid plan chose to recompute: the first r chunks of each request).
+    assert len(protected) == 1, protected
+    assert rec.chunks_rebuilt <= protected[0] <= rec.chunks_rebuilt + sum(rec.plan.values()), (protected, rec)

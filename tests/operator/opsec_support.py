@@ -104,25 +104,38 @@ def declare_leases(cluster: harness.Cluster) -> None:
 
 
 LEASES = apiserver.resource("coordination.k8s.io/v1/leases")
+SERVICEACCOUNTS = apiserver.SERVICEACCOUNTS
+ROLEBINDINGS = apiserver.ROLEBINDINGS
 
 
-def chart_operator_rules() -> set[tuple[str, str, str, str | None]]:
-    """(group, resource, verb, resourceName) the default chart grants the operator's ServiceAccount."""
+def chart_objects() -> list[dict[str, Any]]:
+    """Every object of the default chart render (scripts/render_manifests.py)."""
     path = REPO / "scripts" / "render_manifests.py"
     spec = importlib.util.spec_from_file_location("render_manifests", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("render_manifests", module)
     spec.loader.exec_module(module)
+    return [yaml.safe_load(doc) for _, doc in module.render()]
+
+
+def chart_operator_rules() -> set[tuple[str, str, str, str | None]]:
+    """(group, resource, verb, resourceName) the default chart grants the operator's ServiceAccount:
+    the rules of the roles bound to it (not the users' aggregated roles, nor the gateway's role)."""
+    objects = chart_objects()
+    bound = {
+        (binding["roleRef"]["kind"], binding["roleRef"]["name"])
+        for binding in objects
+        if binding["kind"] in ("RoleBinding", "ClusterRoleBinding")
+        and any(
+            s.get("kind") == "ServiceAccount" and str(s.get("name")).endswith("-operator")
+            for s in binding.get("subjects") or []
+        )
+    }
     rules: set[tuple[str, str, str, str | None]] = set()
-    for _, doc in module.render():
-        obj = yaml.safe_load(doc)
-        if obj["kind"] not in ("Role", "ClusterRole"):
+    for obj in objects:
+        if (obj["kind"], obj["metadata"]["name"]) not in bound:
             continue
-        if any(
-            k.startswith("rbac.authorization.k8s.io/aggregate-to-") for k in obj["metadata"].get("labels", {})
-        ):
-            continue  # the users' roles
         for rule in obj["rules"]:
             for group in rule["apiGroups"]:
                 for resource in rule["resources"]:
@@ -191,13 +204,18 @@ def crash(cluster: harness.Cluster, pod: str) -> None:
 
 
 def operator(
-    cluster: harness.Cluster, workdir: pathlib.Path, tag: str, *extra: str
+    cluster: harness.Cluster,
+    workdir: pathlib.Path,
+    tag: str,
+    *extra: str,
+    env_extra: dict[str, str] | None = None,
 ) -> harness.OperatorProcess:
     return harness.OperatorProcess(
         cluster.kubeconfig(workdir / f"kubeconfig-{tag}"),
         workdir / f"operator-{tag}.log",
         *extra,
         sidecar_port=cluster.sidecar_port,
+        env_extra=env_extra,
     )
 
 

@@ -41,6 +41,10 @@ def test_tp_across_nodes_is_refused(cluster: harness.Cluster, operator: harness.
     assert not cluster.list(harness.PODS, NS)
 
 
+def _env(p: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value") for e in p["spec"]["containers"][0]["env"]}
+
+
 def test_spec_changes_roll_and_reset_sidecar_groups(
     cluster: harness.Cluster, operator: harness.OperatorProcess
 ) -> None:
@@ -85,11 +89,10 @@ def test_spec_changes_roll_and_reset_sidecar_groups(
     writes.clear()
     change = {"spec": {"protection": {"code": "rs", "parityShards": 1}}}
     cluster.write("update", harness.GSD, NS, NAME, change)
+    # Both pods must exist with the new code: status.ready can still say 4/4 from before a pod's deletion.
     cluster.wait_for(
         lambda: serving(cluster, 4) and all(
-            {e["name"]: e.get("value") for e in p["spec"]["containers"][0]["env"]}["GHOSTSERVE_CODE"] == "rs"
-            for p in (pod(cluster, 0), pod(cluster, 1))
-            if p
+            p is not None and _env(p)["GHOSTSERVE_CODE"] == "rs" for p in (pod(cluster, 0), pod(cluster, 1))
         ),
         timeout=90,
         what="rolled to rs",

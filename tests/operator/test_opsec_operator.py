@@ -28,9 +28,14 @@ def recorder(cluster: harness.Cluster, monkeypatch: pytest.MonkeyPatch) -> opsec
 
 @pytest.fixture
 def operator(
-    cluster: harness.Cluster, recorder: opsec_support.Recorder, tmp_path: pathlib.Path
+    cluster: harness.Cluster,
+    recorder: opsec_support.Recorder,
+    tmp_path: pathlib.Path,
+    request: pytest.FixtureRequest,
 ) -> Iterator[harness.OperatorProcess]:
     metrics = harness.free_port()
+    # indirect parametrization: the gateway image (the deployment then gets a resume gateway too)
+    image = getattr(request, "param", None)
     proc = opsec_support.operator(
         cluster,
         tmp_path,
@@ -42,6 +47,7 @@ def operator(
         NS,
         "--leader-lease-name",
         opsec_support.LEASE,
+        env_extra={"GHOSTSERVE_GATEWAY_IMAGE": image} if image else None,
     )
     proc.metrics_url = f"http://127.0.0.1:{metrics}/metrics"
     yield proc
@@ -55,6 +61,11 @@ def _gauge(proc: harness.OperatorProcess) -> float:
     return float(line.split()[1])
 
 
+def _if(condition: dict[str, Any], *, reason: str) -> dict[str, Any] | None:
+    """The condition itself when it has `reason` (so a wait returns what it saw, not a later state)."""
+    return condition if condition.get("reason") == reason else None
+
+
 def test_rejected_pod_is_reported_then_retried_with_backoff(
     cluster: harness.Cluster, recorder: opsec_support.Recorder, operator: harness.OperatorProcess
 ) -> None:
@@ -62,15 +73,17 @@ def test_rejected_pod_is_reported_then_retried_with_backoff(
     # request above its limit); the old operator retried once a second forever and said nothing.
     cluster.emulator.inject(422, 3, method="POST", plural="pods")
     cluster.write("create", harness.GSD, NS, None, opsec_support.deployment("llama"))
-    cluster.wait_for(
-        lambda: opsec_support.ready_condition(cluster, "llama").get("reason") == "PodRejected",
+    ready = cluster.wait_for(
+        lambda: _if(opsec_support.ready_condition(cluster, "llama"), reason="PodRejected"),
         timeout=60,
         what="Ready=False PodRejected",
     )
-    ready = opsec_support.ready_condition(cluster, "llama")
     assert ready["status"] == "False" and "injected by the test" in ready["message"]
     assert ready["observedGeneration"] == 1
-    [event] = opsec_support.events(cluster, "llama", "PodRejected")
+    # kopf posts the Event from its own queue, after the status patch: wait for it, do not read it once.
+    [event] = cluster.wait_for(
+        lambda: opsec_support.events(cluster, "llama", "PodRejected"), timeout=60, what="PodRejected Event"
+    )
     assert event["type"] == "Warning" and "injected by the test" in event["message"]
     cluster.wait_for(
         lambda: opsec_support.serving(cluster, "llama"), timeout=120, what="Serving after retries"
@@ -249,6 +262,7 @@ def test_in_flight_gauge_is_zero_after_a_restart_mid_recovery(
         print(*opsec_support.stopped(second))
 
 
+@pytest.mark.parametrize("operator", ["ghcr.io/ghostserve/ghostserve:test"], indirect=True)
 def test_every_call_is_granted_by_the_chart_and_every_grant_is_used(
     cluster: harness.Cluster, recorder: opsec_support.Recorder, operator: harness.OperatorProcess
 ) -> None:
@@ -278,6 +292,16 @@ def test_every_call_is_granted_by_the_chart_and_every_grant_is_used(
     cluster.wait_for(lambda: opsec_support.serving(cluster, "llama"), timeout=120, what="Serving")
     cluster.write("delete", harness.SERVICES, NS, "llama")  # let the deployment create its own
     cluster.wait_for(lambda: cluster.get(harness.SERVICES, NS, "llama"), timeout=120, what="own Service")
+    # A failed gateway is replaced: its own ServiceAccount and RoleBinding exist already (checked: get).
+    gateway = cluster.wait_for(lambda: cluster.get(harness.PODS, NS, "llama-gateway"), timeout=60, what="gw")
+    cluster.write("update", harness.PODS, NS, "llama-gateway", {"status": {"phase": "Failed"}})
+    cluster.wait_for(
+        lambda: recorder.of("rolebindings", "get", "llama-gateway")
+        and (found := cluster.get(harness.PODS, NS, "llama-gateway")) is not None
+        and found["metadata"]["uid"] != gateway["metadata"]["uid"],
+        timeout=60,
+        what="gateway replaced",
+    )
     opsec_support.crash(cluster, "llama-r0")
     cluster.wait_for(
         lambda: opsec_support.status(cluster, "llama").get("recoveries") == 1, timeout=60, what="recovered"
@@ -289,6 +313,12 @@ def test_every_call_is_granted_by_the_chart_and_every_grant_is_used(
     made = {(c.group, c.resource, c.verb, c.name if c.resource == "leases" else None) for c in recorder.calls}
     # A lease create names no object in the URL: RBAC checks it without a resourceName.
     made = {(g, r, v, None if v == "create" else n) for g, r, v, n in made}
+    # Creating a RoleBinding is authorized only with `bind` on the role it references (or holding all of
+    # that role's permissions): each RoleBinding created is a use of `bind` on its roleRef.
+    made |= {
+        (kube.RBAC, "clusterroles", "bind", c.body["roleRef"]["name"])
+        for c in recorder.of("rolebindings", "create")
+    }
     assert made - granted == set(), "calls the chart does not grant"
     assert granted - made == set(), "granted verbs the operator never used"
     # kube.CALLS, the application's own list, is part of what the chart grants and was all exercised.

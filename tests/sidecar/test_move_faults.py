@@ -53,7 +53,9 @@ def test_source_killed_mid_move_resumes_after_restart(short_tmp: pathlib.Path, s
             assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
             # The restarted source re-adopts its pools and chunk records, then resumes the move.
-            src = kv.start_sidecar(short_tmp, *state, listen=src_addr, prefix=shm_prefix, name="src2")
+            src = kv.start_sidecar(
+                short_tmp, *state, listen=src_addr, prefix=shm_prefix, name="src2", ready_timeout=120
+            )
             with src.client(timeout=60) as s:
                 assert s.describe_group(group=GROUP).uid == uid
                 reply = s.move_group(group=GROUP, target=dst.address, piece_bytes=128 * 1024)
@@ -135,7 +137,9 @@ def test_target_killed_mid_move_frees_its_staging_on_restart(
         t.join(60)
         assert errors and isinstance(errors[0], grpc.RpcError)
 
-        dst = kv.start_sidecar(short_tmp, *state, listen=dst_addr, prefix=dst_prefix, name="dst2")
+        dst = kv.start_sidecar(
+            short_tmp, *state, listen=dst_addr, prefix=dst_prefix, name="dst2", ready_timeout=120
+        )
         assert list(pools.SHM_DIR.glob(dst_prefix + "*")) == []  # freed at start
         with src.client(timeout=60) as s, dst.client(timeout=60) as d:
             assert d.get_stats().moves_in_progress == 0

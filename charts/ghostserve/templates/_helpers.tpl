@@ -36,6 +36,10 @@ within the 63 of a DNS label for every release name Helm accepts (53 characters)
 {{- printf "%s-sidecar" (include "ghostserve.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{- define "ghostserve.gatewayRoleName" -}}
+{{- printf "%s-gateway" (include "ghostserve.fullname" .) -}}
+{{- end -}}
+
 {{- define "ghostserve.leaseName" -}}
 {{- printf "%s-leader" (include "ghostserve.fullname" .) -}}
 {{- end -}}

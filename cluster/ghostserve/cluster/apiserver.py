@@ -409,6 +409,17 @@ def declare(emulator: Emulator) -> None:
     emulator.resources["v1/services"] = info(
         kind="Service", singular="service", namespaced=True, verbs=["list", "get", "create", "delete"]
     )
+    # Each deployment's resume gateway gets its own ServiceAccount and RoleBinding from the operator
+    # (ghostserve.operator.gatewayaccess); this emulator stores them but enforces no RBAC.
+    emulator.resources["v1/serviceaccounts"] = info(
+        kind="ServiceAccount",
+        singular="serviceaccount",
+        namespaced=True,
+        verbs=["list", "get", "create", "delete"],
+    )
+    emulator.resources["rbac.authorization.k8s.io/v1/rolebindings"] = info(
+        kind="RoleBinding", singular="rolebinding", namespaced=True, verbs=["list", "get", "create", "delete"]
+    )
     emulator.resources["v1/events"] = info(
         kind="Event", singular="event", namespaced=True, verbs=["create", "list", "watch"]
     )
@@ -433,3 +444,5 @@ PODS = resource("v1/pods")
 NODES = resource("v1/nodes")
 SERVICES = resource("v1/services")
 EVENTS = resource("v1/events")
+SERVICEACCOUNTS = resource("v1/serviceaccounts")
+ROLEBINDINGS = resource("rbac.authorization.k8s.io/v1/rolebindings")

@@ -194,7 +194,7 @@ class Cluster:
             self.changed.notify_all()
 
     # ---- the operator -------------------------------------------------------------------------
-    async def _start_operator(self) -> None:
+    async def _start_operator(self, crash_at: str | None = None) -> None:
         argv = [
             sys.executable, "-m", "ghostserve.cli.main", "operator",
             "--namespace", self.options.namespace,
@@ -203,6 +203,8 @@ class Cluster:
             *self.options.operator_args,
         ]  # fmt: skip
         env = dict(node_mod._env(), KUBECONFIG=str(self.kubeconfig))
+        if crash_at:  # the operator SIGKILLs itself there (operator/ghostserve/operator/crashpoints.py)
+            env["GHOSTSERVE_OPERATOR_CRASH_AT"] = crash_at
         self.operator = processes.Process(argv, env=env, cwd=self.workdir, log=self.workdir / "operator.log")
         self.operator.start()
         self.operator_starts += 1
@@ -212,8 +214,15 @@ class Cluster:
         assert self.operator is not None
         self.call(lambda: self.operator.stop(0))  # type: ignore[union-attr]
 
-    def start_operator(self) -> None:
-        self.call(self._start_operator)
+    def start_operator(self, *, crash_at: str | None = None) -> None:
+        """Start a new operator process; with `crash_at` it SIGKILLs itself at that crash point."""
+        self.call(lambda: self._start_operator(crash_at))
+
+    def wait_operator_exit(self, timeout: float) -> int:
+        """Exit status of the operator process once it ends (negative: killed by that signal)."""
+        assert self.operator is not None
+        operator = self.operator
+        return int(self.call(operator.wait, timeout=timeout))
 
     # ---- synchronous API ----------------------------------------------------------------------
     def call(self, fn: Callable[[], Coroutine[Any, Any, Any]], timeout: float = 60) -> Any:

@@ -1,4 +1,5 @@
-"""The operator's only Kubernetes writer besides kopf itself: pods, Services, CR status, its Lease.
+"""The operator's only Kubernetes writer besides kopf itself: pods, Services, the gateways'
+ServiceAccounts and RoleBindings, CR status, its Lease.
 
 Thin async wrappers over kubernetes_asyncio's ApiClient that send plain dicts and read plain JSON
 (no model (de)serialisation: it costs more than the request at hundreds of pods). Idempotency and
@@ -23,6 +24,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
 LEASES = "coordination.k8s.io"
+RBAC = "rbac.authorization.k8s.io"
 
 # (API group, resource, verb) of every call below: the RBAC contract of the application code.
 CALLS = frozenset(
@@ -33,6 +35,10 @@ CALLS = frozenset(
         ("", "services", "create"),
         ("", "services", "get"),
         ("", "services", "delete"),
+        ("", "serviceaccounts", "create"),
+        ("", "serviceaccounts", "get"),
+        (RBAC, "rolebindings", "create"),
+        (RBAC, "rolebindings", "get"),
         (specs.GROUP, f"{specs.PLURAL}/status", "patch"),
         (LEASES, "leases", "get"),
         (LEASES, "leases", "create"),
@@ -156,11 +162,11 @@ class Kube:
         return parsed
 
     async def _create_owned(
-        self, kind: str, plural: str, namespace: str, manifest: Mapping[str, Any]
+        self, kind: str, plural: str, namespace: str, manifest: Mapping[str, Any], *, api: str = "/api/v1"
     ) -> bool:
         """True when created; False when an object of that name with the same owner exists (an earlier
         attempt made it); NotOwned when it exists with another owner or none."""
-        base = f"/api/v1/namespaces/{namespace}/{plural}"
+        base = f"{api}/namespaces/{namespace}/{plural}"
         if await self._call("POST", base, dict(manifest), ok=frozenset({409})) is not None:
             return True
         name = manifest["metadata"]["name"]
@@ -201,6 +207,18 @@ class Kube:
     async def create_service(self, namespace: str, service: Mapping[str, Any]) -> bool:
         """True when created, False when this owner's Service exists; NotOwned for anyone else's."""
         return await self._create_owned("Service", "services", namespace, service)
+
+    async def create_service_account(self, namespace: str, account: Mapping[str, Any]) -> bool:
+        """True when created, False when this owner's ServiceAccount exists; NotOwned for anyone else's."""
+        return await self._create_owned("ServiceAccount", "serviceaccounts", namespace, account)
+
+    async def create_role_binding(self, namespace: str, binding: Mapping[str, Any]) -> bool:
+        """True when created, False when this owner's RoleBinding exists; NotOwned for anyone else's.
+        The API server allows it only if the operator may `bind` the referenced role (the chart grants
+        that for the gateway's ClusterRole alone)."""
+        return await self._create_owned(
+            "RoleBinding", "rolebindings", namespace, binding, api=f"/apis/{RBAC}/v1"
+        )
 
     async def delete_service(self, namespace: str, name: str, *, owner_uid: str | None = None) -> bool:
         """Delete the Service only when `owner_uid` owns it (pinned by a UID precondition); a Service

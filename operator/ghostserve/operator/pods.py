@@ -226,6 +226,8 @@ def build_gateway_pod(namespace: str, name: str, image: str) -> dict[str, Any]:
         },
         "spec": {
             "restartPolicy": "Always",  # stateless: kubelet restarts it in place
+            # Its own account (gatewayaccess): pods list in this namespace, not the default account.
+            "serviceAccountName": gateway_pod_name(name),
             "containers": [
                 {
                     "name": "gateway",

@@ -30,6 +30,11 @@ class Config:
     gateway_image: str = dataclasses.field(
         default_factory=lambda: os.environ.get("GHOSTSERVE_GATEWAY_IMAGE", "")
     )
+    # ClusterRole the chart ships for the gateways (pods list); each deployment's gateway ServiceAccount
+    # is bound to it in the deployment's namespace (ghostserve.operator.gatewayaccess).
+    gateway_role: str = dataclasses.field(
+        default_factory=lambda: os.environ.get("GHOSTSERVE_GATEWAY_ROLE", "ghostserve-gateway")
+    )
 
 
 class Runtime:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import kopf
-from ghostserve.operator import faults, specs, status
+from ghostserve.operator import faults, gatewayaccess, specs, status
 from ghostserve.operator import pods as podmodel
 
 if TYPE_CHECKING:
@@ -105,8 +105,15 @@ async def ensure_gateway(loop: Reconciler) -> None:
             await _delete(loop, gateway)
             return  # its DELETED event brings us back to create the new one
     elif not loop.gateway_requested:
+        # Its identity first: a pod naming a ServiceAccount that does not exist is refused.
+        kube_api = loop.rt.kube
+        account = gatewayaccess.build_service_account(loop.namespace, loop.name)
+        await kube_api.create_service_account(loop.namespace, loop.adopted(account))
+        role = loop.rt.config.gateway_role
+        binding = gatewayaccess.build_role_binding(loop.namespace, loop.name, role)
+        await kube_api.create_role_binding(loop.namespace, loop.adopted(binding))
         manifest = podmodel.build_gateway_pod(loop.namespace, loop.name, image)
-        await loop.rt.kube.create_pod(loop.namespace, loop.adopted(manifest))
+        await kube_api.create_pod(loop.namespace, loop.adopted(manifest))
         loop.gateway_requested = True
     url = f"http://{loop.name}.{loop.namespace}.svc:{specs.GATEWAY_PORT}"
     if loop.status.get("gatewayURL") != url:
