@@ -140,14 +140,19 @@ class TestTwoRanks:
         if t2.recoveries() > before:  # the engine lost its sidecar connection and was restarted
             assert last["outcome"] == "Succeeded"
 
-    def test_operator_killed_mid_recovery_finishes_it(self, t2: Served, cluster: embedded.Cluster) -> None:
-        # Deterministic: the operator SIGKILLs itself right after the source sidecar's Rebuild returned and
-        # before its figures were recorded (crash point "after:rebuild"). The next operator resumes at
-        # the recorded step (PodDeleted), runs the Rebuild again, and must report the rebuild that
-        # happened: Succeeded, KV Rebuilt, the sidecar's bytes (never 0, never Degraded).
+    # after:markLost: the first recorded-step call done (lost ranks wiped), nothing recorded; the next
+    # operator repeats MarkLost, deletes the pod, rebuilds. after:rebuild: the Rebuild returned, its
+    # figures not recorded; the next operator resumes at PodDeleted and runs the Rebuild again.
+    @pytest.mark.parametrize("crash_at", ["after:markLost", "after:rebuild"])
+    def test_operator_killed_mid_recovery_finishes_it(
+        self, t2: Served, cluster: embedded.Cluster, crash_at: str
+    ) -> None:
+        # Deterministic: the operator SIGKILLs itself at `crash_at` (operator/.../crashpoints.py); the
+        # next one finishes the recovery and must report the rebuild that happened: Succeeded, KV
+        # Rebuilt, the sidecar's bytes (never 0, never Degraded).
         node, gpus = t2.placement()
         cluster.kill_operator()
-        cluster.start_operator(crash_at="after:rebuild")
+        cluster.start_operator(crash_at=crash_at)
         starts = cluster.operator_starts
         exits: list[int] = []
 
@@ -170,7 +175,7 @@ class TestTwoRanks:
             "Rebuilt",
         )
         assert last["ranks"] == [0]
-        assert last["bytesRebuilt"] > 0, f"after a repeated Rebuild: {last}"
+        assert last["bytesRebuilt"] > 0, f"operator SIGKILLed at {crash_at}: {last}"
         cluster.repair_gpu(node, gpus[0])
         cluster.wait_for(
             lambda: scenarios.allocatable(cluster, node) == cluster.options.gpus, what="GPU back"

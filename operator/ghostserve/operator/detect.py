@@ -177,6 +177,8 @@ async def _expected(loop: Reconciler, spec: Mapping[str, Any], rec: Any) -> None
     if figures is not None:
         rec.group_found = True
         rec.expected_chunks = figures.protected_chunks
+        rec.rebuilt_baseline_bytes = figures.bytes_rebuilt
+        rec.rebuilt_baseline_chunks = figures.chunks_rebuilt
 
 
 def _warn_unattributed(loop: Reconciler, node: str | None) -> None:

@@ -68,6 +68,10 @@ class Recovery:
     reset: bool = False  # faultPolicy group: the sidecar group is deleted, the KV recomputed
     expected_chunks: int = 0  # protected chunks the source held at detection (what a rebuild must bring back)
     group_found: bool = False  # the source sidecar held the group at detection (a move must move bytes)
+    # The source sidecar's rebuilt-into-this-group figures at detection: what it rebuilt since then, by
+    # any caller, is this recovery's (a Rebuild repeated after a restart may find nothing left to do).
+    rebuilt_baseline_bytes: int = 0
+    rebuilt_baseline_chunks: int = 0
     target: str = ""
     avoid: list[str] = dataclasses.field(default_factory=list)
     stale_copies: list[str] = dataclasses.field(default_factory=list)

@@ -53,6 +53,8 @@ async def advance(loop: Reconciler, rec: Recovery, spec: Mapping[str, Any]) -> f
             if isinstance(out, sidecars.RebuildOutcome):
                 rec.bytes_rebuilt, rec.chunks_rebuilt = out.bytes_rebuilt, out.chunks_rebuilt
                 rec.chunks_recomputed = out.chunks_recomputed
+            if rec.chunks_rebuilt == 0 and rec.group_found:
+                await _rebuilt_before(loop, rec, source, gid)
         elif step == record.PLACED:
             if not rec.target and not await _place(loop, rec, spec):
                 if _expired(loop, rec):
@@ -103,6 +105,25 @@ async def advance(loop: Reconciler, rec: Recovery, spec: Mapping[str, Any]) -> f
         rec.step, rec.attempts = step, 0
         await loop.save(rec)
         loop.log.info("recovery-step", extra={"recovery": rec.id, "replica": rec.replica, "step": step})
+
+
+async def _rebuilt_before(loop: Reconciler, rec: Recovery, source: str, gid: str) -> None:
+    """Our Rebuild restored nothing: count what the source sidecar rebuilt into the group since the
+    fault was detected, by anyone (an attempt of ours cut short by a restart, or the engine at attach,
+    after which the requests may have finished and left the ledger). A rebuild that did happen is
+    reported with the sidecar's figures, never as 0 bytes or Degraded; none at all stays Degraded."""
+    try:
+        figures = await loop.rt.sidecars.describe(source, gid)
+    except Exception as exc:  # the outcome then says what our own Rebuild reported
+        rec.note(f"DescribeGroup after Rebuild: {str(exc)[:200]}")
+        return
+    if figures is None:
+        return
+    chunks = figures.chunks_rebuilt - rec.rebuilt_baseline_chunks
+    if chunks > 0:
+        rec.chunks_rebuilt = chunks
+        rec.bytes_rebuilt = max(0, figures.bytes_rebuilt - rec.rebuilt_baseline_bytes)
+        rec.note(f"rebuilt before this Rebuild: {chunks} chunks, {rec.bytes_rebuilt} bytes (sidecar figures)")
 
 
 def _nodes_known(loop: Reconciler, rec: Recovery) -> bool:

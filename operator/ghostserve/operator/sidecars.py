@@ -36,6 +36,9 @@ class GroupFigures:
     valid_ranks: int = 0  # ranks whose pool holds valid KV
     world_size: int = 0
     pool_bytes: int = 0
+    # What Rebuild restored into the group on this sidecar so far, by any caller (the engine at attach too)
+    bytes_rebuilt: int = 0
+    chunks_rebuilt: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +154,9 @@ class GrpcSidecars:
             sum(1 for r in desc.ranks if r.pool_valid),
             int(desc.world_size),
             int(desc.pool_bytes),
+            # getattr: a sidecar built before these fields reports none (0).
+            int(getattr(desc, "bytes_rebuilt", 0)),
+            int(getattr(desc, "chunks_rebuilt", 0)),
         )
 
     async def move_group(self, address: str, group: str, target: str) -> MoveOutcome:

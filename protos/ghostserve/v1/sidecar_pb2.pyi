@@ -293,7 +293,7 @@ class RequestState(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., chunks_committed: _Optional[int] = ..., chunks_protected: _Optional[int] = ..., tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., parity_bytes: _Optional[int] = ...) -> None: ...
 
 class GroupDescription(_message.Message):
-    __slots__ = ("group", "world_size", "layout", "protection", "ranks", "requests", "parity_bytes", "pool_bytes", "parity_budget_bytes", "uid")
+    __slots__ = ("group", "world_size", "layout", "protection", "ranks", "requests", "parity_bytes", "pool_bytes", "parity_budget_bytes", "uid", "bytes_rebuilt", "chunks_rebuilt")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
@@ -304,6 +304,8 @@ class GroupDescription(_message.Message):
     POOL_BYTES_FIELD_NUMBER: _ClassVar[int]
     PARITY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     UID_FIELD_NUMBER: _ClassVar[int]
+    BYTES_REBUILT_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_REBUILT_FIELD_NUMBER: _ClassVar[int]
     group: str
     world_size: int
     layout: KVLayout
@@ -314,7 +316,9 @@ class GroupDescription(_message.Message):
     pool_bytes: int
     parity_budget_bytes: int
     uid: str
-    def __init__(self, group: _Optional[str] = ..., world_size: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., protection: _Optional[_Union[Protection, _Mapping]] = ..., ranks: _Optional[_Iterable[_Union[RankState, _Mapping]]] = ..., requests: _Optional[_Iterable[_Union[RequestState, _Mapping]]] = ..., parity_bytes: _Optional[int] = ..., pool_bytes: _Optional[int] = ..., parity_budget_bytes: _Optional[int] = ..., uid: _Optional[str] = ...) -> None: ...
+    bytes_rebuilt: int
+    chunks_rebuilt: int
+    def __init__(self, group: _Optional[str] = ..., world_size: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., protection: _Optional[_Union[Protection, _Mapping]] = ..., ranks: _Optional[_Iterable[_Union[RankState, _Mapping]]] = ..., requests: _Optional[_Iterable[_Union[RequestState, _Mapping]]] = ..., parity_bytes: _Optional[int] = ..., pool_bytes: _Optional[int] = ..., parity_budget_bytes: _Optional[int] = ..., uid: _Optional[str] = ..., bytes_rebuilt: _Optional[int] = ..., chunks_rebuilt: _Optional[int] = ...) -> None: ...
 
 class ListGroupsRequest(_message.Message):
     __slots__ = ()

@@ -104,6 +104,8 @@ def describe(g: group.Group) -> pb.GroupDescription:
         pool_bytes=g.pool_bytes(),
         parity_budget_bytes=g.budget_bytes,
         uid=g.uid,
+        bytes_rebuilt=g.bytes_rebuilt,
+        chunks_rebuilt=g.chunks_rebuilt,
     )
 
 

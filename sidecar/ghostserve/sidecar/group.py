@@ -73,6 +73,10 @@ class Group:
         self.uid = uid or secrets.token_hex(8)
         # The group's own parity budget within the sidecar's (0 = none); set by Attach or a move.
         self.budget_bytes = 0
+        # What Rebuild restored into these pools, by any caller (DescribeGroup reports it): lets the
+        # operator count a rebuild that happened before its own Rebuild call (which then finds nothing).
+        self.bytes_rebuilt = 0
+        self.chunks_rebuilt = 0
         self.key = persist.key_of(name)
         self.settings = settings
         self.codec = codec

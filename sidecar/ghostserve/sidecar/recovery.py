@@ -223,6 +223,8 @@ class Rebuilder:
                 g.ranks[r].valid = True
             c.save_state()
             total = sum(r.bytes_rebuilt for r in self.results.values())
+            g.bytes_rebuilt += total
+            g.chunks_rebuilt += sum(len(r.rebuilt) for r in self.results.values())
             seconds = time.perf_counter() - start
             with c.lock:
                 c.counters.rebuild_bytes += total

@@ -58,6 +58,20 @@ async def _serve(svc: service.Service) -> int:
     return svc.exit_code
 
 
+def _private_workdir() -> pathlib.Path:
+    """$TMPDIR/ghostserve-serve/<pid>; directories of trees that died without cleaning up (SIGKILL)
+    are removed first."""
+    base = pathlib.Path(tempfile.gettempdir()) / "ghostserve-serve"
+    base.mkdir(mode=0o700, exist_ok=True)
+    for old in base.iterdir():
+        if old.name.isdigit() and not pathlib.Path(f"/proc/{old.name}").exists():
+            shutil.rmtree(old, ignore_errors=True)
+    mine = base / str(os.getpid())
+    shutil.rmtree(mine, ignore_errors=True)
+    mine.mkdir(mode=0o700)
+    return mine
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logs.setup()  # JSON lines on stderr, level from GHOSTSERVE_LOG_LEVEL (docs/design.md §10)
     try:
@@ -70,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Several pods may share a machine (the embedded cluster): each tree needs its own gloo stores.
     own = cfg.workdir is None
     if own:
-        cfg = dataclasses.replace(cfg, workdir=pathlib.Path(tempfile.mkdtemp(prefix="ghostserve-serve-")))
+        cfg = dataclasses.replace(cfg, workdir=_private_workdir())
     try:
         return asyncio.run(_serve(service.Service(cfg)))
     finally:
