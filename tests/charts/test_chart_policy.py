@@ -25,7 +25,13 @@ OPERATOR_RULES = {
     ("coordination.k8s.io", "leases", "create", None),
     ("coordination.k8s.io", "leases", "get", "ghostserve-leader"),
     ("coordination.k8s.io", "leases", "patch", "ghostserve-leader"),
+    # Application: each deployment's gateway ServiceAccount and its RoleBinding to the gateway role (bind
+    # on that role alone is added per render: its name follows the release)
+    *{("", "serviceaccounts", v, None) for v in ("create", "get")},
+    *{("rbac.authorization.k8s.io", "rolebindings", v, None) for v in ("create", "get")},
 }
+# The resume gateways' ClusterRole: `ghostserve gateway --selector` lists pods, nothing else.
+GATEWAY_RULES = {("", "pods", "list", None)}
 USER_RULES = {
     "view": {("ghostserve.io", r, v) for r in ("ghostservedeployments", "ghostservedeployments/status")
              for v in ("get", "list", "watch")},
@@ -37,6 +43,21 @@ USER_RULES = {
 def _aggregated(role: dict[str, Any]) -> bool:
     labels = role["metadata"].get("labels") or {}
     return any(k.startswith("rbac.authorization.k8s.io/aggregate-to-") for k in labels)
+
+
+def _gateway(role: dict[str, Any]) -> bool:
+    return (role["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == "gateway"
+
+
+def _rules(role: dict[str, Any]) -> set[tuple[str, str, str, str | None]]:
+    return {
+        (group, resource, verb, name)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+        for name in rule.get("resourceNames") or [None]
+    }
 INIT = "socket-dir-permissions"
 
 
@@ -63,17 +84,22 @@ def test_rbac_has_no_wildcards(rendered: list[dict[str, Any]]) -> None:
 
 
 def test_rbac_grants_exactly_the_operator_rules(rendered: list[dict[str, Any]]) -> None:
+    [gateway] = [r for r in _of_kind(rendered, "ClusterRole") if _gateway(r)]
     granted = {
-        (group, resource, verb, name)
+        rule
         for role in _of_kind(rendered, "ClusterRole", "Role")
-        if not _aggregated(role)
-        for rule in role["rules"]
-        for group in rule["apiGroups"]
-        for resource in rule["resources"]
-        for verb in rule["verbs"]
-        for name in rule.get("resourceNames") or [None]
+        if not _aggregated(role) and not _gateway(role)
+        for rule in _rules(role)
     }
-    assert granted == OPERATOR_RULES
+    bind = ("rbac.authorization.k8s.io", "clusterroles", "bind", gateway["metadata"]["name"])
+    assert granted == OPERATOR_RULES | {bind}
+    assert _rules(gateway) == GATEWAY_RULES
+    # The operator binds it per deployment namespace; the chart binds it nowhere.
+    refs = [b["roleRef"]["name"] for b in _of_kind(rendered, "ClusterRoleBinding", "RoleBinding")]
+    assert gateway["metadata"]["name"] not in refs
+    [operator] = [d for d in _of_kind(rendered, "Deployment")]
+    env = {e["name"]: e.get("value") for e in operator["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["GHOSTSERVE_GATEWAY_ROLE"] == gateway["metadata"]["name"]
 
 
 def test_users_get_aggregated_view_and_edit_roles(default_objects: list[dict[str, Any]]) -> None:
@@ -117,7 +143,7 @@ def test_rbac_binds_only_the_operator_service_account(rendered: list[dict[str, A
 def test_rbac_rules_are_grouped_framework_then_application(render_script: ModuleType) -> None:
     for source, doc in render_script.render():
         obj = yaml.safe_load(doc)
-        if obj["kind"] in ("ClusterRole", "Role") and not _aggregated(obj):
+        if obj["kind"] in ("ClusterRole", "Role") and not _aggregated(obj) and not _gateway(obj):
             framework, application = doc.find("# Framework (kopf):"), doc.find("# Application:")
             assert 0 <= framework < application, (source, doc)
 

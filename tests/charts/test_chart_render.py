@@ -45,7 +45,7 @@ def test_default_render_is_valid_kubernetes(default_objects: list[dict[str, Any]
     kinds = sorted(obj["kind"] for obj in default_objects)
     assert kinds == sorted(
         ["CustomResourceDefinition", "NetworkPolicy", "NetworkPolicy", "ServiceAccount", "ServiceAccount",
-         "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding",
+         "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding",
          "ClusterRoleBinding", "Role", "RoleBinding", "Service", "Service", "DaemonSet", "Deployment",
          "Issuer", "Issuer", "Certificate", "Certificate", "Certificate"]
     )  # fmt: skip
@@ -78,11 +78,14 @@ def test_namespaced_install_grants_namespaced_rules_only_in_those_namespaces(
     assert roles == {(k, ns) for k in ("Role", "RoleBinding") for ns in namespaces}
     leader = [o for o in objs if o["kind"] == "Role" and o["metadata"]["namespace"] == "ghostserve-system"]
     assert {r for o in leader for rule in o["rules"] for r in rule["resources"]} == {"leases"}
-    # Only the cluster-scoped rules stay cluster-wide (plus the users' aggregated view/edit roles).
-    users = ("-view", "-edit")
+    # Only the cluster-scoped rules stay cluster-wide (plus the users' aggregated view/edit roles and the
+    # gateways' role, which the operator binds only by RoleBindings in the deployments' namespaces).
+    users = ("-view", "-edit", "-gateway")
     cluster_roles = [
         o for o in objs if o["kind"] == "ClusterRole" and not o["metadata"]["name"].endswith(users)
     ]
+    bound = {b["roleRef"]["name"] for b in objs if b["kind"] == "ClusterRoleBinding"}
+    assert "ghostserve-gateway" not in bound
     assert len(cluster_roles) == 1
     assert {r for rule in cluster_roles[0]["rules"] for r in rule["resources"]} == {"nodes"}
     args = next(o for o in objs if o["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0][

@@ -190,3 +190,67 @@ async def _mark_unhealthy(cluster: harness.Cluster, node: str, gpu: str) -> None
     await cluster.emulator.write(
         "update", harness.NODES, None, node, {"status": {"allocatable": {"nvidia.com/gpu": str(left)}}}
     )
+
+
+@pytest.mark.parametrize("cluster_two", [3], indirect=True, ids=["same-node-swap"])
+def test_a_rebuild_done_before_the_operators_own_is_reported_with_the_sidecars_bytes(
+    cluster_two: harness.Cluster, sidecars: dict[str, harness.RealSidecar], tmp_path: pathlib.Path
+) -> None:
+    # The operator is SIGKILLed right after MarkLost. Meanwhile the engine's lost rank re-attaches, is
+    # told to rebuild and rebuilds itself (as the reference engine does at attach), and the request then
+    # finishes and leaves the ledger. The next operator's own Rebuild finds nothing to do (0 bytes):
+    # the rebuild did happen, so the outcome is Succeeded/Rebuilt with the sidecar's bytes, not Degraded.
+    cluster = cluster_two
+    first = harness.OperatorProcess(
+        cluster.kubeconfig(tmp_path / "kubeconfig-a"),
+        tmp_path / "operator-a.log",
+        sidecar_port=cluster.sidecar_port,
+        crash_at="after:markLost",
+    )
+    second = None
+    try:
+        cluster.write("create", harness.GSD, NS, None, deployment(tp=2))
+        cluster.wait_for(lambda: serving(cluster), timeout=60, what="Serving 2/2")
+        before = pod(cluster, 0)
+        assert before is not None
+        source = before["spec"]["nodeName"]
+        gpus = harness.gpus_of(before)
+        uuids = [fake_uuid(g) for g in gpus]
+        written = play_engine(sidecars[source], uuids)
+        cluster.wait_for(
+            lambda: gsd(cluster)["status"]["protection"]["protected"] == "yes", timeout=60, what="Protected"
+        )
+        cluster.call(lambda: _mark_unhealthy(cluster, source, gpus[1]))
+        with sidecars[source].client() as c:
+            c.inject_fault(
+                gpu_index=int(gpus[1].rsplit("-", 1)[1]), kind=pb.XID, xid=79, message="fell off the bus"
+            )
+        assert first.proc.wait(timeout=90) == -9  # SIGKILLed itself once MarkLost returned
+
+        spare = next(u for u in (fake_uuid(f"gpu-{i}") for i in range(3)) if u not in uuids)
+        reattached = attach(sidecars[source], 1, spare)
+        assert reattached.needs_rebuild
+        with sidecars[source].client() as c:
+            report = c.rebuild(group=GROUP, lost_ranks=[1])
+            engine_bytes = int(report.bytes_rebuilt)
+            c.release_request(group=GROUP, request_id="req-1")
+        assert engine_bytes == 2 * 2 * LAYOUT.layers * CHUNK * ROW  # 2 chunks of one rank
+        rebuilt = read_pool(reattached.pool)
+        for slots in SLOTS.values():
+            assert shard(rebuilt, slots) == shard(written[1], slots)
+
+        second = harness.OperatorProcess(
+            cluster.kubeconfig(tmp_path / "kubeconfig-b"),
+            tmp_path / "operator-b.log",
+            sidecar_port=cluster.sidecar_port,
+        )
+        cluster.wait_for(lambda: recovered(cluster, 1), timeout=90, what="the recovery finished")
+        last = gsd(cluster)["status"]["lastRecovery"]
+        assert (last["kind"], last["ranks"], last["kv"]) == ("device", [1], "Rebuilt")
+        assert last["outcome"] == "Succeeded", last
+        assert last["chunksRebuilt"] == 2 and last["bytesRebuilt"] == engine_bytes
+    finally:
+        for proc in (first, second):
+            if proc is not None:
+                proc.stop()
+                print(proc.output()[-6000:])

@@ -50,6 +50,8 @@ def cache() -> tuple[RadixCache, PagedTokenToKVPoolAllocator, ReqToTokenPool]:
     alloc = PagedTokenToKVPoolAllocator(size=SIZE, page_size=PAGE, dtype=torch.float16, device="cpu",
                                         kvcache=pool, need_sort=False)
     rtp = ReqToTokenPool(size=4, max_context_len=64, device="cpu", enable_memory_saver=False)
+    global RTP
+    RTP = rtp
     tree = RadixCache(CacheInitParams(disable=False, req_to_token_pool=rtp, token_to_kv_pool_allocator=alloc,
                                       page_size=PAGE))
     return tree, alloc, rtp
@@ -61,7 +63,15 @@ def make_req(rid: str, tokens: list[int], row: int, budget: int) -> Req:
     return req
 
 
+RTP: ReqToTokenPool | None = None  # the pool `batch` writes slots into, as sglang's allocator does
+
+
 def batch(reqs: list[Req], mode: ForwardMode, spans: list[tuple[int, int]], locs: list[int]) -> ScheduleBatch:
+    if RTP is not None:
+        at = 0
+        for req, (start, n) in zip(reqs, spans, strict=True):
+            RTP.req_to_token[req.kv.req_pool_idx, start : start + n] = torch.tensor(locs[at : at + n])
+            at += n
     b = ScheduleBatch(reqs=reqs, forward_mode=mode, spec_algorithm=SpeculativeAlgorithm.NONE)
     b.out_cache_loc = torch.tensor(locs, dtype=torch.int64)
     b.prefix_lens = [s for s, _ in spans]
@@ -134,7 +144,7 @@ def test_superseded_and_expired_restored_requests_are_released(prot: protector.P
     prot.on_forward(batch([new], ForwardMode.EXTEND, [(0, 6)], [24, 25, 26, 27, 28, 29]), rtp.req_to_token)
     prot.sender.drain()
     assert "old" not in prot.pins and "stale" in prot.pins
-    assert sorted(r.request_id for r in c.describe_group(group="prot").requests) == ["new", "stale"]
+    assert sorted(r.request_id for r in c.describe_group(group="prot").requests) == ["stale"]
     # Nobody resubmits "stale": after the grace period (3 passes) its entry and pin go.
     for step in range(3):
         new.output_ids.append(1)
@@ -157,7 +167,11 @@ def test_a_sidecar_rejection_leaves_that_request_unprotected_and_serving(prot: p
     y = make_req("y", [9, 9, 9, 9], 1, budget=4)
     before = metrics.UNPROTECTED.labels(reason="rejected")._value.get()
     prot.on_forward(batch([x, y], ForwardMode.EXTEND, [(0, 8), (0, 4)], [*range(8, 16), *range(16, 20)]),
-                    rtp.req_to_token)  # raises nothing
+                    rtp.req_to_token)
+    x.output_ids.append(9)
+    y.output_ids.append(9)
+    step = batch([x, y], ForwardMode.DECODE, [(8, 1), (4, 1)], [24, 25])
+    prot.on_forward(step, rtp.req_to_token)  # raises nothing
     prot.sender.drain()
     assert set(prot.unprotected) == {"x"} and prot.off is None
     assert metrics.UNPROTECTED.labels(reason="rejected")._value.get() == before + 1
@@ -165,7 +179,8 @@ def test_a_sidecar_rejection_leaves_that_request_unprotected_and_serving(prot: p
     # request stays protected.
     for _ in range(4):
         x.output_ids.append(5)
-    prot.on_forward(batch([x], ForwardMode.EXTEND, [(8, 4)], [20, 21, 22, 23]), rtp.req_to_token)
+    prot.on_forward(batch([x], ForwardMode.EXTEND, [(9, 4)], [28, 29, 30, 31]), rtp.req_to_token)
+    prot.on_forward(batch([x], ForwardMode.DECODE, [(13, 1)], [32]), rtp.req_to_token)
     prot.sender.drain()
     assert [r.request_id for r in c.describe_group(group="prot").requests] == ["y"]
     assert [list(ch.slots) for ch in ledger_of(prot, "y").chunks] == [[16, 17, 18, 19]]
@@ -173,3 +188,29 @@ def test_a_sidecar_rejection_leaves_that_request_unprotected_and_serving(prot: p
         prot.on_release(req)
     prot.sender.drain()
     assert [r.request_id for r in c.describe_group(group="prot").requests] == []
+
+
+def test_chunks_are_committed_at_the_slots_sglang_settles_on(prot: protector.Protector) -> None:
+    # sglang caches a running request's prefill in the radix cache; where the tree already held the same
+    # tokens it re-points the request at the tree's slots and frees the request's own ones. The chunk
+    # goes to the ledger with the slots the request holds after that, never with the freed ones.
+    _, _, rtp = cache()
+    req = make_req("m", [1, 2, 3, 4, 5], 0, budget=4)
+    prot.on_forward(batch([req], ForwardMode.EXTEND, [(0, 5)], [8, 9, 10, 11, 12]), rtp.req_to_token)
+    rtp.req_to_token[0, :4] = torch.tensor([40, 41, 42, 43])  # sglang's cache_unfinished_req re-bind
+    req.output_ids.append(6)
+    prot.on_forward(batch([req], ForwardMode.DECODE, [(5, 1)], [13]), rtp.req_to_token)
+    prot.sender.drain()
+    assert prot.unprotected == {}
+    assert [list(ch.slots) for ch in ledger_of(prot, "m").chunks] == [[40, 41, 42, 43]]
+    # Should a committed chunk still move later (not seen in sglang 0.5.23), the request is served
+    # unprotected and its entry dropped rather than left pointing at freed slots.
+    for step in range(2):  # the pass writing token 7 completes and commits chunk 1
+        req.output_ids.append(7)
+        prot.on_forward(batch([req], ForwardMode.DECODE, [(6 + step, 1)], [14 + step]), rtp.req_to_token)
+    rtp.req_to_token[0, 4:8] = torch.tensor([50, 51, 52, 53])
+    req.output_ids.append(8)
+    prot.on_forward(batch([req], ForwardMode.DECODE, [(8, 1)], [16]), rtp.req_to_token)
+    prot.sender.drain()
+    assert prot.unprotected["m"].startswith("sglang moved chunk 1")
+    assert [r.request_id for r in prot.session.client.describe_group(group="prot").requests] == []

@@ -7,6 +7,7 @@ graphs and every attention backend, unlike hooking `set_kv_buffer`, which graph 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any, overload
@@ -60,13 +61,15 @@ class TokenView(Sequence[int]):
     """A request's token ids known on the CPU (prompt then generated) without copying them: a forward
     pass only reads the few tokens of the chunks it completes, not the whole list."""
 
-    def __init__(self, req: Any) -> None:
+    def __init__(self, req: Any, *, limit: int | None = None) -> None:
         self._prompt = req.origin_input_ids
         self._output = req.output_ids
         self._n = len(self._prompt)
+        self._limit = limit
 
     def __len__(self) -> int:
-        return self._n + len(self._output)
+        known = self._n + len(self._output)
+        return known if self._limit is None else min(known, self._limit)
 
     @overload
     def __getitem__(self, index: int) -> int: ...
@@ -103,10 +106,14 @@ def capture_batch(
 
     `req_to_token` is sglang's ReqToTokenPool.req_to_token ([rows][max_context] slot table), read for
     prefixes the tracker did not see written. Requests for which `skip(req)` holds are left out
-    (served unprotected). Chunks are committed once each, in index order. Mutates the tracker.
-    Returns the number of chunks committed.
+    (served unprotected). Chunks are committed once each, in index order, with their slots read from
+    `req_to_token` at that moment. A chunk holding tokens an extend pass just wrote waits for the
+    request's next pass: after an extend pass sglang may re-point those tokens at the radix cache's
+    own slots for the same tokens and free the ones just written (`cache_unfinished_req`). Mutates the
+    tracker. Returns the number of chunks committed.
     """
     committed = 0
+    extend = batch.forward_mode.is_extend()
     for req, start, slots in written_spans(batch):
         if skip(req):
             continue
@@ -116,7 +123,9 @@ def capture_batch(
             return [int(x) for x in req_to_token[row, begin:end].tolist()]
 
         tracker.observe(req.rid, start=start, new_slots=slots, prefix_slots=prefix)
-        for chunk in tracker.ready(req.rid, TokenView(req)):
-            commit(chunk, req)
+        t = tracker.chunk_tokens
+        for chunk in tracker.ready(req.rid, TokenView(req, limit=start if extend else None)):
+            fresh = tuple(prefix(chunk.index * t, (chunk.index + 1) * t))
+            commit(dataclasses.replace(chunk, slots=fresh), req)
             committed += 1
     return committed

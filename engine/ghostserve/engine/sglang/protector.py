@@ -53,6 +53,8 @@ class Protector:
         self._deadline: dict[str, int] = {}
         # rid -> (token count, tokens) the resubmission must still agree with (checked at its next chunk)
         self._verify: dict[str, tuple[int, tuple[int, ...]]] = {}
+        # rid -> chunks committed in the request's last pass, checked against req_to_token at its next one
+        self._recent: dict[str, list[chunks.Chunk]] = {}
         self.passes = 0
         self.chunks_committed = 0
         self._tree: Any = None
@@ -74,6 +76,7 @@ class Protector:
         """After a forward pass: commit the chunks it completed; release expired pins."""
         self.passes += 1
         if self.off is None:
+            self._check_rebound(batch, req_to_token)
             self.chunks_committed += capture.capture_batch(
                 batch, tracker=self.tracker, req_to_token=req_to_token, commit=self._commit, skip=self._skip
             )
@@ -89,6 +92,7 @@ class Protector:
         restored = rid in self.pins
         self.unprotected.pop(rid, None)
         self._verify.pop(rid, None)
+        self._recent.pop(rid, None)
         if restored:
             self._unpin(rid)
         if tracked or restored:
@@ -113,6 +117,26 @@ class Protector:
             self.off = reason
 
     # -- internals ---------------------------------------------------------------------------------
+
+    def _check_rebound(self, batch: Any, req_to_token: Any) -> None:
+        """After a pass, sglang may move a request's freshly written tokens onto the radix cache's own
+        slots for the same tokens (a prefix the tree already held) and free the request's: a chunk
+        committed with the freed slots would restore another request's KV later. Seen at the request's
+        next pass; such a request is served unprotected and its entry dropped."""
+        for req in batch.reqs:
+            recent = self._recent.pop(req.rid, None)
+            if not recent or req.rid in self.unprotected:
+                continue
+            t = self.tracker.chunk_tokens
+            row = req.kv.req_pool_idx
+            for chunk in recent:
+                begin = chunk.index * t
+                now = tuple(int(x) for x in req_to_token[row, begin : begin + t].tolist())
+                if now != chunk.slots:
+                    why = f"sglang moved chunk {chunk.index} to other slots"
+                    self._unprotect(req.rid, why, kind="rebound")
+                    self.sender.release(req.rid)
+                    break
 
     def _skip(self, req: Any) -> bool:
         rid = req.rid
@@ -165,6 +189,7 @@ class Protector:
             budget = int(getattr(req.sampling_params, "max_new_tokens", 0) or 0)
             self.sender.record(rid, prompt, prompt_tokens=len(prompt), max_new_tokens=budget)
         self.sender.submit(rid, chunk.index, chunk.slots, chunk.token_ids)
+        self._recent.setdefault(rid, []).append(chunk)
 
     def _rejected(self, request_id: str, error: adapter.AdapterError) -> None:
         # Runs on the sender thread: only sets flags the event loop reads.
