@@ -33,6 +33,7 @@ import benchlib
 import torch
 from ghostserve.engine import sidecar_process
 from ghostserve.engine.reference import config, engine, harness, workload
+from ghostserve.kernels import protection
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -238,7 +239,8 @@ def memory(
     rows = []
     reqs = workload.make_requests(2, prompt_tokens=tokens, new_tokens=4, vocab=cfg.vocab, seed=3, jitter=0)
     task = progress.add_task("host memory per code", total=4)
-    for code, m in (("xor", 1), ("rdp", 2), ("rs", 2), ("replicate", tp)):
+    for code in ("xor", "rdp", "rs", "replicate"):
+        m = protection.Protection(code).stored_shards(tp)  # S-byte shards held per chunk
         seen: dict[str, float] = {}
 
         def hook(eng: engine.ReferenceEngine, seen: dict[str, float] = seen) -> None:

@@ -63,6 +63,9 @@ def one_sample(
 ) -> dict[str, Any]:
     body = {"rid": f"v{i}", "input_ids": prompt, "stream": True,
             "sampling_params": {"max_new_tokens": 64, "temperature": 0}}
+    # Start from an empty cache: a prefill that duplicates a cached prefix is moved onto the tree's
+    # slots by sglang a pass or two later, and the plugin then serves it unprotected (docs/sglang.md).
+    requests.post(server.url + "/flush_cache", timeout=60).raise_for_status()
     client = sgl_server.StreamClient(server.url, body, notify_at=4)
     client.start()
     if not client.reached.wait(600) or client.error is not None:

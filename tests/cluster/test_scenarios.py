@@ -3,7 +3,9 @@ pods, the resume gateway; every run's output must equal a fault-free run's, toke
 
 from __future__ import annotations
 
+import json
 import signal
+import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -11,7 +13,8 @@ import pytest
 from cluster_support import started_cluster
 from ghostserve.cluster import api, embedded, scenarios, traffic
 
-REQUESTS, PROMPT, TOKENS = 2, 192, 24
+ENGINE_PORT = 30000  # C1: the engine container's "http" port
+REQUESTS, PROMPT, TOKENS = 4, 192, 24  # 4 streams: the gateway round-robins 2 to each TP=2 replica
 
 
 @pytest.fixture(scope="module")
@@ -40,32 +43,55 @@ class Served:
         self.reference = scenarios.stream(cluster, self.url, streams(dep, "ref")).outputs
         self.runs = 0
 
-    def pod(self) -> str:
-        return str(scenarios.engine_pods(self.cluster, self.dep.name)[0]["metadata"]["name"])
+    def pod(self, replica: int = 0) -> str:
+        return f"{self.dep.name}-r{replica}"
 
-    def placement(self) -> tuple[str, list[int]]:
-        return scenarios.pod_gpus(self.cluster, self.pod())
+    def pod_object(self, replica: int = 0) -> dict[str, Any]:
+        pod = self.cluster.get(api.PODS, self.pod(replica))
+        assert pod is not None, f"no pod {self.pod(replica)}"
+        return pod
+
+    def placement(self, replica: int = 0) -> tuple[str, list[int]]:
+        return scenarios.pod_gpus(self.cluster, self.pod(replica))
+
+    def engine_state(self, replica: int) -> dict[str, Any]:
+        """The replica's engine's own view (`GET /ghostserve/state`): rank pids, running requests."""
+        ip = self.pod_object(replica)["status"]["podIP"]
+        with urllib.request.urlopen(f"http://{ip}:{ENGINE_PORT}/ghostserve/state", timeout=10) as reply:
+            return dict(json.loads(reply.read()))
 
     def recoveries(self) -> int:
         return int(scenarios.status_of(self.cluster, self.dep.name).get("recoveries") or 0)
 
     def run_with(
-        self, fault: Callable[[], None], *, recovery: bool = True
+        self,
+        fault: Callable[[], None],
+        *,
+        recovery: bool = True,
+        fault_when: Callable[[list[traffic.Stream]], bool] | None = None,
     ) -> tuple[scenarios.Outcome, dict[str, Any]]:
         """Stream with `fault` mid-decode; assert identical tokens; returns (outcome, status.lastRecovery)."""
         self.runs += 1
         before = self.recoveries()
         settle = scenarios.recovered(self.cluster, self.dep.name, before + 1) if recovery else None
         out = scenarios.stream(
-            self.cluster, self.url, streams(self.dep, f"run{self.runs}"), fault=fault, settle=settle
+            self.cluster,
+            self.url,
+            streams(self.dep, f"run{self.runs}"),
+            fault=fault,
+            fault_when=fault_when,
+            settle=settle,
         )
         assert out.outputs == self.reference
         assert all(len(t) == TOKENS for t in out.outputs.values())
         return out, dict(scenarios.status_of(self.cluster, self.dep.name).get("lastRecovery") or {})
 
     def events(self, out: scenarios.Outcome) -> list[str]:
+        return [reason for reason, _ in self.event_messages(out)]
+
+    def event_messages(self, out: scenarios.Outcome) -> list[tuple[str, str]]:
         return [
-            str(w.obj.get("reason"))
+            (str(w.obj.get("reason")), str(w.obj.get("message")))
             for w in out.writes
             if w.plural == "events"
             and w.action == "create"
@@ -82,7 +108,9 @@ def serving_node(cluster: embedded.Cluster, name: str) -> str:
 
 @pytest.fixture(scope="class")
 def t2(cluster: embedded.Cluster) -> Iterator[Served]:
-    served = Served(cluster, scenarios.Deployment("t2", tp=2))
+    # Two replicas, spread by the scheduler (least allocated node first): each has 2 healthy free GPUs
+    # beside it on its node, so a device fault is a same-node swap. Class-scoped: torn down before t4.
+    served = Served(cluster, scenarios.Deployment("t2", tp=2, replicas=2))
     yield served
     served.close()
 
@@ -94,20 +122,61 @@ def t4(cluster: embedded.Cluster) -> Iterator[Served]:
     served.close()
 
 
+def restarts(pod: dict[str, Any]) -> int:
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    return sum(int(c.get("restartCount") or 0) for c in statuses)
+
+
 class TestTwoRanks:
     def test_device_fault_with_a_free_gpu_swaps_it_on_the_node(
         self, t2: Served, cluster: embedded.Cluster
     ) -> None:
-        node, gpus = t2.placement()
-        out, last = t2.run_with(lambda: cluster.inject_gpu_fault(node, gpus[1], xid=79))
+        node, gpus = t2.placement(0)
+        other = t2.pod_object(1)
+        other_uid, other_pids = other["metadata"]["uid"], t2.engine_state(1)["rank_pids"]
+        old_uid = t2.pod_object(0)["metadata"]["uid"]
+        other_steps = t2.engine_state(1)["steps"]  # decode steps run only with requests in the batch
+        on_r0: dict[str, bool] = {}  # rid -> decoded by r0 (asked r0's engine at the stream's first token)
+
+        def due(streams: list[traffic.Stream]) -> bool:
+            # The two replicas decode side by side at their own pace: fire when r0's streams (not all
+            # streams) are half done, so the fault hits r0 mid-decode whatever r1's pace.
+            new = [s.rid for s in streams if s.tokens and s.rid not in on_r0]
+            if new:
+                r0, r1 = ({*st["running"], *st["waiting"]} for st in map(t2.engine_state, (0, 1)))
+                # In neither snapshot yet (published just after the token): asked again on its next token.
+                on_r0.update((rid, rid in r0) for rid in new if rid in r0 | r1)
+            # Done before either snapshot showed it: not one the fault can hit (never waited for).
+            on_r0.update((s.rid, False) for s in streams if len(s.tokens) == TOKENS and s.rid not in on_r0)
+            if len(on_r0) < len(streams):
+                return False
+            mine = [s for s in streams if on_r0[s.rid]]
+            return all(len(s.tokens) >= TOKENS // 2 for s in mine)
+
+        out, last = t2.run_with(lambda: cluster.inject_gpu_fault(node, gpus[1], xid=79), fault_when=due)
+        # Every stream of both replicas got the fault-free tokens (run_with); the gateway spread them:
+        # r0 decoded some (not all), r1 the rest.
+        hit = [rid for rid, mine in on_r0.items() if mine]
+        assert 0 < len(hit) < REQUESTS, on_r0
+        assert t2.engine_state(1)["steps"] - other_steps >= TOKENS
         assert (last["kind"], last["outcome"], last.get("kv")) == ("device", "Succeeded", "Rebuilt")
-        assert last["ranks"] == [1] and last["bytesRebuilt"] > 0 and last["chunksRecomputed"] == 0
+        assert last["group"] == 0, last
+        assert last["ranks"] == [1] and last["chunksRecomputed"] == 0, last
+        assert last["bytesRebuilt"] > 0, (last, on_r0)
         assert last["sourceNode"] == last["targetNode"] == node
-        new_node, new_gpus = t2.placement()
+        new_node, new_gpus = t2.placement(0)
         assert new_node == node and gpus[1] not in new_gpus
+        assert t2.pod_object(0)["metadata"]["uid"] != old_uid  # r0's pod was recreated ...
+        after = t2.pod_object(1)  # ... and r1's was never touched
+        assert after["metadata"]["uid"] == other_uid and restarts(after) == 0
+        assert t2.engine_state(1)["rank_pids"] == other_pids and not t2.engine_state(1)["recoveries"]
         assert scenarios.allocatable(cluster, node) == cluster.options.gpus - 1
         assert {"FaultDevice", "RecoverySucceeded"} <= set(t2.events(out))
-        assert all(s.cached_tokens >= PROMPT for s in out.streams)
+        faults = [m for r, m in t2.event_messages(out) if r == "FaultDevice"]
+        assert len(faults) == 1 and "replica 0 " in faults[0] and "rank 1:" in faults[0], faults
+        assert "rank 0" not in faults[0] and "replica 1 " not in faults[0], faults
+        # r0's streams resumed on the rebuilt KV: the replacement reused every prompt token.
+        assert all(s.cached_tokens >= PROMPT for s in out.streams if s.rid in hit)
         cluster.repair_gpu(node, gpus[1])
         cluster.wait_for(
             lambda: scenarios.allocatable(cluster, node) == cluster.options.gpus, what="GPU back"

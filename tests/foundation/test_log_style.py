@@ -1,6 +1,7 @@
 """One log style (docs/design.md §10): a constant event name, the fields in `extra`. Checked statically
-over the sidecar, the operator and the reference engine: no f-strings, JSON strings or %-arguments in
-their log calls. (The SGLang plugin and the adapter it shares log through sglang's text handlers.)"""
+over the sidecar, the operator, the reference engine and the embedded cluster: no f-strings, JSON
+strings or %-arguments in their log calls. (The SGLang plugin and the adapter it shares log through
+sglang's text handlers.)"""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ import ast
 import pathlib
 
 LEVELS = {"debug", "info", "warning", "error", "exception", "critical"}
-ROOTS = ("sidecar/ghostserve/sidecar", "operator/ghostserve/operator", "engine/ghostserve/engine/reference")
+ROOTS = (
+    "sidecar/ghostserve/sidecar",
+    "operator/ghostserve/operator",
+    "engine/ghostserve/engine/reference",
+    "cluster/ghostserve/cluster",
+)
 # kopf posts this object logger's warnings as Kubernetes Events: that one keeps a readable sentence.
 ALLOWED = {("operator/ghostserve/operator/handlers.py", "reconcile failed")}
 

@@ -4,11 +4,13 @@ the test process: for tests that make thousands of calls (fuzzing), where a proc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pathlib
 import threading
+from collections.abc import Iterator
 from typing import Any
 
-from ghostserve.sidecar import config, server
+from ghostserve.sidecar import client, config, server
 
 
 class Background:
@@ -35,3 +37,15 @@ class Background:
 
 def unix_address(d: pathlib.Path) -> str:
     return f"unix://{d / 'sidecar.sock'}"
+
+
+@contextlib.contextmanager
+def served(d: pathlib.Path, cfg: config.Config) -> Iterator[client.SidecarClient]:
+    """A background sidecar on a socket in `d` and a blocking client of it; both closed on exit."""
+    bg = Background(unix_address(d), cfg)
+    c = client.SidecarClient(unix_address(d), timeout=20)
+    try:
+        yield c
+    finally:
+        c.close()
+        bg.stop()

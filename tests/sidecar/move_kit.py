@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import socket
 import threading
+from collections.abc import Callable
 
 import numpy as np
 from ghostserve.sidecar import client, pools
@@ -147,3 +148,22 @@ class CuttingProxy:
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
                 s.close()
+
+
+def move_in_background(
+    source: Callable[..., client.SidecarClient], group: str, port: int
+) -> tuple[threading.Thread, list[BaseException]]:
+    """MoveGroup `group` from the sidecar `source` opens clients of to 127.0.0.1:`port` on a started
+    thread; the list receives what the call raised (the tests kill one side under it)."""
+    errors: list[BaseException] = []
+
+    def move() -> None:
+        try:
+            with source(timeout=120) as s:
+                s.move_group(group=group, target=f"127.0.0.1:{port}", piece_bytes=128 * 1024)
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=move)
+    t.start()
+    return t, errors

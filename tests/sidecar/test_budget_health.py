@@ -23,13 +23,8 @@ def small(short_tmp: pathlib.Path, shm_prefix: str) -> Iterator[client.SidecarCl
     slots, none = np.zeros(kv.CHUNK, np.int64), np.zeros(0, np.int64)
     ledger = 3 * budget.REQUEST_OVERHEAD + 5 * budget.chunk_bytes(slots, none) + 40 * 8
     cfg = config.Config(budget_bytes=4 * 4096 + ledger, fake_gpus=2, shm_prefix=shm_prefix)
-    bg = inproc.Background(inproc.unix_address(short_tmp), cfg)
-    c = client.SidecarClient(inproc.unix_address(short_tmp), timeout=20)
-    try:
+    with inproc.served(short_tmp, cfg) as c:
         yield c
-    finally:
-        c.close()
-        bg.stop()
 
 
 def commit(c: client.SidecarClient, rid: str, idx: int, *, group: str = "b") -> int:

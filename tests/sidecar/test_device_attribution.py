@@ -18,13 +18,8 @@ from ghostserve.v1 import sidecar_pb2 as pb
 @pytest.fixture
 def sc(short_tmp: pathlib.Path, shm_prefix: str) -> Iterator[client.SidecarClient]:
     cfg = config.Config(fake_gpus=4, shm_prefix=shm_prefix, state_dir=short_tmp / "state")
-    bg = inproc.Background(inproc.unix_address(short_tmp), cfg)
-    c = client.SidecarClient(inproc.unix_address(short_tmp), timeout=20)
-    try:
+    with inproc.served(short_tmp, cfg) as c:
         yield c
-    finally:
-        c.close()
-        bg.stop()
 
 
 def uuid(i: int) -> str:

@@ -4,7 +4,6 @@ Each test names what it did before the fix."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import pathlib
 import subprocess
@@ -19,17 +18,6 @@ from ghostserve.sidecar import client, config, custodian, ledger, pools, restore
 from ghostserve.v1 import sidecar_pb2 as pb
 
 N = 2
-
-
-@contextlib.contextmanager
-def served(d: pathlib.Path, cfg: config.Config) -> Iterator[client.SidecarClient]:
-    bg = inproc.Background(inproc.unix_address(d), cfg)
-    c = client.SidecarClient(inproc.unix_address(d), timeout=20)
-    try:
-        yield c
-    finally:
-        c.close()
-        bg.stop()
 
 
 def attach_all(c: client.SidecarClient, group: str, code: str = "xor", m: int = 1) -> list[np.ndarray]:
@@ -55,7 +43,7 @@ def test_undecodable_and_oversized_requests(short_tmp: pathlib.Path, shm_prefix:
     traceback); a message over the limit is RESOURCE_EXHAUSTED before anything is decoded."""
     cfg = config.Config(budget_bytes=1 << 20, fake_gpus=1, shm_prefix=shm_prefix)
     garbage = b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01" * 3
-    with served(short_tmp, cfg), grpc.insecure_channel(inproc.unix_address(short_tmp)) as ch:
+    with inproc.served(short_tmp, cfg), grpc.insecure_channel(inproc.unix_address(short_tmp)) as ch:
         for method in pb.DESCRIPTOR.services_by_name["Sidecar"].methods:
             if method.client_streaming:
                 continue
@@ -77,7 +65,7 @@ def test_undecodable_and_oversized_requests(short_tmp: pathlib.Path, shm_prefix:
 def test_record_tokens_counts_in_the_budget(short_tmp: pathlib.Path, shm_prefix: str) -> None:
     """Token lists are charged to the budget (before: outside it, ~8x amplification)."""
     cfg = config.Config(budget_bytes=256 << 10, fake_gpus=1, shm_prefix=shm_prefix)
-    with served(short_tmp, cfg) as c:
+    with inproc.served(short_tmp, cfg) as c:
         attach_all(c, "g")
         c.record_tokens(group="g", request_id="a", token_ids=list(range(20_000)), prompt_tokens=1)
         with pytest.raises(grpc.RpcError) as err:
@@ -111,7 +99,7 @@ def test_spill_write_failure_releases_parity_and_reports_the_chunk_unprotected(
     """Before: the reservation leaked and chunks stayed QUEUED while Flush said drained."""
     cfg = config.Config(budget_bytes=1 << 20, fake_gpus=1, spill_dir=tiny_fs, shm_prefix=shm_prefix)
     (short_tmp / "s").mkdir()
-    with served(short_tmp / "s", cfg) as c:
+    with inproc.served(short_tmp / "s", cfg) as c:
         attach_all(c, "g")
         for idx in range(12):  # 4 KiB of parity each: the disk fills after a few
             commit(c, "g", "r", idx)
@@ -182,7 +170,7 @@ def test_replicate_checks_survivors_before_rebuilding(short_tmp: pathlib.Path, s
     """A survivor whose KV changed since the encode means the chunk is not what was protected: it is
     reported CHECKSUM_MISMATCH. Before: replicate never checked survivors and rebuilt it."""
     cfg = config.Config(budget_bytes=1 << 20, fake_gpus=1, shm_prefix=shm_prefix)
-    with served(short_tmp, cfg) as c:
+    with inproc.served(short_tmp, cfg) as c:
         pool_arrays = attach_all(c, "g", "replicate")
         for idx in range(2):
             commit(c, "g", "r", idx)
@@ -236,7 +224,7 @@ def test_spill_write_failure_without_a_mount(short_tmp: pathlib.Path, shm_prefix
     spill = short_tmp / "spill"
     cfg = config.Config(budget_bytes=1 << 20, fake_gpus=1, spill_dir=spill, shm_prefix=shm_prefix)
     (short_tmp / "s").mkdir()
-    with served(short_tmp / "s", cfg) as c:
+    with inproc.served(short_tmp / "s", cfg) as c:
         attach_all(c, "g")
         (spill / persist.key_of("g")).write_bytes(b"in the way")
         for idx in range(3):

@@ -18,13 +18,8 @@ SHARD = 4096  # xor over 2 ranks: one 4 KiB parity shard per 16-token chunk
 @pytest.fixture
 def sc(short_tmp: pathlib.Path, shm_prefix: str) -> Iterator[client.SidecarClient]:
     cfg = config.Config(budget_bytes=1 << 20, shm_prefix=shm_prefix)
-    bg = inproc.Background(inproc.unix_address(short_tmp), cfg)
-    c = client.SidecarClient(inproc.unix_address(short_tmp), timeout=20)
-    try:
+    with inproc.served(short_tmp, cfg) as c:
         yield c
-    finally:
-        c.close()
-        bg.stop()
 
 
 def attach_both(c: client.SidecarClient, group: str, budget: int) -> None:

@@ -4,7 +4,6 @@ stopped), and a target with no room for the group (refused at once, nothing stag
 from __future__ import annotations
 
 import pathlib
-import threading
 
 import grpc
 import kv
@@ -29,17 +28,7 @@ def test_source_killed_mid_move_resumes_after_restart(short_tmp: pathlib.Path, s
         with src.client(timeout=60) as s:
             filled = move_kit.fill_group(s, GROUP, seed=9)
             uid = s.describe_group(group=GROUP).uid
-        errors: list[BaseException] = []
-
-        def move() -> None:
-            try:
-                with src.client(timeout=120) as s:
-                    s.move_group(group=GROUP, target=f"127.0.0.1:{proxy.port}", piece_bytes=128 * 1024)
-            except BaseException as exc:  # the source dies under it
-                errors.append(exc)
-
-        t = threading.Thread(target=move)
-        t.start()
+        t, errors = move_kit.move_in_background(src.client, GROUP, proxy.port)  # one side dies under it
         assert proxy.cut.wait(60)
         with dst.client(timeout=30) as d:
             kv.wait_until(lambda: d.get_stats().move_bytes_received > 0, what="the target to stage bytes")
@@ -117,17 +106,7 @@ def test_target_killed_mid_move_frees_its_staging_on_restart(
     try:
         with src.client(timeout=60) as s:
             filled = move_kit.fill_group(s, GROUP, seed=4)
-        errors: list[BaseException] = []
-
-        def move() -> None:
-            try:
-                with src.client(timeout=120) as s:
-                    s.move_group(group=GROUP, target=f"127.0.0.1:{proxy.port}", piece_bytes=128 * 1024)
-            except BaseException as exc:
-                errors.append(exc)
-
-        t = threading.Thread(target=move)
-        t.start()
+        t, errors = move_kit.move_in_background(src.client, GROUP, proxy.port)  # one side dies under it
         assert proxy.cut.wait(60)
         with dst.client(timeout=30) as d:
             kv.wait_until(lambda: d.get_stats().move_bytes_received > 0, what="the target to stage bytes")

@@ -18,15 +18,15 @@ def openssl(*args: str, cwd: pathlib.Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
 
 
+# A fresh unencrypted P-256 key for each certificate request.
+NEW_EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+
+
 def make_pki(d: pathlib.Path) -> None:
     openssl(
         "req",
         "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
+        *NEW_EC_KEY,
         "-keyout",
         "ca.key",
         "-out",
@@ -41,11 +41,7 @@ def make_pki(d: pathlib.Path) -> None:
     for name in ("server", "client", "intruder", "tenant"):
         openssl(
             "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
+            *NEW_EC_KEY,
             "-keyout",
             f"{name}.key",
             "-out",

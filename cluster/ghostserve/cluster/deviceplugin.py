@@ -78,7 +78,7 @@ class DevicePlugin:
         """Apply one health event; True when the healthy set changed. Unknown UUIDs are ignored.
         A GPU turns healthy again only on a HEALTHY event (replaced or reset), not on a warning."""
         if uuid not in {g.uuid for g in self.gpus}:
-            log.warning("device plugin: health event for unknown GPU %s ignored", uuid)
+            log.warning("device-plugin-unknown-gpu", extra={"gpu": uuid, "action": "ignored"})
             return False
         if fatal and uuid not in self.unhealthy:
             self.unhealthy[uuid] = message
@@ -102,7 +102,10 @@ class DevicePlugin:
                             self.on_change()
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() not in {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}:
-                        log.warning("device plugin: health stream of %s: %s", address, exc.details())
+                        log.warning(
+                            "device-plugin-health-stream-failed",
+                            extra={"address": address, "error": exc.details()},
+                        )
                 finally:
                     call.cancel()
             with contextlib.suppress(TimeoutError):

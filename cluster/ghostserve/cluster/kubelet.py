@@ -188,7 +188,10 @@ class Kubelet:
                 proc.start()
             except OSError as exc:
                 code, reason = 128, "StartError"
-                log.warning("node %s: cannot start %s: %s", self.node, pod["metadata"]["name"], exc)
+                log.warning(
+                    "container-start-failed",
+                    extra={"node": self.node, "pod": pod["metadata"]["name"], "error": str(exc)},
+                )
             else:
                 running = {"running": {"startedAt": started}}
                 await self._status(

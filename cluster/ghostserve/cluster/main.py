@@ -7,6 +7,7 @@ node's sidecar address. Nothing is left running and no /dev/shm segment is left 
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import shutil
 import signal
@@ -16,6 +17,7 @@ import threading
 from collections.abc import Sequence
 
 from ghostserve.cluster import chart, embedded
+from ghostserve.wire import logs
 from rich.console import Console
 
 
@@ -43,6 +45,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     console = Console()
+    # The stand-ins' warnings as the project's JSON lines; only warnings unless GHOSTSERVE_LOG_LEVEL says
+    # otherwise, so they do not drown the console output.
+    logs.setup(None if os.environ.get("GHOSTSERVE_LOG_LEVEL") else "WARNING")
     try:
         docs = embedded.manifests(args.apply)
         for doc in docs:

@@ -150,7 +150,7 @@ class Node:
             await proc.wait()
             if self.stopping.is_set() or not self.kubelet.powered:
                 return
-            log.warning("node %s: sidecar exited; restarting it", self.spec.name)
+            log.warning("sidecar-exited", extra={"node": self.spec.name, "action": "restarting"})
             await asyncio.sleep(0.5)
             with contextlib.suppress(RuntimeError):
                 await self.start_sidecar()

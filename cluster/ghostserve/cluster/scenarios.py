@@ -242,11 +242,13 @@ def stream(
     *,
     fault: Callable[[], None] | None = None,
     fault_fraction: float = 0.5,
+    fault_when: Callable[[list[traffic.Stream]], bool] | None = None,
     settle: Callable[[], bool] | None = None,
     timeout_s: float = 600.0,
 ) -> Outcome:
     """Run `streams` through the gateway; call `fault` (in a thread) once every stream got
-    `fault_fraction` of its tokens; afterwards wait for `settle` (e.g. the recovery recorded)."""
+    `fault_fraction` of its tokens, or once `fault_when(streams)` (called on every token) says so;
+    afterwards wait for `settle` (e.g. the recovery recorded)."""
     recorder = Recorder(cluster)
     fired = threading.Event()
     fault_at: list[float] = []
@@ -263,7 +265,11 @@ def stream(
     def on_token() -> None:
         if fault is None or fired.is_set():
             return
-        if all(len(s.tokens) >= max(1, int(s.max_new_tokens * fault_fraction)) for s in streams):
+        if fault_when is not None:
+            due = fault_when(streams)
+        else:
+            due = all(len(s.tokens) >= max(1, int(s.max_new_tokens * fault_fraction)) for s in streams)
+        if due:
             fired.set()
             threading.Thread(target=fire, name="gs-fault", daemon=True).start()
 

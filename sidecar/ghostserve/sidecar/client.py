@@ -53,8 +53,10 @@ def _options(server_name: str | None) -> list[tuple[str, Any]]:
     return options
 
 
-class SidecarClient(SyncRpcs):
-    """Blocking client. Use as a context manager or call `close()`."""
+class _Connection:
+    """The channel, the stubs and the default deadline, opened the same way for both clients."""
+
+    _channels: Any  # grpc or grpc.aio: both offer insecure_channel/secure_channel with these arguments
 
     def __init__(
         self,
@@ -66,13 +68,20 @@ class SidecarClient(SyncRpcs):
     ) -> None:
         options = _options(server_name)
         if credentials is None:
-            self._channel = grpc.insecure_channel(address, options=options)
+            self._channel = self._channels.insecure_channel(address, options=options)
         else:
-            self._channel = grpc.secure_channel(address, credentials, options=options)
+            self._channel = self._channels.secure_channel(address, credentials, options=options)
         self._stub = pb_grpc.SidecarStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.timeout = timeout
         self.address = address
+
+
+class SidecarClient(_Connection, SyncRpcs):
+    """Blocking client. Use as a context manager or call `close()`."""
+
+    _channels = grpc
+    _channel: grpc.Channel
 
     def __enter__(self) -> SidecarClient:
         return self
@@ -99,26 +108,11 @@ class SidecarClient(SyncRpcs):
         return reply
 
 
-class AsyncSidecarClient(AsyncRpcs):
+class AsyncSidecarClient(_Connection, AsyncRpcs):
     """grpc.aio client with the same methods as SidecarClient, as coroutines (streams: async iterators)."""
 
-    def __init__(
-        self,
-        address: str = DEFAULT_ADDRESS,
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        credentials: grpc.ChannelCredentials | None = None,
-        server_name: str | None = None,
-    ) -> None:
-        options = _options(server_name)
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(address, options=options)
-        else:
-            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
-        self._stub = pb_grpc.SidecarStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-        self.timeout = timeout
-        self.address = address
+    _channels = grpc.aio
+    _channel: grpc.aio.Channel
 
     async def __aenter__(self) -> AsyncSidecarClient:
         return self

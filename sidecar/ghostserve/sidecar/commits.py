@@ -8,14 +8,12 @@ is taken, so a client cannot grow the sidecar past its budget with commits or Re
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from ghostserve.sidecar import budget, encode, errors, group, ledger
-
-if TYPE_CHECKING:
-    from ghostserve.sidecar.custodian import Custodian
+from ghostserve.sidecar.host import Host
 
 log = logging.getLogger("ghostserve.sidecar")
 
@@ -38,13 +36,13 @@ def chunk_record(request_id: str, chunk: ledger.Chunk) -> dict[str, Any]:
     }
 
 
-def _charge(c: Custodian, nbytes: int) -> None:
+def _charge(c: Host, nbytes: int) -> None:
     with c.lock:
         c.store.charge(nbytes, tokens_of=c.tokens_of, on_evict=c.on_evict)
 
 
 def commit_chunk(
-    c: Custodian,
+    c: Host,
     name: str,
     rank: int,
     request_id: str,
@@ -82,7 +80,7 @@ def commit_chunk(
         return chunk.state
 
 
-def protect(c: Custodian, g: group.Group, request_id: str, chunk: ledger.Chunk) -> None:
+def protect(c: Host, g: group.Group, request_id: str, chunk: ledger.Chunk) -> None:
     """Reserve parity for a completed chunk and queue its encode. Caller holds g.lock."""
     if g.protection.code == "none":
         return c.unprotect(chunk, ledger.Failure.NOT_PROTECTED, "code-none")
@@ -125,7 +123,7 @@ def protect(c: Custodian, g: group.Group, request_id: str, chunk: ledger.Chunk) 
 
 
 def record_tokens(
-    c: Custodian,
+    c: Host,
     name: str,
     request_id: str,
     tokens: npt.NDArray[np.int64],
@@ -154,7 +152,7 @@ def record_tokens(
                 c.store.uncharge(old - new)
 
 
-def release_request(c: Custodian, name: str, request_id: str) -> int:
+def release_request(c: Host, name: str, request_id: str) -> int:
     """Forget a finished request; returns parity bytes freed. Raises NotFound."""
     with c.locked(name) as g:
         req = g.ledger.release(request_id)
@@ -169,7 +167,7 @@ def release_request(c: Custodian, name: str, request_id: str) -> int:
         return freed
 
 
-def drop_chunk(c: Custodian, g: group.Group, request_id: str, index: int) -> None:
+def drop_chunk(c: Host, g: group.Group, request_id: str, index: int) -> None:
     """Forget one chunk (the engine will recompute and recommit it). Caller holds g.lock."""
     req = g.ledger.requests.get(request_id)
     if req is None or index not in req.chunks:
@@ -184,7 +182,7 @@ def drop_chunk(c: Custodian, g: group.Group, request_id: str, index: int) -> Non
         c.spill.delete_chunk(g.name, request_id, index)
 
 
-def journal_append(c: Custodian, g: group.Group, record: dict[str, Any]) -> None:
+def journal_append(c: Host, g: group.Group, record: dict[str, Any]) -> None:
     """Append to the group's journal, compacting it (rewritten from the ledger) once it holds many
     more lines than live chunks: a long-running sidecar's journal stays proportional to its ledger.
     Caller holds g.lock."""
@@ -195,7 +193,7 @@ def journal_append(c: Custodian, g: group.Group, record: dict[str, Any]) -> None
         compact_journal(c, g)
 
 
-def compact_journal(c: Custodian, g: group.Group) -> None:
+def compact_journal(c: Host, g: group.Group) -> None:
     """Rewrite the group's journal with one line per complete chunk. Caller holds g.lock."""
     assert c.journal is not None
     records = [

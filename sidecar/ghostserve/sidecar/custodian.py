@@ -19,8 +19,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 from ghostserve.kernels import errors as codec_errors
 from ghostserve.sidecar import (
     budget,
@@ -37,17 +35,9 @@ from ghostserve.sidecar import (
     store,
     workqueue,
 )
+from ghostserve.sidecar.host import Counters
 
 log = logging.getLogger("ghostserve.sidecar")
-
-
-@dataclasses.dataclass
-class Counters:
-    encode_bytes: int = 0
-    encode_seconds: float = 0.0
-    rebuild_bytes: int = 0
-    rebuild_seconds: float = 0.0
-    unprotected: int = 0  # chunks that completed without getting parity (cumulative)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,38 +265,12 @@ class Custodian:
 
     # ---- ledger (see `commits`) ------------------------------------------------------------------
 
-    def commit_chunk(
-        self,
-        name: str,
-        rank: int,
-        request_id: str,
-        chunk_index: int,
-        *,
-        slots: npt.NDArray[np.int64],
-        token_ids: npt.NDArray[np.int64],
-    ) -> ledger.State:
-        return commits.commit_chunk(
-            self, name, rank, request_id, chunk_index, slots=slots, token_ids=token_ids
-        )
-
-    def record_tokens(
-        self,
-        name: str,
-        request_id: str,
-        tokens: npt.NDArray[np.int64],
-        *,
-        prompt_tokens: int,
-        max_new_tokens: int = 0,
-    ) -> None:
-        commits.record_tokens(
-            self, name, request_id, tokens, prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens
-        )
-
-    def release_request(self, name: str, request_id: str) -> int:
-        return commits.release_request(self, name, request_id)
-
-    def drop_chunk(self, g: group.Group, request_id: str, index: int) -> None:
-        commits.drop_chunk(self, g, request_id, index)
+    # The ledger's operations are `commits`' functions, bound as methods (their first argument is the
+    # custodian, typed as `host.Host`).
+    commit_chunk = commits.commit_chunk
+    record_tokens = commits.record_tokens
+    release_request = commits.release_request
+    drop_chunk = commits.drop_chunk
 
     def describe_request(self, name: str, request_id: str) -> tuple[group.Group, ledger.Request]:
         """The group and ledger entry of one request (caller holds the group's lock while reading them).

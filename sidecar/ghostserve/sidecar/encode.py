@@ -11,14 +11,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 from ghostserve.sidecar import coding, group, ledger, store
-
-if TYPE_CHECKING:
-    from ghostserve.sidecar.custodian import Custodian
+from ghostserve.sidecar.host import Host
 
 log = logging.getLogger("ghostserve.sidecar")
 
@@ -26,7 +23,7 @@ log = logging.getLogger("ghostserve.sidecar")
 class EncodeJob:
     def __init__(
         self,
-        owner: Custodian,
+        owner: Host,
         g: group.Group,
         request_id: str,
         chunk: ledger.Chunk,

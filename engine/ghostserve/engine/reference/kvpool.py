@@ -6,7 +6,6 @@ The reference engine stores float32 KV; codes never interpret it.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 
 import numpy as np
@@ -15,22 +14,14 @@ from ghostserve.engine.reference import config as config_mod
 from ghostserve.kernels import layout as layout_mod
 
 DTYPE = "float32"
-ITEMSIZE = layout_mod.ITEMSIZE[DTYPE]
 
 
 class PoolFullError(RuntimeError):
     """No free pages left for a request."""
 
 
-@dataclasses.dataclass(frozen=True)
-class PoolShape:
-    """Geometry of one rank's pool; the same on every rank of a group."""
-
-    layers: int
-    kv_heads: int
-    head_dim: int
-    pool_slots: int
-    page_size: int
+class PoolShape(layout_mod.KVLayout):
+    """Geometry of one rank's pool: a float32 `KVLayout` (its size math); the same on every rank."""
 
     @classmethod
     def for_model(cls, cfg: config_mod.ModelConfig, *, tp: int, pool_slots: int, page_size: int) -> PoolShape:
@@ -38,18 +29,11 @@ class PoolShape:
             raise config_mod.ConfigError(
                 f"pool_slots {pool_slots} must be a multiple of page_size {page_size}"
             )
-        return cls(cfg.layers, cfg.kv_heads_per_rank(tp), cfg.head_dim, pool_slots, page_size)
-
-    @property
-    def row_bytes(self) -> int:
-        return self.kv_heads * self.head_dim * ITEMSIZE
+        return cls(cfg.layers, cfg.kv_heads_per_rank(tp), cfg.head_dim, DTYPE, page_size, pool_slots)
 
     @property
     def nbytes(self) -> int:
-        return self.layers * 2 * self.pool_slots * self.row_bytes
-
-    def shard_nbytes(self, tokens: int) -> int:
-        return self.layers * 2 * tokens * self.row_bytes
+        return self.pool_nbytes
 
 
 def as_tensor(buf: np.ndarray, shape: PoolShape) -> torch.Tensor:
