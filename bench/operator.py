@@ -122,6 +122,10 @@ def serving(cluster: harness.Cluster) -> int:
     return cluster.count_phase(harness.GSD, NS, "Serving")
 
 
+def more_serving(cluster: Any, than: int) -> bool:
+    return serving(cluster) > than
+
+
 def recoveries(cluster: harness.Cluster, name: str) -> int:
     return int(((cluster.get(harness.GSD, NS, name) or {}).get("status") or {}).get("recoveries") or 0)
 
@@ -184,7 +188,7 @@ def run_size(size: int, faults: int, storm: int, progress: Progress, workdir: pa
                 cluster.write("create", harness.GSD, NS, None, manifest(f"d{i}"))
             while (done := serving(cluster)) < size:
                 progress.update(task, completed=done)
-                cluster.wait_for(lambda done=done: serving(cluster) > done, timeout=1800, what="serving")
+                cluster.wait_for(functools.partial(more_serving, cluster, done), timeout=1800, what="serving")
             setup_s = time.monotonic() - t_setup
             rss_serving = rss_mb(proc.proc.pid)
             progress.update(task, completed=size, description=f"{size} deployments: single faults")
