@@ -72,8 +72,10 @@ class Served:
     ) -> tuple[scenarios.Outcome, dict[str, Any]]:
         """Stream with `fault` mid-decode; assert identical tokens; returns (outcome, status.lastRecovery)."""
         self.runs += 1
-        before = self.recoveries()
-        settle = scenarios.recovered(self.cluster, self.dep.name, before + 1) if recovery else None
+        before, reported = self.recoveries(), self.recovery_events()
+        done = scenarios.recovered(self.cluster, self.dep.name, before + 1)
+        # The outcome's Event (RecoverySucceeded/...) may land just after the status write that ends it.
+        settle = (lambda: done() and self.recovery_events() > reported) if recovery else None
         out = scenarios.stream(
             self.cluster,
             self.url,
@@ -85,6 +87,14 @@ class Served:
         assert out.outputs == self.reference
         assert all(len(t) == TOKENS for t in out.outputs.values())
         return out, dict(scenarios.status_of(self.cluster, self.dep.name).get("lastRecovery") or {})
+
+    def recovery_events(self) -> int:
+        return sum(
+            1
+            for e in self.cluster.list(api.EVENTS)
+            if (e.get("involvedObject") or {}).get("name") == self.dep.name
+            and str(e.get("reason", "")).startswith("Recovery")
+        )
 
     def events(self, out: scenarios.Outcome) -> list[str]:
         return [reason for reason, _ in self.event_messages(out)]
@@ -176,7 +186,8 @@ class TestTwoRanks:
         assert len(faults) == 1 and "replica 0 " in faults[0] and "rank 1:" in faults[0], faults
         assert "rank 0" not in faults[0] and "replica 1 " not in faults[0], faults
         # r0's streams resumed on the rebuilt KV: the replacement reused every prompt token.
-        assert all(s.cached_tokens >= PROMPT for s in out.streams if s.rid in hit)
+        cached = {s.rid: s.cached_tokens for s in out.streams}
+        assert all(cached[rid] >= PROMPT for rid in hit), (cached, on_r0)
         cluster.repair_gpu(node, gpus[1])
         cluster.wait_for(
             lambda: scenarios.allocatable(cluster, node) == cluster.options.gpus, what="GPU back"

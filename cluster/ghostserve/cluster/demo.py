@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ghostserve.cluster import api, embedded, scenarios, timeline, traffic
+from ghostserve.cluster import api, embedded, scenarios, sglang_engine, timeline, traffic
 from ghostserve.wire import logs
 from rich.console import Console
 from rich.table import Table
@@ -40,6 +40,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--no-move", action="store_true", help="skip scenario 2 (the replica moves node)")
     p.add_argument("--keep", action="store_true", help="keep the cluster's logs (printed path)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--engine",
+        default="reference",
+        choices=["reference", "sglang"],
+        help="sglang: real sglang servers from .venv-sglang on the CPU (device-fault scenario only)",
+    )
     args = p.parse_args(list(argv))
     if args.requests < 1 or args.tokens < 8 or args.prompt < 16:
         p.error("need --requests >= 1, --tokens >= 8, --prompt >= 16")
@@ -172,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(engine_demo.main([a for a in raw if a != "--no-cluster"]) or 0)
     args = parse_args(raw)
     console = Console()
+    if args.engine == "sglang":
+        return sglang_engine.main(args, console, report=_report)
     # The stand-ins' warnings as the project's JSON lines; only warnings unless GHOSTSERVE_LOG_LEVEL says
     # otherwise, so they do not drown the console output.
     logs.setup(None if os.environ.get("GHOSTSERVE_LOG_LEVEL") else "WARNING")
