@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import json
 import os
 import pathlib
@@ -61,3 +63,40 @@ def spread(samples: Sequence[float], digits: int = 3) -> dict[str, Any]:
         "max": round(max(samples), digits),
         "samples": [round(x, digits) for x in samples],
     }
+
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def repeat_parser(description: str, repeat: int) -> argparse.ArgumentParser:
+    """A benchmark's argument parser with its --repeat (checked by parse_repeat)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--repeat", type=int, default=repeat)
+    return p
+
+
+def parse_repeat(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse argv, refusing fewer than 3 repeats (a median and spread need 3)."""
+    args = p.parse_args(argv)
+    if args.repeat < 3:
+        p.error("--repeat must be >= 3 (median and spread)")
+    return args
+
+
+def report_head(benchmark: str, load_before: dict[str, float]) -> dict[str, Any]:
+    """The fields every report starts with: what, when, where, and the load around the run."""
+    return {
+        "benchmark": benchmark,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "load_before": load_before,
+        "load_after": load_average(),
+    }
+
+
+def finish(name: str, report: dict[str, Any], headline: Sequence[str]) -> int:
+    """Write bench/results/<name>-<machine>.json, print its headline figures and the path; exit code 0."""
+    out = write_report(RESULTS / f"{name}-{report['machine']['slug']}.json", report)
+    print(json.dumps({k: report[k] for k in headline}))
+    print(f"wrote {out}")
+    return 0

@@ -148,6 +148,15 @@ def overhead(
     return out
 
 
+def held_bytes(eng: engine.ReferenceEngine, *, tp: int, chunk: int) -> tuple[float, float]:
+    """(parity bytes the sidecar holds, KV bytes they protect) for the engine's group, once the
+    encoding queued so far has drained."""
+    eng.client.flush(eng.group, wait=120.0)
+    desc = eng.client.describe_group(group=eng.group)
+    protected = sum(r.chunks_protected for r in desc.requests)
+    return desc.parity_bytes, protected * tp * eng.shape.shard_nbytes(chunk)
+
+
 def recovery_at(
     sc: sidecar_process.SidecarProcess,
     work: pathlib.Path,
@@ -176,11 +185,7 @@ def recovery_at(
         ) -> None:
             progress.update(task, completed=sum(len(r.output) for r in eng.requests.values()))
             if eng.counters.steps == at - 1 and "parity_bytes" not in measured:
-                eng.client.flush(eng.group, wait=120.0)
-                desc = eng.client.describe_group(group=eng.group)
-                protected = sum(r.chunks_protected for r in desc.requests)
-                measured["parity_bytes"] = desc.parity_bytes
-                measured["kv_bytes_protected"] = protected * tp * eng.shape.shard_nbytes(chunk)
+                measured["parity_bytes"], measured["kv_bytes_protected"] = held_bytes(eng, tp=tp, chunk=chunk)
             if code == "xor" and eng.recoveries and "scratch_s" not in measured:
                 ranges = {r.request_id: [(0, r.kv_len)] for r in eng.requests.values() if r.kv_len}
                 t0 = time.perf_counter()
@@ -246,10 +251,7 @@ def memory(
         def hook(eng: engine.ReferenceEngine, seen: dict[str, float] = seen) -> None:
             if "parity" in seen or eng.counters.steps < math.ceil(tokens / chunk):
                 return
-            eng.client.flush(eng.group, wait=120.0)
-            desc = eng.client.describe_group(group=eng.group)
-            seen["parity"] = desc.parity_bytes
-            seen["kv"] = sum(r.chunks_protected for r in desc.requests) * tp * eng.shape.shard_nbytes(chunk)
+            seen["parity"], seen["kv"] = held_bytes(eng, tp=tp, chunk=chunk)
 
         harness.run(
             cfg,

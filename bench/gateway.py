@@ -11,8 +11,6 @@ Writes bench/results/gateway-<machine>.json.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import pathlib
 import sys
@@ -53,12 +51,9 @@ def stream_once(url: str, rid: str, prompt: list[int], tokens: int) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeat", type=int, default=5)
+    p = benchlib.repeat_parser(__doc__.splitlines()[0], repeat=5)
     p.add_argument("--tokens", type=int, default=128)
-    args = p.parse_args(argv)
-    if args.repeat < 3:
-        p.error("--repeat must be >= 3 (median and spread)")
+    args = benchlib.parse_repeat(p, argv)
     load_before = benchlib.load_average()
     work = pathlib.Path(tempfile.mkdtemp(prefix="gs-bench-gw-"))
     model = tiny_model.make(work / "model", seed=0)
@@ -86,13 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
     ratios = [r["gateway"]["per_token_ms"] / r["direct"]["per_token_ms"] for r in rounds]
     extra = [r["gateway"]["per_token_ms"] - r["direct"]["per_token_ms"] for r in rounds]
-    machine = benchlib.machine()
     report = {
-        "benchmark": "gateway",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": machine,
-        "load_before": load_before,
-        "load_after": benchlib.load_average(),
+        **benchlib.report_head("gateway", load_before),
         "setup": {"backend": "sglang 0.5.23 launch_server tp=1, tiny LLaMA (2 layers, float32), CPU",
                   "tokens_per_request": args.tokens, "prompt_tokens": len(prompt), "stream": True},
         "per_token_ratio_gateway_over_direct": benchlib.spread(ratios),
@@ -102,10 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         "direct_ttft_ms": benchlib.spread([r["direct"]["ttft_ms"] for r in rounds]),
         "gateway_ttft_ms": benchlib.spread([r["gateway"]["ttft_ms"] for r in rounds]),
     }
-    out = benchlib.write_report(REPO / "bench" / "results" / f"gateway-{machine['slug']}.json", report)
-    print(json.dumps({k: report[k] for k in ("per_token_ratio_gateway_over_direct", "per_token_extra_ms")}))
-    print(f"wrote {out}")
-    return 0
+    return benchlib.finish("gateway", report, ("per_token_ratio_gateway_over_direct", "per_token_extra_ms"))
 
 
 if __name__ == "__main__":

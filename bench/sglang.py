@@ -18,9 +18,6 @@ Writes bench/results/sglang-<machine>.json.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import pathlib
 import signal
 import sys
@@ -90,12 +87,9 @@ def one_sample(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeat", type=int, default=3)
+    p = benchlib.repeat_parser(__doc__.splitlines()[0], repeat=3)
     p.add_argument("--prompt", type=int, default=1536)
-    args = p.parse_args(argv)
-    if args.repeat < 3:
-        p.error("--repeat must be >= 3 (median and spread)")
+    args = benchlib.parse_repeat(p, argv)
     load_before = benchlib.load_average()
     work = pathlib.Path(tempfile.mkdtemp(prefix="gs-bench-sgl-"))
     model = tiny_model.make(work / "model", seed=0)
@@ -117,13 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
             with sidecar.client() as c:
                 c.delete_group(group=GROUP)
-    machine = benchlib.machine()
     report = {
-        "benchmark": "sglang-restore-vs-recompute",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": machine,
-        "load_before": load_before,
-        "load_after": benchlib.load_average(),
+        **benchlib.report_head("sglang-restore-vs-recompute", load_before),
         "setup": {"server": "sglang 0.5.23 launch_server tp=1, tiny LLaMA (2 layers, float32), CPU",
                   "chunk_tokens": T, "page_size": 4, "prompt_tokens": args.prompt,
                   "fault": "SIGKILL of the scheduler after 4 streamed tokens, once the prompt's chunks are "
@@ -136,10 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "recompute_cached_tokens": [s["recompute"]["cached_tokens"] for s in samples],
         "input_tokens": [s["input_tokens"] for s in samples],
     }
-    out = benchlib.write_report(REPO / "bench" / "results" / f"sglang-{machine['slug']}.json", report)
-    print(json.dumps({k: report[k] for k in ("ratio_recompute_over_restore", "restore_cached_tokens")}))
-    print(f"wrote {out}")
-    return 0
+    return benchlib.finish("sglang", report, ("ratio_recompute_over_restore", "restore_cached_tokens"))
 
 
 if __name__ == "__main__":

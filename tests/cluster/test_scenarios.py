@@ -185,9 +185,10 @@ class TestTwoRanks:
         faults = [m for r, m in t2.event_messages(out) if r == "FaultDevice"]
         assert len(faults) == 1 and "replica 0 " in faults[0] and "rank 1:" in faults[0], faults
         assert "rank 0" not in faults[0] and "replica 1 " not in faults[0], faults
-        # r0's streams resumed on the rebuilt KV: the replacement reused every prompt token.
-        cached = {s.rid: s.cached_tokens for s in out.streams}
-        assert all(cached[rid] >= PROMPT for rid in hit), (cached, on_r0)
+        # Where r0's streams resumed is the gateway's choice: with r1 healthy it does not wait for r0's
+        # pod (deleted, then recreated under the same name), so they may be recomputed on r1
+        # (cached_tokens 0) rather than resumed on the rebuilt KV; the single-replica TP=4 move test
+        # asserts the resume on restored KV. Tokens are identical either way (run_with).
         cluster.repair_gpu(node, gpus[1])
         cluster.wait_for(
             lambda: scenarios.allocatable(cluster, node) == cluster.options.gpus, what="GPU back"
@@ -273,6 +274,8 @@ class TestFullNode:
         assert int(last.get("bytesMoved", 0)) > 0 and last["bytesRebuilt"] > 0
         assert t4.placement()[0] == last["targetNode"]
         assert "RecoverySucceeded" in t4.events(out)
+        # The only replica: the gateway waits for it, and the streams resume on the moved KV.
+        assert all(s.cached_tokens >= PROMPT for s in out.streams), [s.cached_tokens for s in out.streams]
         cluster.repair_gpu(node, gpus[2])
         cluster.wait_for(
             lambda: scenarios.allocatable(cluster, node) == cluster.options.gpus, what="GPU back"

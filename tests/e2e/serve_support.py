@@ -122,29 +122,18 @@ class ServeProcess:
     def _conn(self, timeout: float) -> http.client.HTTPConnection:
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
 
-    def get(self, path: str, *, timeout: float = 30.0) -> tuple[int, Any]:
+    def _call(
+        self,
+        method: str,
+        path: str,
+        timeout: float,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        """(status, the body as JSON, or as text where it is not JSON)."""
         conn = self._conn(timeout)
         try:
-            conn.request("GET", path)
-            resp = conn.getresponse()
-            body = resp.read()
-        finally:
-            conn.close()
-        try:
-            return resp.status, json.loads(body)
-        except ValueError:
-            return resp.status, body.decode(errors="replace")
-
-    def state(self) -> dict[str, Any]:
-        status, body = self.get("/ghostserve/state")
-        assert status == 200, body
-        return dict(body)
-
-    def generate(self, body: Any, *, timeout: float = 300.0) -> tuple[int, Any]:
-        conn = self._conn(timeout)
-        try:
-            data = body if isinstance(body, bytes) else json.dumps(body).encode()
-            conn.request("POST", "/generate", body=data, headers={"Content-Type": "application/json"})
+            conn.request(method, path, body=body, headers=headers or {})
             resp = conn.getresponse()
             raw = resp.read()
         finally:
@@ -153,6 +142,18 @@ class ServeProcess:
             return resp.status, json.loads(raw)
         except ValueError:
             return resp.status, raw.decode(errors="replace")
+
+    def get(self, path: str, *, timeout: float = 30.0) -> tuple[int, Any]:
+        return self._call("GET", path, timeout)
+
+    def state(self) -> dict[str, Any]:
+        status, body = self.get("/ghostserve/state")
+        assert status == 200, body
+        return dict(body)
+
+    def generate(self, body: Any, *, timeout: float = 300.0) -> tuple[int, Any]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return self._call("POST", "/generate", timeout, data, {"Content-Type": "application/json"})
 
     def stream(self, body: dict[str, Any], *, timeout: float = 300.0) -> Iterator[dict[str, Any]]:
         """Yield each SSE event's JSON; stops after `[DONE]`. Closing the generator drops the connection."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -54,19 +56,39 @@ def test_batch_invariant_and_deterministic():
     assert len(set(together["a"][21:])) > 1
 
 
-def test_replay_rewrites_identical_kv():
+@dataclasses.dataclass
+class _Wiped:
+    """One request generated into a fresh pool, its KV bytes kept, then the pool zeroed."""
+
+    w: model.RankWeights
+    buf: np.ndarray
+    shape: kvpool.PoolShape
+    pool: torch.Tensor
+    tokens: list[int]
+    kv_len: int
+    before: bytes
+
+    def kv(self) -> bytes:
+        return kvpool.shard_bytes(self.buf, self.shape, list(range(self.kv_len)))
+
+
+def _generated_then_wiped(prompt: list[int], new: int) -> _Wiped:
     w = model.build_weights(CFG, tp=1, rank=0)
     buf, shape, pool = _pool()
-    prompt = list(range(3, 3 + 19))
-    toks = _generate(w, pool, {"r": prompt}, {"r": 0}, 10)
-    kv_len = len(toks["r"]) - 1
+    toks = _generate(w, pool, {"r": prompt}, {"r": 0}, new)["r"]
+    kv_len = len(toks) - 1
     before = kvpool.shard_bytes(buf, shape, list(range(kv_len)))
     pool.zero_()
-    for a, b in schedule.pieces(0, kv_len, prompt_len=len(prompt), chunk_tokens=T):
-        model.forward(
-            w, [model.Piece(torch.tensor(toks["r"][a:b]), a, torch.arange(b))], pool, model.LocalCollective()
-        )
-    assert kvpool.shard_bytes(buf, shape, list(range(kv_len))) == before
+    return _Wiped(w, buf, shape, pool, toks, kv_len, before)
+
+
+def test_replay_rewrites_identical_kv():
+    prompt = list(range(3, 3 + 19))
+    g = _generated_then_wiped(prompt, 10)
+    for a, b in schedule.pieces(0, g.kv_len, prompt_len=len(prompt), chunk_tokens=T):
+        piece = model.Piece(torch.tensor(g.tokens[a:b]), a, torch.arange(b))
+        model.forward(g.w, [piece], g.pool, model.LocalCollective())
+    assert g.kv() == g.before
 
 
 @pytest.mark.parametrize(
@@ -120,18 +142,13 @@ def test_page_allocator():
 
 
 def test_rowwise_replay_equals_decode_steps():
-    w = model.build_weights(CFG, tp=1, rank=0)
-    buf, shape, pool = _pool()
     prompt = list(range(5, 5 + 13))
-    toks = _generate(w, pool, {"r": prompt}, {"r": 0}, 20)
-    kv_len = len(toks["r"]) - 1
-    before = kvpool.shard_bytes(buf, shape, list(range(kv_len)))
-    pool.zero_()
-    passes = schedule.replay_passes(0, kv_len, prompt_len=len(prompt), chunk_tokens=T)
-    assert passes == [(0, 8, False), (8, 13, False), (13, kv_len, True)]
+    g = _generated_then_wiped(prompt, 20)
+    passes = schedule.replay_passes(0, g.kv_len, prompt_len=len(prompt), chunk_tokens=T)
+    assert passes == [(0, 8, False), (8, 13, False), (13, g.kv_len, True)]
     for a, b, rowwise in passes:
-        piece = model.Piece(torch.tensor(toks["r"][a:b]), a, torch.arange(b), rowwise)
-        last = model.forward(w, [piece], pool, model.LocalCollective())
-    assert kvpool.shard_bytes(buf, shape, list(range(kv_len))) == before
+        piece = model.Piece(torch.tensor(g.tokens[a:b]), a, torch.arange(b), rowwise)
+        last = model.forward(g.w, [piece], g.pool, model.LocalCollective())
+    assert g.kv() == g.before
     # The last row's logits give the last generated token, as the decode step did.
-    assert model.greedy(w, last) == [toks["r"][-1]]
+    assert model.greedy(g.w, last) == [g.tokens[-1]]

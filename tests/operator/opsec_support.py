@@ -4,18 +4,16 @@ chart's operator RBAC rules, and small deployment helpers."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import pathlib
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 import kmock
-import yaml
 from ghostserve.cluster import apiserver
 from kmock._internal import enums
 
+from tests.charts import chart_support
 from tests.operator import harness
 
 NS = "test"
@@ -104,19 +102,30 @@ def declare_leases(cluster: harness.Cluster) -> None:
 
 
 LEASES = apiserver.resource("coordination.k8s.io/v1/leases")
+
+
+def lease_flags(*, lease_s: str, renew_s: str, retry_s: str = "0.5") -> tuple[str, ...]:
+    """Operator flags for leader election on the chart's lease in NS, with short timings for tests."""
+    return (
+        "--leader-elect",
+        "--leader-namespace",
+        NS,
+        "--leader-lease-name",
+        LEASE,
+        "--leader-lease-seconds",
+        lease_s,
+        "--leader-renew-deadline-seconds",
+        renew_s,
+        "--leader-retry-seconds",
+        retry_s,
+    )
 SERVICEACCOUNTS = apiserver.SERVICEACCOUNTS
 ROLEBINDINGS = apiserver.ROLEBINDINGS
 
 
 def chart_objects() -> list[dict[str, Any]]:
     """Every object of the default chart render (scripts/render_manifests.py)."""
-    path = REPO / "scripts" / "render_manifests.py"
-    spec = importlib.util.spec_from_file_location("render_manifests", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("render_manifests", module)
-    spec.loader.exec_module(module)
-    return [yaml.safe_load(doc) for _, doc in module.render()]
+    return chart_support.objects(chart_support.load_render_script().render())
 
 
 def chart_operator_rules() -> set[tuple[str, str, str, str | None]]:
@@ -180,8 +189,8 @@ def events(cluster: harness.Cluster, name: str, reason: str | None = None) -> li
     ]
 
 
-def crash(cluster: harness.Cluster, pod: str) -> None:
-    """The engine of `pod` is OOM-killed (a process fault)."""
+def crash(cluster: harness.Cluster, pod: str, *, code: int = 137, reason: str = "OOMKilled") -> None:
+    """The engine of `pod` exits (by default OOM-killed: a process fault)."""
     cluster.write(
         "update",
         harness.PODS,
@@ -195,7 +204,7 @@ def crash(cluster: harness.Cluster, pod: str) -> None:
                         "name": "engine",
                         "restartCount": 0,
                         "ready": False,
-                        "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}},
+                        "state": {"terminated": {"exitCode": code, "reason": reason}},
                     }
                 ],
             }

@@ -332,21 +332,22 @@ def test_outcome_is_never_succeeded_when_expected_bytes_did_not_come_back() -> N
     assert record.outcome(lost, failed="timed out")[0] == "Failed"
 
 
+def reschedule(observed: list[tuple[int | None, faults.Fault]]) -> record.Recovery:
+    """The rank-policy reschedule of protected replica 0 on n1 for the faults observed."""
+    return remediation.plan(
+        observed,
+        remediation.Decision(remediation.RESCHEDULE),
+        replica=0, old_uid="u", node="n1", protected=True, policy="rank", detected_at="t", recovery_id="r",
+    )  # fmt: skip
+
+
 def test_mixed_faults_lose_only_the_device_faulted_ranks() -> None:
     process = faults.Fault("process", "ContainerTerminated", "exit 1", node="n1")
     device = faults.Fault("device", "Xid", "GPU x", node="n1", gpu=UUID)
-    rec = remediation.plan(
-        [(None, process), (2, device)],
-        remediation.Decision(remediation.RESCHEDULE),
-        replica=0, old_uid="u", node="n1", protected=True, policy="rank", detected_at="t", recovery_id="r",
-    )  # fmt: skip
+    rec = reschedule([(None, process), (2, device)])
     assert (rec.kind, rec.lost_ranks, rec.source_alive, rec.target) == ("device", [2], True, "")
     gone = faults.Fault("node", "NodeDeleted", "gone", node="n1", node_wide=True)
-    rec = remediation.plan(
-        [(None, gone), (2, device)],
-        remediation.Decision(remediation.RESCHEDULE),
-        replica=0, old_uid="u", node="n1", protected=True, policy="rank", detected_at="t", recovery_id="r",
-    )  # fmt: skip
+    rec = reschedule([(None, gone), (2, device)])
     assert (rec.kind, rec.lost_ranks, rec.source_alive, rec.avoid) == ("node", [], False, ["n1"])
 
 

@@ -7,7 +7,7 @@ import pathlib
 import urllib.request
 from typing import Any
 
-from tests.operator import harness
+from tests.operator import harness, opsec_support
 
 NS, NAME = "test", "llama"
 
@@ -56,26 +56,7 @@ def reasons(cluster: harness.Cluster) -> list[str]:
 
 
 def crash(cluster: harness.Cluster, replica: int, *, code: int = 137, reason: str = "OOMKilled") -> None:
-    name = f"{NAME}-r{replica}"
-    cluster.write(
-        "update",
-        harness.PODS,
-        NS,
-        name,
-        {
-            "status": {
-                "phase": "Failed",
-                "containerStatuses": [
-                    {
-                        "name": "engine",
-                        "restartCount": 0,
-                        "ready": False,
-                        "state": {"terminated": {"exitCode": code, "reason": reason}},
-                    }
-                ],
-            }
-        },
-    )
+    opsec_support.crash(cluster, f"{NAME}-r{replica}", code=code, reason=reason)
 
 
 def test_pod_model_process_fault_gpu_swap_and_delete(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import os
 import pathlib
 import secrets
@@ -28,12 +27,12 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-import yaml
 from ghostserve.operator import main as operator_main
 from ghostserve.operator import sidecars
 from ghostserve.sidecar import client, pools
 from ghostserve.v1 import sidecar_pb2 as pb
 
+from tests.charts import chart_support
 from tests.operator import harness
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
@@ -49,13 +48,7 @@ EKU = {"server auth": "serverAuth", "client auth": "clientAuth"}
 
 def _render() -> list[dict[str, Any]]:
     pytest.importorskip("helm_python")
-    spec = importlib.util.spec_from_file_location(
-        "render_manifests", REPO / "scripts" / "render_manifests.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return [yaml.safe_load(doc) for _, doc in module.render()]
+    return chart_support.objects(chart_support.load_render_script().render())
 
 
 def _args(objs: list[dict[str, Any]], kind: str) -> list[str]:

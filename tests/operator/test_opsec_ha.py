@@ -12,19 +12,7 @@ import pytest
 from tests.operator import harness, opsec_support
 from tests.operator.opsec_support import NS
 
-FAST_LEASE = (
-    "--leader-elect",
-    "--leader-namespace",
-    NS,
-    "--leader-lease-name",
-    opsec_support.LEASE,
-    "--leader-lease-seconds",
-    "4",
-    "--leader-renew-deadline-seconds",
-    "3",
-    "--leader-retry-seconds",
-    "0.5",
-)
+FAST_LEASE = opsec_support.lease_flags(lease_s="4", renew_s="3", retry_s="0.5")
 
 
 def _holder(cluster: harness.Cluster) -> str:
@@ -37,8 +25,17 @@ def _replica_pods_created(recorder: opsec_support.Recorder) -> list[str]:
     return recorder.created("pods")
 
 
-def _device_fault(cluster: harness.Cluster, pod: dict[str, Any]) -> None:
+def _fault_and_recover(cluster: harness.Cluster, pod: dict[str, Any], recoveries: int, what: str) -> None:
+    """Fail the first GPU of `pod`, then wait until "llama" counts `recoveries` and serves again."""
     cluster.fail_gpu(pod["spec"]["nodeName"], harness.gpus_of(pod)[0])
+    cluster.wait_for(
+        lambda: (
+            opsec_support.status(cluster, "llama").get("recoveries") == recoveries
+            and opsec_support.serving(cluster, "llama")
+        ),
+        timeout=90,
+        what=what,
+    )
 
 
 def test_two_operators_act_once_per_fault(
@@ -60,15 +57,7 @@ def test_two_operators_act_once_per_fault(
 
         first = cluster.get(harness.PODS, NS, "llama-r0")
         assert first is not None
-        _device_fault(cluster, first)
-        cluster.wait_for(
-            lambda: (
-                opsec_support.status(cluster, "llama").get("recoveries") == 1
-                and opsec_support.serving(cluster, "llama")
-            ),
-            timeout=90,
-            what="first recovery",
-        )
+        _fault_and_recover(cluster, first, 1, "first recovery")
         assert [r.group for _, _, r in cluster.calls("MarkLost")] == [f"{NS}/llama-r0"]
         assert len(cluster.calls("Rebuild")) == 1
         assert _replica_pods_created(recorder) == ["llama-r0", "llama-r0"]  # one replacement
@@ -78,15 +67,7 @@ def test_two_operators_act_once_per_fault(
         cluster.wait_for(lambda: _holder(cluster).startswith(f"op-{standby}-"), timeout=60, what="takeover")
         second = cluster.get(harness.PODS, NS, "llama-r0")
         assert second is not None and second["metadata"]["uid"] != first["metadata"]["uid"]
-        _device_fault(cluster, second)
-        cluster.wait_for(
-            lambda: (
-                opsec_support.status(cluster, "llama").get("recoveries") == 2
-                and opsec_support.serving(cluster, "llama")
-            ),
-            timeout=90,
-            what="second recovery by the new leader",
-        )
+        _fault_and_recover(cluster, second, 2, "second recovery by the new leader")
         assert [r.group for _, _, r in cluster.calls("MarkLost")] == [f"{NS}/llama-r0"] * 2
         assert len(cluster.calls("Rebuild")) == 2
         creates = [

@@ -95,11 +95,8 @@ def test_rejected_pod_is_reported_then_retried_with_backoff(
     assert not [m for m in posted if "reconcile failed" in m]  # retries are logged, not posted as Events
 
 
-def test_objects_it_did_not_create_are_left_alone(
-    cluster: harness.Cluster, recorder: opsec_support.Recorder, operator: harness.OperatorProcess
-) -> None:
-    # A Service someone else created with the deployment's name, and a pod that looks like a replica
-    # of it (same labels) but belongs to nobody.
+def create_foreign_service(cluster: harness.Cluster) -> None:
+    """A Service named like the deployment "llama" that someone other than the operator created."""
     cluster.write(
         "create",
         harness.SERVICES,
@@ -112,6 +109,14 @@ def test_objects_it_did_not_create_are_left_alone(
             "spec": {"ports": [{"port": 80}]},
         },
     )
+
+
+def test_objects_it_did_not_create_are_left_alone(
+    cluster: harness.Cluster, recorder: opsec_support.Recorder, operator: harness.OperatorProcess
+) -> None:
+    # A Service someone else created with the deployment's name, and a pod that looks like a replica
+    # of it (same labels) but belongs to nobody.
+    create_foreign_service(cluster)
     service_uid = cluster.get(harness.SERVICES, NS, "llama")["metadata"]["uid"]  # type: ignore[index]
     lookalike = {
         "apiVersion": "v1",
@@ -233,17 +238,7 @@ def test_in_flight_gauge_is_zero_after_a_restart_mid_recovery(
         "b",
         "--metrics-port",
         str(metrics),
-        "--leader-elect",
-        "--leader-namespace",
-        NS,
-        "--leader-lease-name",
-        opsec_support.LEASE,
-        "--leader-lease-seconds",
-        "3",
-        "--leader-renew-deadline-seconds",
-        "2",
-        "--leader-retry-seconds",
-        "0.5",
+        *opsec_support.lease_flags(lease_s="3", renew_s="2", retry_s="0.5"),
     )
     second.metrics_url = f"http://127.0.0.1:{metrics}/metrics"
     try:
@@ -274,18 +269,7 @@ def test_every_call_is_granted_by_the_chart_and_every_grant_is_used(
         "spec": {"containers": [{"name": "main", "image": "x"}]},
     }
     cluster.write("create", harness.PODS, NS, None, foreign)
-    cluster.write(
-        "create",
-        harness.SERVICES,
-        NS,
-        None,
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": "llama"},
-            "spec": {"ports": [{"port": 80}]},
-        },
-    )
+    create_foreign_service(cluster)
     cluster.write("create", harness.GSD, NS, None, opsec_support.deployment("llama"))
     cluster.wait_for(lambda: recorder.of("pods", "get", "llama-r0"), timeout=60, what="pod conflict checked")
     cluster.write("delete", harness.PODS, NS, "llama-r0")

@@ -4,25 +4,18 @@ cert-manager certificates naming exactly those identities."""
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 from typing import Any
 
 import pytest
 import yaml
 from ghostserve.sidecar import flags
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+from tests.charts import chart_support
 
 
 def rendered(values: dict[str, Any] | None) -> list[dict[str, Any]]:
     pytest.importorskip("helm_python")
-    spec = importlib.util.spec_from_file_location(
-        "render_manifests", REPO / "scripts" / "render_manifests.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = chart_support.load_render_script()
     return [d for _, text in module.render(values) for d in yaml.safe_load_all(text) if d]
 
 

@@ -1,10 +1,10 @@
 """`ghostserve demo`: the whole system on the embedded cluster survives GPU faults mid-decode.
 
 2 simulated nodes x 4 fake GPUs, the real operator and a real sidecar per node, the reference engine
-in pods, the resume gateway in front. Scenario 1: replica 0 of two TP=2 replicas takes a fatal Xid on
-one GPU while long requests stream; the operator detects it from the node sidecar's health stream,
-swaps the GPU on the same node and rebuilds the lost rank's KV; the streams resume, and replica 1's
-pod is left alone. Scenario 2: a TP=4 replica fills a
+in pods, the resume gateway in front. Scenario 1: a TP=2 replica (`--replicas 2`: replica 0 of two) takes a
+fatal Xid on one GPU while long requests stream; the operator detects it from the node sidecar's
+health stream, swaps the GPU on the same node and rebuilds the lost rank's KV; the streams resume
+(any other replica's pod must be left alone). Scenario 2: a TP=4 replica fills a
 node, so after the fault no healthy free GPU is left there and the replica moves to the other node
 with its KV streamed sidecar to sidecar. Every output must equal a fault-free run's, token for token
 (exit 1 otherwise). `ghostserve demo --no-cluster` runs the engine-only demo (no operator, no pods).
@@ -37,6 +37,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--prompt", type=int, default=384, help="prompt tokens per request")
     p.add_argument("--tokens", type=int, default=40, help="new tokens per request")
     p.add_argument("--code", default="xor", choices=["xor", "rdp", "rs"])
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="TP=2 replicas in scenario 1 (default 1: with 2 the gateway resumes the hit replica's streams"
+        " on the other one, recomputed, and the rebuilt KV goes unused; see docs/cluster.md)",
+    )
     p.add_argument("--no-move", action="store_true", help="skip scenario 2 (the replica moves node)")
     p.add_argument("--keep", action="store_true", help="keep the cluster's logs (printed path)")
     p.add_argument("--seed", type=int, default=0)
@@ -47,8 +54,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="sglang: real sglang servers from .venv-sglang on the CPU (device-fault scenario only)",
     )
     args = p.parse_args(list(argv))
-    if args.requests < 1 or args.tokens < 8 or args.prompt < 16:
-        p.error("need --requests >= 1, --tokens >= 8, --prompt >= 16")
+    if args.requests < 1 or args.tokens < 8 or args.prompt < 16 or not 1 <= args.replicas <= 2:
+        p.error("need --requests >= 1, --tokens >= 8, --prompt >= 16, --replicas 1 or 2")
     return args
 
 
@@ -200,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cluster,
             args,
             title="1. device fault, healthy GPU free on the node",
-            dep=scenarios.Deployment("swap", tp=2, code=args.code, replicas=2),
+            dep=scenarios.Deployment("swap", tp=2, code=args.code, replicas=args.replicas),
             rank=1,
         )
         if not args.no_move:

@@ -19,16 +19,18 @@ import shutil
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ghostserve.cluster import containers, embedded, scenarios, traffic
+from ghostserve.cluster import api, containers, embedded, scenarios, traffic
 from rich.console import Console
 
 SGLANG_IMAGE = "lmsysorg/sglang:v0.5.3-cpu"  # any name containing `sglang` runs .venv-sglang here
 STANDIN = containers.REPO / "tests" / "sglang" / "standin_sgl_kernel"
 TINY_MODEL = containers.REPO / "tests" / "sglang" / "tiny_model.py"
+ENGINE_PORT = 30000  # the engine container's port (pod model, docs/design.md)
 TINY_VOCAB = 384  # tests/sglang/tiny_model.VOCAB; ids 0-2 are special but harmless as prompt ids
 # sglang imports for ~1 min on a quiet 2-core machine, ~3 min on a busy one; a restart after the
 # fault costs that again.
@@ -37,6 +39,9 @@ CPU_ARGS = (
     "--device", "cpu", "--attention-backend", "torch_native", "--dtype", "float32",
     "--max-total-tokens", "4096", "--mem-fraction-static", "0.05", "--disable-cuda-graph",
 )  # fmt: skip
+# sglang decodes the tiny model at ~20 tokens/s on this CPU: 40 new tokens would end before the
+# operator has even seen the fault, so the sglang demo streams at least this many.
+MIN_TOKENS = 256
 STANDIN_NOTE = (
     "sgl_kernel is a TEST-ONLY stand-in (tests/sglang/standin_sgl_kernel): no CPU build of it exists"
 )
@@ -46,7 +51,8 @@ class Unavailable(RuntimeError):
     """The sglang environment is not installed here."""
 
 
-def check_available(python: pathlib.Path = containers.SGLANG_PYTHON) -> None:
+def check_available(python: pathlib.Path | None = None) -> None:
+    python = python or containers.SGLANG_PYTHON
     if not python.exists():
         raise Unavailable(
             f"--engine sglang needs {python} (run scripts/setup-sglang.sh); the default engine is reference"
@@ -80,8 +86,9 @@ class SglangDeployment(scenarios.Deployment):
 
 
 @contextmanager
-def tiny_model(python: pathlib.Path = containers.SGLANG_PYTHON) -> Iterator[pathlib.Path]:
+def tiny_model(python: pathlib.Path | None = None) -> Iterator[pathlib.Path]:
     """A tiny random-weight LLaMA directory (seed 0), made with .venv-sglang's python; removed after."""
+    python = python or containers.SGLANG_PYTHON
     root = pathlib.Path(tempfile.mkdtemp(prefix="gs-sglang-model-", dir="/tmp"))
     path = root / "tiny-llama"
     code = (
@@ -105,6 +112,22 @@ def tiny_model(python: pathlib.Path = containers.SGLANG_PYTHON) -> Iterator[path
 
 
 Report = Callable[..., None]
+
+
+def _half_way(streams: list[traffic.Stream]) -> bool:
+    """Every stream is half-way or finished (greedy decoding of a random model may hit EOS early), and
+    one still decodes."""
+    return all(len(s.tokens) * 2 >= s.max_new_tokens or s.finish_reason for s in streams) and any(
+        not s.finish_reason for s in streams
+    )
+
+
+def _flush_cache(cluster: embedded.Cluster, pod_name: str) -> None:
+    pod = cluster.get(api.PODS, pod_name) or {}
+    url = f"http://{(pod.get('status') or {}).get('podIP')}:{ENGINE_PORT}/flush_cache"
+    with urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=60) as reply:
+        if reply.status != 200:
+            raise RuntimeError(f"sglang {url}: HTTP {reply.status}")
 
 
 def device_fault(
@@ -136,8 +159,12 @@ def device_fault(
             requests, prompt_tokens=prompt, new_tokens=tokens, vocab=TINY_VOCAB, seed=seed, tag=f"sgl-{tag}"
         )
 
-    with console.status(f"{title}: fault-free run ({requests} streams)"):
+    with console.status(f"{title}: fault-free run ({requests} streams of {tokens} tokens)"):
         base = scenarios.stream(cluster, url, streams("ref"), timeout_s=START_TIMEOUT_S)
+    # Cold cache for the run, as for the fault-free one: a prefix hit on the fault-free run's KV makes
+    # sglang recompute the prompt's last page into other slots, and the plugin then serves that
+    # request unprotected (docs/sglang.md "When the sidecar says no").
+    _flush_cache(cluster, f"{dep.name}-r0")
     before = int(scenarios.status_of(cluster, dep.name).get("recoveries") or 0)
     with console.status(f"{title}: streaming; Xid 79 on {node} GPU {gpus[rank]} (rank {rank}) mid-decode"):
         run = scenarios.stream(
@@ -145,6 +172,7 @@ def device_fault(
             url,
             streams("run"),
             fault=lambda: cluster.inject_gpu_fault(node, gpus[rank], kind="XID", xid=79),
+            fault_when=_half_way,
             settle=scenarios.recovered(cluster, dep.name, before + 1),
             timeout_s=START_TIMEOUT_S,
         )
@@ -181,15 +209,16 @@ def main(args: argparse.Namespace, console: Console, *, report: Report) -> int:
     try:
         console.print("making the tiny random-weight LLaMA (tests/sglang/tiny_model.py, .venv-sglang)")
         with tiny_model() as path:
-            with console.status("starting the embedded cluster: API server, 2 nodes x 4 GPUs, sidecars, operator"):
+            with console.status("starting the embedded cluster: 2 nodes x 4 GPUs, sidecars, operator"):
                 cluster.start()
-            console.print(f"[green]cluster up[/] in {time.monotonic() - t0:.1f} s (kubeconfig {cluster.kubeconfig})")
+            up = time.monotonic() - t0
+            console.print(f"[green]cluster up[/] in {up:.1f} s (kubeconfig {cluster.kubeconfig})")
             ok = device_fault(
                 console,
                 cluster,
                 requests=args.requests,
                 prompt=args.prompt,
-                tokens=args.tokens,
+                tokens=max(args.tokens, MIN_TOKENS),
                 seed=args.seed,
                 code=args.code,
                 model_path=path,
@@ -208,5 +237,6 @@ def main(args: argparse.Namespace, console: Console, *, report: Report) -> int:
                 ok = False
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    console.print(f"{'[green]done' if ok else '[red]FAILED'}[/] in {time.monotonic() - t0:.1f} s; nothing left running")
+    verdict = "[green]done" if ok else "[red]FAILED"
+    console.print(f"{verdict}[/] in {time.monotonic() - t0:.1f} s; nothing left running")
     return 0 if ok else 1

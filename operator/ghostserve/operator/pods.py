@@ -151,7 +151,9 @@ def build_replica_pod(
     resources = copy.deepcopy(engine.get("resources") or {})
     resources.setdefault("limits", {})[GPU_RESOURCE] = tp
     resources.setdefault("requests", {})[GPU_RESOURCE] = tp
-    health = {"httpGet": {"path": "/health", "port": "http"}}
+    # sglang's /health runs a one-token generation (its own deadline: 20 s), which takes more than the
+    # default 1 s on a busy engine or a CPU; a probe that times out would keep the replica unready.
+    health = {"httpGet": {"path": "/health", "port": "http"}, "timeoutSeconds": 20}
     container: dict[str, Any] = {
         "name": "engine",
         "image": engine["image"],
