@@ -12,7 +12,7 @@ import platform
 import re
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
@@ -44,6 +44,12 @@ def write_report(path: pathlib.Path, report: dict[str, Any]) -> pathlib.Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     return path
+
+
+def save(path: pathlib.Path, report: dict[str, Any], say: Callable[[str], object] = print) -> int:
+    """Write the report, say where; a benchmark's exit code (0)."""
+    say(f"wrote {write_report(path, report)}")
+    return 0
 
 
 def load_average() -> dict[str, float]:

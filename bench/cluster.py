@@ -167,9 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         "outputs_identical": identical,
     }
     path = args.out or REPO / "bench" / "results" / f"cluster-{benchlib.machine()['slug']}.json"
-    benchlib.write_report(path, report)
-    console.print(f"wrote {path}")
-    return 0
+    return benchlib.save(path, report, console.print)
 
 
 if __name__ == "__main__":

@@ -449,9 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "spread": summary,
     }
     out = args.out or RESULTS / f"codec-{args.backend}-{info['slug']}.json"
-    benchlib.write_report(out, result)
-    console.print(f"wrote {out}")
-    return 0
+    return benchlib.save(out, result, console.print)
 
 
 if __name__ == "__main__":

@@ -371,9 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "recovery": rec_res,
         "host_memory": mem_res,
     }
-    benchlib.write_report(args.out, report)
-    console.print(f"wrote {args.out}")
-    return 0
+    return benchlib.save(args.out, report, console.print)
 
 
 if __name__ == "__main__":

@@ -301,9 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     kind = "operator-quick" if args.quick else "operator"
     out = args.out or ROOT / "bench" / "results" / f"{kind}-{info['slug']}.json"
-    benchlib.write_report(out, report)
-    console.print(f"wrote {out}")
-    return 0
+    return benchlib.save(out, report, console.print)
 
 
 if __name__ == "__main__":

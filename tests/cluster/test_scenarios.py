@@ -117,10 +117,18 @@ def serving_node(cluster: embedded.Cluster, name: str) -> str:
 
 
 @pytest.fixture(scope="class")
-def t2(cluster: embedded.Cluster) -> Iterator[Served]:
+def t2x2(cluster: embedded.Cluster) -> Iterator[Served]:
     # Two replicas, spread by the scheduler (least allocated node first): each has 2 healthy free GPUs
-    # beside it on its node, so a device fault is a same-node swap. Class-scoped: torn down before t4.
-    served = Served(cluster, scenarios.Deployment("t2", tp=2, replicas=2))
+    # beside it on its node, so a device fault is a same-node swap. Class-scoped: torn down before the
+    # next class deploys (t2, then t4, which fills a node).
+    served = Served(cluster, scenarios.Deployment("t2x2", tp=2, replicas=2))
+    yield served
+    served.close()
+
+
+@pytest.fixture(scope="class")
+def t2(cluster: embedded.Cluster) -> Iterator[Served]:
+    served = Served(cluster, scenarios.Deployment("t2", tp=2))
     yield served
     served.close()
 
@@ -137,15 +145,15 @@ def restarts(pod: dict[str, Any]) -> int:
     return sum(int(c.get("restartCount") or 0) for c in statuses)
 
 
-class TestTwoRanks:
+class TestTwoReplicas:
     def test_device_fault_with_a_free_gpu_swaps_it_on_the_node(
-        self, t2: Served, cluster: embedded.Cluster
+        self, t2x2: Served, cluster: embedded.Cluster
     ) -> None:
-        node, gpus = t2.placement(0)
-        other = t2.pod_object(1)
-        other_uid, other_pids = other["metadata"]["uid"], t2.engine_state(1)["rank_pids"]
-        old_uid = t2.pod_object(0)["metadata"]["uid"]
-        other_steps = t2.engine_state(1)["steps"]  # decode steps run only with requests in the batch
+        node, gpus = t2x2.placement(0)
+        other = t2x2.pod_object(1)
+        other_uid, other_pids = other["metadata"]["uid"], t2x2.engine_state(1)["rank_pids"]
+        old_uid = t2x2.pod_object(0)["metadata"]["uid"]
+        other_steps = t2x2.engine_state(1)["steps"]  # decode steps run only with requests in the batch
         on_r0: dict[str, bool] = {}  # rid -> decoded by r0 (asked r0's engine at the stream's first token)
 
         def due(streams: list[traffic.Stream]) -> bool:
@@ -153,7 +161,7 @@ class TestTwoRanks:
             # streams) are half done, so the fault hits r0 mid-decode whatever r1's pace.
             new = [s.rid for s in streams if s.tokens and s.rid not in on_r0]
             if new:
-                r0, r1 = ({*st["running"], *st["waiting"]} for st in map(t2.engine_state, (0, 1)))
+                r0, r1 = ({*st["running"], *st["waiting"]} for st in map(t2x2.engine_state, (0, 1)))
                 # In neither snapshot yet (published just after the token): asked again on its next token.
                 on_r0.update((rid, rid in r0) for rid in new if rid in r0 | r1)
             # Done before either snapshot showed it: not one the fault can hit (never waited for).
@@ -163,26 +171,26 @@ class TestTwoRanks:
             mine = [s for s in streams if on_r0[s.rid]]
             return all(len(s.tokens) >= TOKENS // 2 for s in mine)
 
-        out, last = t2.run_with(lambda: cluster.inject_gpu_fault(node, gpus[1], xid=79), fault_when=due)
+        out, last = t2x2.run_with(lambda: cluster.inject_gpu_fault(node, gpus[1], xid=79), fault_when=due)
         # Every stream of both replicas got the fault-free tokens (run_with); the gateway spread them:
         # r0 decoded some (not all), r1 the rest.
         hit = [rid for rid, mine in on_r0.items() if mine]
         assert 0 < len(hit) < REQUESTS, on_r0
-        assert t2.engine_state(1)["steps"] - other_steps >= TOKENS
+        assert t2x2.engine_state(1)["steps"] - other_steps >= TOKENS
         assert (last["kind"], last["outcome"], last.get("kv")) == ("device", "Succeeded", "Rebuilt")
         assert last["group"] == 0, last
         assert last["ranks"] == [1] and last["chunksRecomputed"] == 0, last
         assert last["bytesRebuilt"] > 0, (last, on_r0)
         assert last["sourceNode"] == last["targetNode"] == node
-        new_node, new_gpus = t2.placement(0)
+        new_node, new_gpus = t2x2.placement(0)
         assert new_node == node and gpus[1] not in new_gpus
-        assert t2.pod_object(0)["metadata"]["uid"] != old_uid  # r0's pod was recreated ...
-        after = t2.pod_object(1)  # ... and r1's was never touched
+        assert t2x2.pod_object(0)["metadata"]["uid"] != old_uid  # r0's pod was recreated ...
+        after = t2x2.pod_object(1)  # ... and r1's was never touched
         assert after["metadata"]["uid"] == other_uid and restarts(after) == 0
-        assert t2.engine_state(1)["rank_pids"] == other_pids and not t2.engine_state(1)["recoveries"]
+        assert t2x2.engine_state(1)["rank_pids"] == other_pids and not t2x2.engine_state(1)["recoveries"]
         assert scenarios.allocatable(cluster, node) == cluster.options.gpus - 1
-        assert {"FaultDevice", "RecoverySucceeded"} <= set(t2.events(out))
-        faults = [m for r, m in t2.event_messages(out) if r == "FaultDevice"]
+        assert {"FaultDevice", "RecoverySucceeded"} <= set(t2x2.events(out))
+        faults = [m for r, m in t2x2.event_messages(out) if r == "FaultDevice"]
         assert len(faults) == 1 and "replica 0 " in faults[0] and "rank 1:" in faults[0], faults
         assert "rank 0" not in faults[0] and "replica 1 " not in faults[0], faults
         # Where r0's streams resumed is the gateway's choice: with r1 healthy it does not wait for r0's
@@ -194,6 +202,8 @@ class TestTwoRanks:
             lambda: scenarios.allocatable(cluster, node) == cluster.options.gpus, what="GPU back"
         )
 
+
+class TestTwoRanks:
     def test_process_crash_restarts_in_place_with_nothing_rebuilt(
         self, t2: Served, cluster: embedded.Cluster
     ) -> None:

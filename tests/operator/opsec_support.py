@@ -104,6 +104,15 @@ def declare_leases(cluster: harness.Cluster) -> None:
 LEASES = apiserver.resource("coordination.k8s.io/v1/leases")
 
 
+def recording(cluster: harness.Cluster, monkeypatch: Any, *, leases: bool) -> Recorder:
+    """A Recorder installed on `cluster`; with `leases`, the Lease resource declared too."""
+    found = Recorder()
+    found.install(cluster, monkeypatch)
+    if leases:
+        declare_leases(cluster)
+    return found
+
+
 def lease_flags(*, lease_s: str, renew_s: str, retry_s: str = "0.5") -> tuple[str, ...]:
     """Operator flags for leader election on the chart's lease in NS, with short timings for tests."""
     return (

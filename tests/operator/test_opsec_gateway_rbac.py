@@ -27,9 +27,7 @@ ROLEBINDINGS = opsec_support.ROLEBINDINGS
 
 @pytest.fixture
 def recorder(cluster: harness.Cluster, monkeypatch: pytest.MonkeyPatch) -> opsec_support.Recorder:
-    found = opsec_support.Recorder()
-    found.install(cluster, monkeypatch)
-    return found
+    return opsec_support.recording(cluster, monkeypatch, leases=False)
 
 
 @pytest.fixture

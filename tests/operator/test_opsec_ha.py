@@ -41,9 +41,7 @@ def _fault_and_recover(cluster: harness.Cluster, pod: dict[str, Any], recoveries
 def test_two_operators_act_once_per_fault(
     cluster: harness.Cluster, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    recorder = opsec_support.Recorder()
-    recorder.install(cluster, monkeypatch)
-    opsec_support.declare_leases(cluster)
+    recorder = opsec_support.recording(cluster, monkeypatch, leases=True)
     procs = {}
     for tag in ("a", "b"):
         monkeypatch.setenv("POD_NAME", f"op-{tag}")  # the Lease holder identity starts with it
@@ -84,9 +82,7 @@ def test_a_standby_never_acts(
     cluster: harness.Cluster, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Control: with the Lease held by someone else (a live leader elsewhere), an operator creates nothing."""
-    recorder = opsec_support.Recorder()
-    recorder.install(cluster, monkeypatch)
-    opsec_support.declare_leases(cluster)
+    recorder = opsec_support.recording(cluster, monkeypatch, leases=True)
     monkeypatch.setenv("POD_NAME", "op-a")
     leader = opsec_support.operator(cluster, tmp_path, "a", *FAST_LEASE)
     try:

@@ -20,10 +20,7 @@ from tests.operator.opsec_support import NS
 
 @pytest.fixture
 def recorder(cluster: harness.Cluster, monkeypatch: pytest.MonkeyPatch) -> opsec_support.Recorder:
-    found = opsec_support.Recorder()
-    found.install(cluster, monkeypatch)
-    opsec_support.declare_leases(cluster)
-    return found
+    return opsec_support.recording(cluster, monkeypatch, leases=True)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pathlib
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -112,6 +113,15 @@ def play_engine(side: harness.RealSidecar, uuids: list[str]) -> dict[int, np.nda
     return written
 
 
+def _serving_replica(cluster: harness.Cluster) -> tuple[dict[str, Any], str]:
+    """Create a TP=2 deployment, wait until it serves; (replica 0's pod, the node it runs on)."""
+    cluster.write("create", harness.GSD, NS, None, deployment(tp=2))
+    cluster.wait_for(lambda: serving(cluster), timeout=60, what="Serving 2/2")
+    before = pod(cluster, 0)
+    assert before is not None
+    return before, before["spec"]["nodeName"]
+
+
 @pytest.mark.parametrize("cluster_two", [3, 2], indirect=True, ids=["same-node-swap", "move"])
 def test_gpu_fault_swaps_the_gpu_or_moves_the_replica_with_its_kv(
     cluster_two: harness.Cluster, sidecars: dict[str, harness.RealSidecar], tmp_path: pathlib.Path
@@ -124,11 +134,7 @@ def test_gpu_fault_swaps_the_gpu_or_moves_the_replica_with_its_kv(
         sidecar_port=cluster.sidecar_port,
     )
     try:
-        cluster.write("create", harness.GSD, NS, None, deployment(tp=2))
-        cluster.wait_for(lambda: serving(cluster), timeout=60, what="Serving 2/2")
-        before = pod(cluster, 0)
-        assert before is not None
-        source = before["spec"]["nodeName"]
+        before, source = _serving_replica(cluster)
         target = source if swap else next(n for n in cluster.node_names if n != source)
         uuids = [fake_uuid(g) for g in harness.gpus_of(before)]
         written = play_engine(sidecars[source], uuids)
@@ -209,11 +215,7 @@ def test_a_rebuild_done_before_the_operators_own_is_reported_with_the_sidecars_b
     )
     second = None
     try:
-        cluster.write("create", harness.GSD, NS, None, deployment(tp=2))
-        cluster.wait_for(lambda: serving(cluster), timeout=60, what="Serving 2/2")
-        before = pod(cluster, 0)
-        assert before is not None
-        source = before["spec"]["nodeName"]
+        before, source = _serving_replica(cluster)
         gpus = harness.gpus_of(before)
         uuids = [fake_uuid(g) for g in gpus]
         written = play_engine(sidecars[source], uuids)
