@@ -84,14 +84,16 @@ class Pool:
         """A usable backend, waiting up to `wait` seconds for one.
 
         With `prefer` (a backend name), that backend is taken as soon as it is usable; another one
-        only after `prefer_same_for` seconds, or at once when it is no longer listed (its pod is gone).
+        only after `prefer_same_for` seconds. The wait holds also while that backend is not listed:
+        the operator recreates a replica under the same pod name (GPU swap, move), and until the new
+        pod is Ready it is absent from the list, yet it is where the request's KV is being restored.
         Raises NoBackendError after `wait` seconds.
         """
         start = time.monotonic()
         while True:
-            listed, up = await self._usable()
+            _, up = await self._usable()
             waited = time.monotonic() - start
-            if prefer is not None and any(b.name == prefer for b in listed):
+            if prefer is not None:
                 same = [b for b in up if b.name == prefer]
                 if same:
                     return same[0]

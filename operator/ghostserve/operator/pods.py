@@ -204,6 +204,9 @@ def build_replica_pod(
     }
 
 
+GATEWAY_PREFER_SAME_S = 180
+
+
 def gateway_pod_name(name: str) -> str:
     return f"{name}-gateway"
 
@@ -244,6 +247,10 @@ def build_gateway_pod(namespace: str, name: str, image: str) -> dict[str, Any]:
                         namespace,
                         "--backend-port",
                         str(specs.ENGINE_PORT),
+                        # A replica recovering from a GPU fault comes back under the same pod name
+                        # with its KV restored: waiting for it beats recomputing on another replica.
+                        "--prefer-same-for",
+                        str(GATEWAY_PREFER_SAME_S),
                     ],
                     "ports": [{"name": "http", "containerPort": specs.GATEWAY_PORT}],
                     "readinessProbe": {**health, "periodSeconds": 5},
