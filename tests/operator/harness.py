@@ -37,6 +37,7 @@ import grpc
 import grpc.aio
 import kmock
 from ghostserve.cluster import apiserver as kmock_ext
+from ghostserve.cluster import embedded
 from ghostserve.v1 import sidecar_pb2, sidecar_pb2_grpc
 from kmock._internal import apps
 
@@ -527,18 +528,13 @@ class Cluster:
 
     def wait_for(self, check: Callable[[], Any], *, timeout: float = 30.0, what: str = "condition") -> Any:
         """Re-evaluate `check` after every write to the emulator until it is truthy or the deadline passes."""
-        deadline = time.monotonic() + timeout
-        while True:
-            with self.changed:
-                seen = self.version
-            result = check()
-            if result:
-                return result
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"timed out waiting for {what}; cluster state:\n{self.dump()}")
-            with self.changed:
-                self.changed.wait_for(lambda seen=seen: self.version != seen, timeout=min(left, 1.0))  # type: ignore[misc]
+        return embedded.wait_on_writes(
+            self.changed,
+            lambda: self.version,
+            check,
+            timeout=timeout,
+            failure=lambda: AssertionError(f"timed out waiting for {what}; cluster state:\n{self.dump()}"),
+        )
 
     def dump(self) -> str:
         """Deployments and pods, compactly: what a failed wait needs to explain itself."""

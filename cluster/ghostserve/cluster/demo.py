@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from ghostserve.cluster import api, embedded, scenarios, sglang_engine, timeline, traffic
+from ghostserve.cluster import api, demorun, embedded, scenarios, sglang_engine, timeline, traffic
 from ghostserve.wire import logs
 from rich.console import Console
 from rich.table import Table
@@ -193,8 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="gs-demo-", dir="/tmp"))
     cluster = embedded.Cluster(embedded.Options(workdir=workdir, nodes=2, gpus=4))
     t0 = time.monotonic()
-    ok = True
-    try:
+
+    def body() -> bool:
+        ok = True
         with console.status(
             "starting the embedded cluster: API server, 2 nodes x 4 GPUs, sidecars, operator"
         ):
@@ -219,20 +219,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 dep=scenarios.Deployment("move", tp=4, code=args.code),
                 rank=2,
             )
-    except (RuntimeError, TimeoutError, traffic.StreamError) as exc:
-        console.print(f"[red]ghostserve demo: {exc}[/]\nlogs: {workdir}")
-        ok = False
-        args.keep = True
-    finally:
-        with console.status("tearing down the cluster"):
-            try:
-                cluster.stop()
-            except RuntimeError as exc:
-                console.print(f"[red]{exc}[/]")
-                ok = False
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-    console.print(
-        f"{'[green]done' if ok else '[red]FAILED'}[/] in {time.monotonic() - t0:.1f} s; nothing left running"
-    )
-    return 0 if ok else 1
+        return ok
+
+    return demorun.run(console, cluster, workdir=workdir, keep=args.keep, t0=t0, body=body)

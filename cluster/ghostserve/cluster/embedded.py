@@ -34,6 +34,34 @@ GSD = apiserver.resource("ghostserve.io/v1alpha1/ghostservedeployments")
 SIDECAR_PORT = 7443
 
 
+def _moved_on(version: Callable[[], int], seen: int) -> bool:
+    return version() != seen
+
+
+def wait_on_writes(
+    changed: threading.Condition,
+    version: Callable[[], int],
+    check: Callable[[], Any],
+    *,
+    timeout: float,
+    failure: Callable[[], Exception],
+) -> Any:
+    """Re-evaluate `check` after every write `changed` announces (and at least every second) until it is
+    truthy; raises `failure()` at the deadline. Shared by every front-end of the API emulator."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with changed:
+            seen = version()
+        result = check()
+        if result:
+            return result
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise failure()
+        with changed:
+            changed.wait_for(functools.partial(_moved_on, version, seen), timeout=min(left, 1.0))
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
     workdir: pathlib.Path
@@ -256,21 +284,13 @@ class Cluster:
 
     def wait_for(self, check: Callable[[], Any], *, timeout: float = 60.0, what: str = "condition") -> Any:
         """Re-evaluate `check` after every API write (and at least every second) until truthy."""
-        deadline = time.monotonic() + timeout
-        while True:
-            with self.changed:
-                seen = self.version
-            result = check()
-            if result:
-                return result
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-            with self.changed:
-                self.changed.wait_for(functools.partial(self._moved, seen), timeout=min(left, 1.0))
-
-    def _moved(self, seen: int) -> bool:
-        return self.version != seen
+        return wait_on_writes(
+            self.changed,
+            lambda: self.version,
+            check,
+            timeout=timeout,
+            failure=lambda: TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}"),
+        )
 
     # ---- faults -------------------------------------------------------------------------------
     def sidecar_client(self, node: str) -> client_mod.SidecarClient:

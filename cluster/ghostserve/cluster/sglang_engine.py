@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ghostserve.cluster import api, containers, embedded, scenarios, traffic
+from ghostserve.cluster import api, containers, demorun, embedded, scenarios, traffic
 from rich.console import Console
 
 SGLANG_IMAGE = "lmsysorg/sglang:v0.5.3-cpu"  # any name containing `sglang` runs .venv-sglang here
@@ -203,10 +203,11 @@ def main(args: argparse.Namespace, console: Console, *, report: Report) -> int:
         console.print(f"[red]ghostserve demo: {exc}[/]")
         return 2
     t0 = time.monotonic()
-    ok = False
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="gs-demo-sglang-", dir="/tmp"))
     cluster = embedded.Cluster(embedded.Options(workdir=workdir, nodes=2, gpus=4))
-    try:
+
+    def body() -> bool:
+        ok = False
         console.print("making the tiny random-weight LLaMA (tests/sglang/tiny_model.py, .venv-sglang)")
         with tiny_model() as path:
             with console.status("starting the embedded cluster: 2 nodes x 4 GPUs, sidecars, operator"):
@@ -224,19 +225,6 @@ def main(args: argparse.Namespace, console: Console, *, report: Report) -> int:
                 model_path=path,
                 report=report,
             )
-    except (RuntimeError, TimeoutError, traffic.StreamError) as exc:
-        console.print(f"[red]ghostserve demo: {exc}[/]\nlogs: {workdir}")
-        ok = False
-        args.keep = True
-    finally:
-        with console.status("tearing down the cluster"):
-            try:
-                cluster.stop()
-            except RuntimeError as exc:
-                console.print(f"[red]{exc}[/]")
-                ok = False
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-    verdict = "[green]done" if ok else "[red]FAILED"
-    console.print(f"{verdict}[/] in {time.monotonic() - t0:.1f} s; nothing left running")
-    return 0 if ok else 1
+        return ok
+
+    return demorun.run(console, cluster, workdir=workdir, keep=args.keep, t0=t0, body=body)
