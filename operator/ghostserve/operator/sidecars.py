@@ -161,10 +161,8 @@ class GrpcSidecars:
 
     async def move_group(self, address: str, group: str, target: str) -> MoveOutcome:
         """MoveGroup on the SOURCE sidecar at `address`: it streams the group to the sidecar at `target`
-        (C3: chunked, checksummed, resumable; bytes_moved 0 when the target already holds all of it)."""
-        side: Any = self._client(address)
-        if not hasattr(side, "move_group"):
-            raise NotImplementedError("this sidecar client has no MoveGroup (C3 not built yet)")
+        (chunked, checksummed, resumable; bytes_moved 0 when the target already holds all of it)."""
+        side = self._client(address)
         # The target is dialed by IP; with mTLS its certificate names the sidecars' shared server name.
         server_name = self._tls.server_name if self._tls is not None else None
         reply = await side.move_group(
