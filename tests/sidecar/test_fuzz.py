@@ -228,6 +228,43 @@ def test_fuzzed_requests_get_clean_codes_and_failures_change_nothing(served, req
     assert c.health() == 1
 
 
+CHUNK_COMMITS = st.builds(
+    pb.ChunkCommit,
+    request_id=rids,
+    chunk_index=u32,
+    slots=st.one_of(slots, st.just(list(range(kv.CHUNK)))),
+    token_ids=st.lists(i64, max_size=20),
+)
+STATUS = {code.value[0]: code for code in grpc.StatusCode}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.builds(
+        pb.CommitChunksRequest,
+        group=names,
+        rank=u32,
+        chunks=st.lists(CHUNK_COMMITS, max_size=6),
+    )
+)
+def test_fuzzed_commit_batches_get_a_clean_code_per_chunk(served, request) -> None:
+    """Each chunk of a batch gets a code CommitChunk could give; chunks that fail change nothing."""
+    _, c = served
+    before = snapshot(c)
+    try:
+        reply = c.commit_chunks(request)
+    except grpc.RpcError as exc:
+        assert exc.code() in ALLOWED - {grpc.StatusCode.OK}, exc.code()
+        assert snapshot(c) == before
+        return
+    assert len(reply.results) == len(request.chunks)
+    got = [STATUS[r.code] for r in reply.results]
+    assert set(got) <= ALLOWED, got
+    if grpc.StatusCode.OK not in got:
+        assert snapshot(c) == before, got
+    assert c.health() == 1
+
+
 def test_huge_messages_are_refused_and_the_server_stays_healthy(served) -> None:
     _, c = served
     before = snapshot(c)

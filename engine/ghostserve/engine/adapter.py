@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import queue
-import threading
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import grpc
 import numpy as np
@@ -23,6 +21,9 @@ from ghostserve.wire import layout as wire_layout
 from ghostserve.wire import protection as wire_protection
 
 log = logging.getLogger(__name__)
+
+M = TypeVar("M")
+R = TypeVar("R")
 
 # How a group's KV is protected: defined once in ghostserve.kernels.protection (code, M, T).
 Protection = protection_mod.Protection
@@ -77,6 +78,16 @@ class EngineAdapter(Protocol):
         ...
 
 
+@dataclasses.dataclass(frozen=True)
+class ChunkCommit:
+    """One written chunk as an engine reports it (EngineAdapter.on_chunk_complete's arguments)."""
+
+    request_id: str
+    chunk_index: int
+    slots: Sequence[int]
+    token_ids: Sequence[int]
+
+
 @dataclasses.dataclass
 class AttachResult:
     pool: pb.PoolHandle
@@ -123,6 +134,7 @@ class SidecarSession:
         self.commits_failed = 0
         self.commits_unprotected = 0  # accepted but not protected (parity budget full)
         self.reattaches = 0
+        self._batches = True  # False once the sidecar answered UNIMPLEMENTED to CommitChunks
         self.pool: pb.PoolHandle | None = None
 
     def attach(self) -> AttachResult:
@@ -168,44 +180,95 @@ class SidecarSession:
     def commit(
         self, request_id: str, chunk_index: int, slots: Sequence[int], token_ids: Sequence[int]
     ) -> bool:
-        """Report one written chunk. Returns False (and counts it) when the sidecar is unreachable.
+        """Report one written chunk. Returns False (and counts it) when the sidecar is unreachable or
+        holds no parity for it. Raises AdapterError when the sidecar rejects the commit (a bug in the
+        engine's bookkeeping), PoolChangedError when a re-attached pool is not the mapped one."""
+        (outcome,) = self.commit_many([ChunkCommit(request_id, chunk_index, slots, token_ids)])
+        if isinstance(outcome, AdapterError):
+            raise outcome
+        return outcome
+
+    def commit_many(self, commits: Sequence[ChunkCommit]) -> list[bool | AdapterError]:
+        """Report written chunks in one CommitChunks call; per chunk: True (committed), False (sidecar
+        unreachable, or committed without parity: counted, serving goes on) or the AdapterError the
+        sidecar's rejection of that chunk means (the caller decides per request).
 
         A sidecar that restarted forgets attached workers (FAILED_PRECONDITION): the session attaches
-        again and retries once. Raises AdapterError when the sidecar rejects the commit (a bug in the
-        engine's bookkeeping), PoolChangedError when the re-attached pool is not the mapped one.
+        again and sends once more. Against a sidecar that predates CommitChunks (UNIMPLEMENTED, a
+        rolling upgrade) it commits one chunk per call from then on. Raises PoolChangedError when the
+        re-attached pool is not the mapped one.
         """
+        if not commits:
+            return []
+        if not self._batches:
+            return [self._commit_one(c) for c in commits]
+        msg = pb.CommitChunksRequest(
+            group=self.group,
+            rank=self.rank,
+            chunks=[
+                pb.ChunkCommit(
+                    request_id=c.request_id,
+                    chunk_index=c.chunk_index,
+                    slots=list(c.slots),
+                    token_ids=list(c.token_ids),
+                )
+                for c in commits
+            ],
+        )
+        try:
+            reply = self._with_reattach(self.client.commit_chunks, msg)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                self._batches = False
+                return [self._commit_one(c) for c in commits]
+            return [self._outcome(c, exc.code(), exc.details() or "", exc) for c in commits]
+        return [
+            self._outcome(c, _STATUS.get(r.code, grpc.StatusCode.UNKNOWN), r.message, None)
+            for c, r in zip(commits, reply.results, strict=True)
+        ]
+
+    def _commit_one(self, c: ChunkCommit) -> bool | AdapterError:
         msg = pb.CommitChunkRequest(
             group=self.group,
             rank=self.rank,
-            request_id=request_id,
-            chunk_index=chunk_index,
-            slots=list(slots),
-            token_ids=list(token_ids),
+            request_id=c.request_id,
+            chunk_index=c.chunk_index,
+            slots=list(c.slots),
+            token_ids=list(c.token_ids),
         )
         try:
-            try:
-                self.client.commit_chunk(msg)
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                    raise
-                self._reattach()
-                self.client.commit_chunk(msg)
+            self._with_reattach(self.client.commit_chunk, msg)
         except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                # The sidecar recorded the chunk as committed but holds no parity for it (budget full,
-                # nothing evictable): serving goes on, the chunk is recomputed after a device fault.
-                self.commits_unprotected += 1
-                return False
-            if _transient(exc):
-                self.commits_failed += 1
-                log.warning("chunk %d of %s left unprotected: %s", chunk_index, request_id, exc.code())
+            return self._outcome(c, exc.code(), exc.details() or "", exc)
+        return self._outcome(c, grpc.StatusCode.OK, "", None)
+
+    def _with_reattach(self, call: Callable[[M], R], msg: M) -> R:
+        try:
+            return call(msg)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+        self._reattach()
+        return call(msg)
+
+    def _outcome(
+        self, c: ChunkCommit, code: grpc.StatusCode, details: str, exc: grpc.RpcError | None
+    ) -> bool | AdapterError:
+        if code == grpc.StatusCode.OK:
+            self.commits_sent += 1
+            return True
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            # The sidecar recorded the chunk as committed but holds no parity for it (budget full,
+            # nothing evictable): serving goes on, the chunk is recomputed after a device fault.
+            self.commits_unprotected += 1
+            return False
+        if code in _TRANSIENT:
+            self.commits_failed += 1
+            log.warning("chunk %d of %s left unprotected: %s", c.chunk_index, c.request_id, code)
+            if exc is not None:
                 self._fresh_channel(exc)
-                return False
-            raise AdapterError(
-                f"commit of chunk {chunk_index} of {request_id!r} rejected: {exc.details()}"
-            ) from exc
-        self.commits_sent += 1
-        return True
+            return False
+        return AdapterError(f"commit of chunk {c.chunk_index} of {c.request_id!r} rejected: {details}")
 
     def record_tokens(
         self, request_id: str, tokens: Sequence[int], *, prompt_tokens: int, max_new_tokens: int = 0
@@ -249,118 +312,19 @@ class SidecarSession:
             self.client, self._owned = self._reconnect(), True
 
 
-def _transient(exc: grpc.RpcError) -> bool:
-    # The sidecar restarting (UNAVAILABLE), slow (DEADLINE_EXCEEDED) or not knowing the group yet after
-    # its own restart (FAILED_PRECONDITION/NOT_FOUND): serving continues unprotected.
-    return exc.code() in (
+# The sidecar restarting (UNAVAILABLE), slow (DEADLINE_EXCEEDED) or not knowing the group yet after its
+# own restart (FAILED_PRECONDITION/NOT_FOUND): serving continues unprotected.
+_TRANSIENT = frozenset(
+    {
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.FAILED_PRECONDITION,
         grpc.StatusCode.NOT_FOUND,
-    )
+    }
+)
+# CommitChunks reports each chunk's status as its number.
+_STATUS = {code.value[0]: code for code in grpc.StatusCode}
 
 
-@dataclasses.dataclass(frozen=True)
-class _Call:
-    kind: str  # "commit" | "record" | "release"
-    request_id: str
-    chunk_index: int = 0
-    slots: tuple[int, ...] = ()
-    token_ids: tuple[int, ...] = ()
-    prompt_tokens: int = 0
-    max_new_tokens: int = 0
-
-
-class CommitSender:
-    """A rank's sidecar calls (chunk commits, token records, releases) sent in order by one daemon
-    thread, so a forward pass never waits on an RPC (EngineAdapter.on_chunk_complete "returns at once").
-
-    Both engines use it. The order is kept per rank: a request's release follows its commits, so once
-    every rank's release arrived no late commit can re-create the entry. A rejection (AdapterError) goes
-    to `on_rejected(request_id, error)` when given (the engine then serves that request unprotected);
-    otherwise `drain` re-raises the first one. Calls still queued when the process is SIGKILLed are
-    lost: chunks the sidecar does not list as committed are recomputed after a restart.
-    """
-
-    def __init__(
-        self,
-        session: SidecarSession,
-        *,
-        on_rejected: Callable[[str, AdapterError], None] | None = None,
-        dropped: Callable[[str], bool] = lambda request_id: False,
-    ) -> None:
-        self.session = session
-        self._on_rejected = on_rejected
-        # Commits and records of requests for which `dropped` holds are skipped (their releases are not).
-        self._dropped = dropped
-        self._queue: queue.Queue[_Call] = queue.Queue()
-        self._error: AdapterError | None = None
-        self.rejected = 0
-        self._thread = threading.Thread(target=self._run, name="gs-commits", daemon=True)
-        self._thread.start()
-
-    def submit(
-        self, request_id: str, chunk_index: int, slots: Sequence[int], token_ids: Sequence[int]
-    ) -> None:
-        """Queue the commit of one chunk (its T slots and T token ids)."""
-        self._queue.put(_Call("commit", request_id, chunk_index, tuple(slots), tuple(token_ids)))
-
-    def record(
-        self, request_id: str, tokens: Sequence[int], *, prompt_tokens: int, max_new_tokens: int = 0
-    ) -> None:
-        """Queue RecordTokens (a request's prompt length and budget for resume; sent once per request)."""
-        self._queue.put(
-            _Call("record", request_id, token_ids=tuple(tokens), prompt_tokens=prompt_tokens,
-                  max_new_tokens=max_new_tokens)
-        )
-
-    def release(self, request_id: str) -> None:
-        """Queue the release of a finished request (after its commits)."""
-        self._queue.put(_Call("release", request_id))
-
-    def pending(self) -> int:
-        return self._queue.unfinished_tasks
-
-    def drain(self) -> None:
-        """Block until every queued call was sent (or failed). Raises the first AdapterError a call met
-        when there is no `on_rejected` callback (then clears it)."""
-        self._queue.join()
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
-
-    def _run(self) -> None:
-        while True:
-            call = self._queue.get()
-            try:
-                self._send(call)
-            except AdapterError as exc:
-                self.rejected += 1
-                if self._on_rejected is not None:
-                    self._on_rejected(call.request_id, exc)
-                elif self._error is None:
-                    self._error = exc
-            except Exception as exc:  # never let the sender die: every later commit would queue forever
-                log.exception("sidecar call %s of %s failed", call.kind, call.request_id)
-                error = AdapterError(f"{call.kind} of {call.request_id!r} failed: {exc}")
-                self.rejected += 1
-                if self._on_rejected is not None:
-                    self._on_rejected(call.request_id, error)
-                elif self._error is None:
-                    self._error = error
-            finally:
-                self._queue.task_done()
-
-    def _send(self, call: _Call) -> None:
-        s = self.session
-        if call.kind != "release" and self._dropped(call.request_id):
-            return
-        if call.kind == "commit":
-            s.commit(call.request_id, call.chunk_index, call.slots, call.token_ids)
-        elif call.kind == "record":
-            s.record_tokens(
-                call.request_id, call.token_ids, prompt_tokens=call.prompt_tokens,
-                max_new_tokens=call.max_new_tokens,
-            )
-        else:
-            s.release(call.request_id)
+def _transient(exc: grpc.RpcError) -> bool:
+    return exc.code() in _TRANSIENT

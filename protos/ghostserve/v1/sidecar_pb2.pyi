@@ -184,6 +184,44 @@ class CommitChunkResponse(_message.Message):
     state: ChunkState
     def __init__(self, state: _Optional[_Union[ChunkState, str]] = ...) -> None: ...
 
+class CommitChunksRequest(_message.Message):
+    __slots__ = ("group", "rank", "chunks")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    rank: int
+    chunks: _containers.RepeatedCompositeFieldContainer[ChunkCommit]
+    def __init__(self, group: _Optional[str] = ..., rank: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[ChunkCommit, _Mapping]]] = ...) -> None: ...
+
+class ChunkCommit(_message.Message):
+    __slots__ = ("request_id", "chunk_index", "slots", "token_ids")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    chunk_index: int
+    slots: _containers.RepeatedScalarFieldContainer[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., chunk_index: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class CommitChunksResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ChunkCommitResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[ChunkCommitResult, _Mapping]]] = ...) -> None: ...
+
+class ChunkCommitResult(_message.Message):
+    __slots__ = ("code", "message", "state")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    state: ChunkState
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., state: _Optional[_Union[ChunkState, str]] = ...) -> None: ...
+
 class RecordTokensRequest(_message.Message):
     __slots__ = ("group", "request_id", "token_ids", "prompt_tokens", "max_new_tokens")
     GROUP_FIELD_NUMBER: _ClassVar[int]

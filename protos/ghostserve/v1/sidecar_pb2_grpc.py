@@ -50,6 +50,11 @@ class SidecarStub:
                 request_serializer=ghostserve_dot_v1_dot_sidecar__pb2.CommitChunkRequest.SerializeToString,
                 response_deserializer=ghostserve_dot_v1_dot_sidecar__pb2.CommitChunkResponse.FromString,
                 _registered_method=True)
+        self.CommitChunks = channel.unary_unary(
+                '/ghostserve.v1.Sidecar/CommitChunks',
+                request_serializer=ghostserve_dot_v1_dot_sidecar__pb2.CommitChunksRequest.SerializeToString,
+                response_deserializer=ghostserve_dot_v1_dot_sidecar__pb2.CommitChunksResponse.FromString,
+                _registered_method=True)
         self.RecordTokens = channel.unary_unary(
                 '/ghostserve.v1.Sidecar/RecordTokens',
                 request_serializer=ghostserve_dot_v1_dot_sidecar__pb2.RecordTokensRequest.SerializeToString,
@@ -152,6 +157,13 @@ class SidecarServicer:
 
     def CommitChunk(self, request, context):
         """Report that one rank wrote one chunk; returns at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitChunks(self, request, context):
+        """Commits several chunks of one rank (one call instead of one per chunk); results per chunk.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -287,6 +299,11 @@ def add_SidecarServicer_to_server(servicer, server):
                     servicer.CommitChunk,
                     request_deserializer=ghostserve_dot_v1_dot_sidecar__pb2.CommitChunkRequest.FromString,
                     response_serializer=ghostserve_dot_v1_dot_sidecar__pb2.CommitChunkResponse.SerializeToString,
+            ),
+            'CommitChunks': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitChunks,
+                    request_deserializer=ghostserve_dot_v1_dot_sidecar__pb2.CommitChunksRequest.FromString,
+                    response_serializer=ghostserve_dot_v1_dot_sidecar__pb2.CommitChunksResponse.SerializeToString,
             ),
             'RecordTokens': grpc.unary_unary_rpc_method_handler(
                     servicer.RecordTokens,
@@ -451,6 +468,33 @@ class Sidecar:
             '/ghostserve.v1.Sidecar/CommitChunk',
             ghostserve_dot_v1_dot_sidecar__pb2.CommitChunkRequest.SerializeToString,
             ghostserve_dot_v1_dot_sidecar__pb2.CommitChunkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitChunks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghostserve.v1.Sidecar/CommitChunks',
+            ghostserve_dot_v1_dot_sidecar__pb2.CommitChunksRequest.SerializeToString,
+            ghostserve_dot_v1_dot_sidecar__pb2.CommitChunksResponse.FromString,
             options,
             channel_credentials,
             insecure,

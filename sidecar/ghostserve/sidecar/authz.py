@@ -35,6 +35,7 @@ RULES: dict[str, Rule] = {
     "Attach": Rule.GROUP,
     "Detach": Rule.GROUP,
     "CommitChunk": Rule.GROUP,
+    "CommitChunks": Rule.GROUP,
     "RecordTokens": Rule.GROUP,
     "ReleaseRequest": Rule.GROUP,
     "DescribeGroup": Rule.GROUP,

@@ -100,6 +100,24 @@ class SyncRpcs(_Rpcs):
         reply: pb.CommitChunkResponse = self._stub.CommitChunk(msg, timeout=self._t(timeout))
         return reply
 
+    def commit_chunks(
+        self,
+        request: pb.CommitChunksRequest | None = None,
+        *,
+        timeout: float | None = None,
+        group: str | None = None,
+        rank: int | None = None,
+        chunks: Iterable[pb.ChunkCommit] | None = None,
+    ) -> pb.CommitChunksResponse:
+        fields: dict[str, Any] = {
+            "group": group,
+            "rank": rank,
+            "chunks": chunks,
+        }
+        msg = _build(pb.CommitChunksRequest, request, fields)
+        reply: pb.CommitChunksResponse = self._stub.CommitChunks(msg, timeout=self._t(timeout))
+        return reply
+
     def record_tokens(
         self,
         request: pb.RecordTokensRequest | None = None,
@@ -417,6 +435,24 @@ class AsyncRpcs(_Rpcs):
         }
         msg = _build(pb.CommitChunkRequest, request, fields)
         reply: pb.CommitChunkResponse = await self._stub.CommitChunk(msg, timeout=self._t(timeout))
+        return reply
+
+    async def commit_chunks(
+        self,
+        request: pb.CommitChunksRequest | None = None,
+        *,
+        timeout: float | None = None,
+        group: str | None = None,
+        rank: int | None = None,
+        chunks: Iterable[pb.ChunkCommit] | None = None,
+    ) -> pb.CommitChunksResponse:
+        fields: dict[str, Any] = {
+            "group": group,
+            "rank": rank,
+            "chunks": chunks,
+        }
+        msg = _build(pb.CommitChunksRequest, request, fields)
+        reply: pb.CommitChunksResponse = await self._stub.CommitChunks(msg, timeout=self._t(timeout))
         return reply
 
     async def record_tokens(

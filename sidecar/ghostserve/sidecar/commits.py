@@ -8,6 +8,7 @@ is taken, so a client cannot grow the sidecar past its budget with commits or Re
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -78,6 +79,35 @@ def commit_chunk(
                 journal_append(c, g, chunk_record(request_id, chunk))
             protect(c, g, request_id, chunk)
         return chunk.state
+
+
+# One chunk of a CommitChunks call: (request id, chunk index, slots, token ids), or the error its
+# decoding met (reported for that chunk alone).
+Commit = tuple[str, int, npt.NDArray[np.int64], npt.NDArray[np.int64]] | errors.SidecarError
+
+
+def commit_chunks(c: Host, name: str, rank: int, items: Sequence[Commit]) -> list[ledger.State | Exception]:
+    """`commit_chunk` for each item, in order; an item's error is its result and the next item goes on.
+
+    Raises NotFound / FailedPrecondition (rank not attached) before committing anything, so a whole
+    call that cannot be served changes nothing (the engine re-attaches and sends it again)."""
+    with c.locked(name) as g:
+        if not g.check_rank(rank).attached:
+            raise errors.FailedPrecondition(f"rank {rank} of {name!r} has no worker attached")
+    out: list[ledger.State | Exception] = []
+    for item in items:
+        if isinstance(item, Exception):
+            out.append(item)
+            continue
+        request_id, index, slots, tokens = item
+        try:
+            out.append(commit_chunk(c, name, rank, request_id, index, slots=slots, token_ids=tokens))
+        except errors.SidecarError as exc:
+            out.append(exc)
+        except Exception as exc:  # a bug for one chunk must not hide what happened to the others
+            log.exception("commit-failed", extra={"group": name, "request": request_id})
+            out.append(exc)
+    return out
 
 
 def protect(c: Host, g: group.Group, request_id: str, chunk: ledger.Chunk) -> None:

@@ -268,6 +268,7 @@ class Custodian:
     # The ledger's operations are `commits`' functions, bound as methods (their first argument is the
     # custodian, typed as `host.Host`).
     commit_chunk = commits.commit_chunk
+    commit_chunks = commits.commit_chunks
     record_tokens = commits.record_tokens
     release_request = commits.release_request
     drop_chunk = commits.drop_chunk

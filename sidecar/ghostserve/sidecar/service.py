@@ -22,6 +22,7 @@ import grpc.aio
 from ghostserve.kernels import errors as codec_errors
 from ghostserve.sidecar import (
     authz,
+    commits,
     convert,
     core,
     devices,
@@ -39,6 +40,7 @@ log = logging.getLogger("ghostserve.sidecar")
 
 PIECE_BYTES = 4 * 1024 * 1024 - 64 * 1024  # data per streamed piece: the whole message stays <= 4 MiB
 MAX_SLOTS = 1 << 20
+MAX_BATCH_CHUNKS = 4096  # chunks in one CommitChunks call (each also bounded by the message size)
 MAX_TOKENS = 1 << 24
 MAX_WAIT_S = 600.0
 
@@ -71,6 +73,13 @@ def _mapped(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
             raise  # abort raises; this line only satisfies type checkers
 
     return wrapper
+
+
+def _chunk_result(outcome: ledger.State | Exception) -> pb.ChunkCommitResult:
+    if isinstance(outcome, Exception):
+        code, message = status_of(outcome)
+        return pb.ChunkCommitResult(code=code.value[0], message=message)
+    return pb.ChunkCommitResult(state=convert.enum_value(outcome))
 
 
 def _wait(seconds: float) -> float:
@@ -132,6 +141,24 @@ class Servicer(pb_grpc.SidecarServicer):
             token_ids=tokens,
         )
         return pb.CommitChunkResponse(state=convert.enum_value(state))
+
+    @_mapped
+    async def CommitChunks(self, request: pb.CommitChunksRequest, context: Any) -> pb.CommitChunksResponse:
+        if len(request.chunks) > MAX_BATCH_CHUNKS:
+            raise errors.InvalidArgument(
+                f"chunks: {len(request.chunks)} in one call, at most {MAX_BATCH_CHUNKS} allowed"
+            )
+        items: list[commits.Commit] = []
+        for ch in request.chunks:
+            try:
+                slots = convert.int_array(ch.slots, what="slots", limit=MAX_SLOTS)
+                tokens = convert.int_array(ch.token_ids, what="token_ids", limit=MAX_SLOTS)
+            except errors.SidecarError as exc:
+                items.append(exc)
+                continue
+            items.append((ch.request_id, ch.chunk_index, slots, tokens))
+        outcomes = await self._off(self.c.commit_chunks, request.group, request.rank, items)
+        return pb.CommitChunksResponse(results=[_chunk_result(o) for o in outcomes])
 
     @_mapped
     async def RecordTokens(self, request: pb.RecordTokensRequest, context: Any) -> pb.RecordTokensResponse:

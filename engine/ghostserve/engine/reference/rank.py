@@ -20,9 +20,9 @@ import grpc
 import numpy as np
 import torch
 import torch.distributed as dist
-from ghostserve.engine import adapter
-from ghostserve.engine.reference import commits, devices, kvpool, model, schedule
+from ghostserve.engine import adapter, sender
 from ghostserve.engine.reference import config as config_mod
+from ghostserve.engine.reference import devices, kvpool, model, schedule
 from ghostserve.kernels import layout as layout_mod
 from ghostserve.sidecar import client as client_mod
 from ghostserve.sidecar import pools
@@ -132,7 +132,7 @@ class RankAdapter:
     def __init__(self, spec: RankSpec, session: adapter.SidecarSession) -> None:
         self.spec = spec
         self.session = session
-        self.sender = commits.CommitSender(session)
+        self.sender = sender.CommitSender(session)
         self.tables: dict[str, list[int]] = {}
         self.tokens: dict[str, list[int]] = {}
         self.prompt: dict[str, int] = {}

@@ -1,6 +1,6 @@
 """Per-request protection on one rank: commits, token records, releases, and restored requests' pins.
 
-Every call to the sidecar goes through the rank's background sender (adapter.CommitSender), so a
+Every call to the sidecar goes through the rank's background sender (sender.CommitSender), so a
 forward pass never waits on an RPC; only each chunk's own T tokens travel with it, and rank 0 records
 a request's prompt length and budget once, with its first chunk. A rejection from the sidecar never
 reaches sglang: that request is served unprotected from then on (warning + metric), or every request
@@ -19,7 +19,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from ghostserve.engine import adapter
+from ghostserve.engine import adapter, sender
 from ghostserve.engine.sglang import capture, chunks, metrics, resume
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class Protector:
     def __init__(self, session: adapter.SidecarSession, *, grace_passes: int = 10000) -> None:
         self.session = session
         self.tracker = chunks.ChunkTracker(session.protection.chunk_tokens)
-        self.sender = adapter.CommitSender(
+        self.sender = sender.CommitSender(
             session, on_rejected=self._rejected, dropped=lambda rid: rid in self.unprotected
         )
         self.grace_passes = grace_passes

@@ -1,0 +1,170 @@
+"""A rank's background sender of sidecar calls (chunk commits, token records, releases), shared by both
+engines, so a forward pass never waits on an RPC (EngineAdapter.on_chunk_complete "returns at once")."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+
+from ghostserve.engine import adapter
+
+log = logging.getLogger(__name__)
+
+# Chunks sent in one CommitChunks call at most: 64 chunks of T=256 are ~200 KB on the wire, far below
+# the sidecar's 4 MiB message limit, and enough that a prefill of 16k tokens is one call.
+MAX_BATCH = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    kind: str  # "commit" | "record" | "release"
+    request_id: str
+    chunk_index: int = 0
+    slots: tuple[int, ...] = ()
+    token_ids: tuple[int, ...] = ()
+    prompt_tokens: int = 0
+    max_new_tokens: int = 0
+
+
+class CommitSender:
+    """One daemon thread sends a rank's sidecar calls in the order they were queued.
+
+    The order is kept per rank: a request's release follows its commits, so once every rank's release
+    arrived no late commit can re-create the entry. Commits queued back to back (a prefill, a decode
+    step that completed chunks of many requests, or a sidecar slower than the engine) go in one
+    CommitChunks call of up to MAX_BATCH chunks: one RPC per forward pass instead of one per chunk.
+    A rejection (AdapterError) goes to `on_rejected(request_id, error)` when given (the engine then
+    serves that request unprotected); otherwise `drain` re-raises the first one. Calls still queued
+    when the process is SIGKILLed are lost: chunks the sidecar does not list as committed are
+    recomputed after a restart.
+    """
+
+    def __init__(
+        self,
+        session: adapter.SidecarSession,
+        *,
+        on_rejected: Callable[[str, adapter.AdapterError], None] | None = None,
+        dropped: Callable[[str], bool] = lambda request_id: False,
+        max_batch: int = MAX_BATCH,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.session = session
+        self._on_rejected = on_rejected
+        # Commits and records of requests for which `dropped` holds are skipped (their releases are not).
+        self._dropped = dropped
+        self._max_batch = max_batch
+        self._queue: queue.Queue[_Call] = queue.Queue()
+        self._error: adapter.AdapterError | None = None
+        self.rejected = 0
+        self.batches = 0  # CommitChunks calls made (commits per call = session.commits_sent / batches)
+        self._thread = threading.Thread(target=self._run, name="gs-commits", daemon=True)
+        self._thread.start()
+
+    def submit(
+        self, request_id: str, chunk_index: int, slots: Sequence[int], token_ids: Sequence[int]
+    ) -> None:
+        """Queue the commit of one chunk (its T slots and T token ids)."""
+        self._queue.put(_Call("commit", request_id, chunk_index, tuple(slots), tuple(token_ids)))
+
+    def record(
+        self, request_id: str, tokens: Sequence[int], *, prompt_tokens: int, max_new_tokens: int = 0
+    ) -> None:
+        """Queue RecordTokens (a request's prompt length and budget for resume; sent once per request)."""
+        self._queue.put(
+            _Call(
+                "record",
+                request_id,
+                token_ids=tuple(tokens),
+                prompt_tokens=prompt_tokens,
+                max_new_tokens=max_new_tokens,
+            )
+        )
+
+    def release(self, request_id: str) -> None:
+        """Queue the release of a finished request (after its commits)."""
+        self._queue.put(_Call("release", request_id))
+
+    def pending(self) -> int:
+        return self._queue.unfinished_tasks
+
+    def drain(self) -> None:
+        """Block until every queued call was sent (or failed). Raises the first AdapterError a call met
+        when there is no `on_rejected` callback (then clears it)."""
+        self._queue.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _run(self) -> None:
+        held: _Call | None = None  # the call after a batch of commits: sent next, in order
+        while True:
+            first = held if held is not None else self._queue.get()
+            held = None
+            calls = [first]
+            if first.kind == "commit":
+                while len(calls) < self._max_batch:
+                    try:
+                        nxt = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt.kind != "commit":
+                        held = nxt
+                        break
+                    calls.append(nxt)
+            try:
+                self._send(calls)
+            finally:
+                for _ in calls:
+                    self._queue.task_done()
+
+    def _send(self, calls: list[_Call]) -> None:
+        try:
+            if calls[0].kind == "commit":
+                self._commit(calls)
+                return
+            call = calls[0]
+            if call.kind != "release" and self._dropped(call.request_id):
+                return
+            s = self.session
+            if call.kind == "record":
+                s.record_tokens(
+                    call.request_id,
+                    call.token_ids,
+                    prompt_tokens=call.prompt_tokens,
+                    max_new_tokens=call.max_new_tokens,
+                )
+            else:
+                s.release(call.request_id)
+        except adapter.AdapterError as exc:
+            for rid in dict.fromkeys(c.request_id for c in calls):
+                self._reject(rid, exc)
+        except Exception as exc:  # never let the sender die: every later commit would queue forever
+            log.exception("sidecar call %s of %s failed", calls[0].kind, calls[0].request_id)
+            for rid in dict.fromkeys(c.request_id for c in calls):
+                self._reject(rid, adapter.AdapterError(f"{calls[0].kind} of {rid!r} failed: {exc}"))
+
+    def _commit(self, calls: list[_Call]) -> None:
+        live = [c for c in calls if not self._dropped(c.request_id)]
+        if not live:
+            return
+        outcomes = self.session.commit_many(
+            [adapter.ChunkCommit(c.request_id, c.chunk_index, c.slots, c.token_ids) for c in live]
+        )
+        self.batches += 1
+        rejected: dict[str, adapter.AdapterError] = {}
+        for c, outcome in zip(live, outcomes, strict=True):
+            if isinstance(outcome, adapter.AdapterError):
+                rejected.setdefault(c.request_id, outcome)
+        for rid, exc in rejected.items():  # once per request: the engine drops its protection once
+            self._reject(rid, exc)
+
+    def _reject(self, request_id: str, exc: adapter.AdapterError) -> None:
+        self.rejected += 1
+        if self._on_rejected is not None:
+            self._on_rejected(request_id, exc)
+        elif self._error is None:
+            self._error = exc

@@ -1,0 +1,144 @@
+"""The background sender both engines use, against a real sidecar process: commits queued back to back go
+in one CommitChunks call, in order with records and releases; a rejected chunk costs only its request;
+a sidecar without CommitChunks gets one CommitChunk per chunk."""
+
+from __future__ import annotations
+
+import pathlib
+import secrets
+import shutil
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+
+import grpc
+import pytest
+from ghostserve.engine import adapter, sender, sidecar_process
+from ghostserve.sidecar import client as client_mod
+from ghostserve.sidecar import config, service
+from ghostserve.v1 import sidecar_pb2_grpc as pb_grpc
+from test_adapter import LAYOUT, _sessions
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "sidecar"))
+import inproc
+
+
+@pytest.fixture
+def sidecar() -> Iterator[sidecar_process.SidecarProcess]:
+    d = pathlib.Path(tempfile.mkdtemp(prefix="gs-se-", dir="/tmp"))
+    sc = sidecar_process.SidecarProcess(d)
+    sc.start()
+    yield sc
+    sc.stop()
+    shutil.rmtree(d, ignore_errors=True)
+
+
+class GatedSession(adapter.SidecarSession):
+    """A real session whose first CommitChunks call waits for `gate`: the test queues more meanwhile."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.calls: list[int] = []
+
+    def commit_many(self, commits: Sequence[adapter.ChunkCommit]) -> list[bool | adapter.AdapterError]:
+        self.entered.set()
+        self.gate.wait(30)
+        self.calls.append(len(commits))
+        return super().commit_many(commits)
+
+
+def _gated(client: client_mod.SidecarClient, group: str) -> tuple[GatedSession, adapter.SidecarSession]:
+    plain = _sessions(client, group)
+    first = GatedSession(
+        client, group, rank=0, world_size=2, layout=LAYOUT, protection=plain[0].protection, worker_id="w0"
+    )
+    first.attach()
+    plain[1].attach()
+    return first, plain[1]
+
+
+def _slots(i: int) -> list[int]:
+    return [4 * i, 4 * i + 1, 4 * i + 2, 4 * i + 3]
+
+
+def test_commits_queued_behind_a_call_go_in_one_batch_in_order(sidecar, no_shm_leak):
+    with client_mod.SidecarClient(sidecar.address) as client:
+        s0, s1 = _gated(client, "se/a")
+        rejected: list[str] = []
+        snd = sender.CommitSender(s0, on_rejected=lambda rid, exc: rejected.append(rid))
+        snd.submit("a", 0, _slots(0), [1, 2, 3, 4])
+        assert s0.entered.wait(30)  # the sender is inside its first call: the rest queue up
+        for i in range(1, 11):
+            snd.submit("a", i, _slots(i), [i] * 4)
+        snd.release("a")
+        snd.submit("b", 0, _slots(11), [9] * 4)
+        s0.gate.set()
+        snd.drain()
+        assert s0.calls == [1, 10, 1]  # the release split the commits: order kept
+        assert snd.batches == 3 and s0.commits_sent == 12 and rejected == []
+        with pytest.raises(grpc.RpcError) as err:
+            client.describe_request(group="se/a", request_id="a")
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND  # the release went after its commits
+        del s1
+        entry = client.describe_request(group="se/a", request_id="b")
+        assert [c.chunk_index for c in entry.chunks] == [0]
+        client.delete_group(group="se/a")
+
+
+def test_a_rejected_chunk_costs_only_its_request(sidecar, no_shm_leak):
+    with client_mod.SidecarClient(sidecar.address) as client:
+        s0, s1 = _gated(client, "se/b")
+        assert s1.commit("bad", 0, _slots(0), [1] * 4)  # rank 1 wrote "bad" chunk 0 at slots 0-3
+        rejected: list[tuple[str, str]] = []
+        snd = sender.CommitSender(s0, on_rejected=lambda rid, exc: rejected.append((rid, str(exc))))
+        snd.submit("good", 0, _slots(5), [5] * 4)
+        assert s0.entered.wait(30)
+        snd.submit("good", 1, _slots(6), [6] * 4)
+        snd.submit("bad", 0, _slots(7), [1] * 4)  # other slots than rank 1's: a bookkeeping bug
+        snd.submit("bad", 1, _slots(8), [2] * 4)
+        snd.submit("good", 2, _slots(9), [7] * 4)
+        s0.gate.set()
+        snd.drain()
+        assert s0.calls == [1, 4]
+        assert [rid for rid, _ in rejected] == ["bad"] and "chunk 0 of 'bad'" in rejected[0][1]
+        good = client.describe_request(group="se/b", request_id="good")
+        assert [c.chunk_index for c in good.chunks] == [0, 1, 2]
+        bad = client.describe_request(group="se/b", request_id="bad")
+        assert [(c.chunk_index, list(c.slots)) for c in bad.chunks] == [(0, _slots(0)), (1, _slots(8))]
+        client.delete_group(group="se/b")
+
+
+class ServicerBeforeCommitChunks(service.Servicer):
+    """The real servicer with CommitChunks answered by the generated base class (UNIMPLEMENTED), as
+    the release before it served."""
+
+    CommitChunks = pb_grpc.SidecarServicer.CommitChunks
+
+
+def test_a_sidecar_without_commit_chunks_gets_one_call_per_chunk(short_tmp, monkeypatch):
+    """A rolling upgrade: an engine newer than its node's sidecar."""
+    monkeypatch.setattr(service, "Servicer", ServicerBeforeCommitChunks)
+    prefix = f"gs-t{secrets.token_hex(3)}-"
+    bg = inproc.Background(inproc.unix_address(short_tmp), config.Config(fake_gpus=2, shm_prefix=prefix))
+    try:
+        with client_mod.SidecarClient(inproc.unix_address(short_tmp)) as client:
+            with pytest.raises(grpc.RpcError) as err:
+                client.commit_chunks(group="se/c", rank=0, chunks=[])
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            s0, s1 = _sessions(client, "se/c")
+            s0.attach()
+            s1.attach()
+            out = s0.commit_many([adapter.ChunkCommit("r", i, _slots(i), [i] * 4) for i in range(3)])
+            assert out == [True, True, True] and not s0._batches
+            assert s0.commit("r", 3, _slots(3), [3] * 4)
+            for i in range(4):
+                assert s1.commit("r", i, _slots(i), [i] * 4)
+            assert client.flush("se/c", wait=30).drained
+            assert client.describe_group(group="se/c").requests[0].chunks_protected == 4
+            client.delete_group(group="se/c")
+    finally:
+        bg.stop()
+    assert not list(pathlib.Path("/dev/shm").glob(prefix + "*"))
