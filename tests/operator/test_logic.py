@@ -319,17 +319,56 @@ def test_outcome_is_never_succeeded_when_expected_bytes_did_not_come_back() -> N
     rec = record.Recovery(kind="device", reason="Xid", action="Reschedule", lost_ranks=[1], target="n1",
                           expected_chunks=5, **base)  # fmt: skip
     rec.note("rebuild given up: UNAVAILABLE")
-    assert record.outcome(rec)[:2] == ("Degraded", "Rebuilt") and "UNAVAILABLE" in record.outcome(rec)[2]
-    rec.chunks_rebuilt = 5
+    # Nothing came back: Degraded, and the KV was not rebuilt (it is recomputed).
+    assert record.outcome(rec)[:2] == ("Degraded", "Recomputed") and "UNAVAILABLE" in record.outcome(rec)[2]
+    rec.chunks_rebuilt, rec.bytes_rebuilt = 5, 5 << 15
     assert record.outcome(rec)[:2] == ("Succeeded", "Rebuilt")
     moved = record.Recovery(kind="device", reason="Xid", action="Reschedule", lost_ranks=[1], target="n2",
                             expected_chunks=5, chunks_rebuilt=5, group_found=True, **base)  # fmt: skip
-    assert record.outcome(moved)[:2] == ("Degraded", "Moved")
+    assert record.outcome(moved)[:2] == ("Degraded", "Recomputed")
     moved.bytes_moved = 1 << 20
     assert record.outcome(moved)[:2] == ("Succeeded", "Moved")
     lost = record.Recovery(kind="node", reason="NodeDeleted", action="Reschedule", source_alive=False, **base)
     assert record.outcome(lost) == ("Succeeded", "Recomputed", "KV recomputed: node n1 was lost")
     assert record.outcome(lost, failed="timed out")[0] == "Failed"
+
+
+def test_kv_is_never_rebuilt_or_moved_without_bytes() -> None:
+    # The cluster's operator-kill scenario after a sidecar restart: the in-flight requests' commits had
+    # not reached the sidecar, so it held no protected chunk at detection (expected 0), the Rebuild
+    # restored 0 bytes and every chunk was recomputed. That is a success, but not a rebuild.
+    base: dict[str, Any] = {"id": "r", "replica": 0, "message": "", "detected_at": "t", "source": "n1"}
+    swap = record.Recovery(kind="device", reason="GpuLost", action="Reschedule", lost_ranks=[0], target="n1",
+                           protected=True, group_found=True, chunks_recomputed=48, **base)  # fmt: skip
+    result, kv, message = record.outcome(swap)
+    assert (result, kv) == ("Succeeded", "Recomputed"), message
+    assert "no protected chunk of ranks [0]" in message and "48 chunks recomputed" in message
+    assert record.outcome(swap, failed="timed out")[:2] == ("Failed", "Recomputed")
+    swap.bytes_rebuilt, swap.chunks_rebuilt = 1 << 20, 32
+    assert record.outcome(swap)[:2] == ("Succeeded", "Rebuilt")  # hybrid: some rebuilt, some recomputed
+    # Unprotected replica: nothing could be rebuilt.
+    bare = record.Recovery(kind="device", reason="Xid", action="Reschedule", lost_ranks=[1], target="n1", **base)
+    assert record.outcome(bare)[:2] == ("Succeeded", "Recomputed") and "not protected" in record.outcome(bare)[2]
+    # A move of a group the source did not hold moved nothing: recomputed on the target.
+    empty = record.Recovery(kind="device", reason="Xid", action="Reschedule", lost_ranks=[1], target="n2",
+                            protected=True, **base)  # fmt: skip
+    assert record.outcome(empty)[:2] == ("Succeeded", "Recomputed") and "to move" in record.outcome(empty)[2]
+    empty.bytes_moved = 1 << 20
+    assert record.outcome(empty)[:2] == ("Succeeded", "Moved")
+    process = record.Recovery(kind="process", reason="OOMKilled", action="RestartInPlace", target="n1", **base)
+    assert record.outcome(process)[:2] == ("Succeeded", "Preserved")
+
+
+def test_chunks_recomputed_counts_each_chunk_once() -> None:
+    # PlanRecovery lists unprotected chunks; the Rebuild of every chunk past r then fails those same
+    # chunks (NOT_PROTECTED): one chunk, counted once (the status once said 96 for 48 such chunks).
+    stale = {f"old-{i}": (0, list(range(12))) for i in range(4)}
+    failed = {f"old-{i}": list(range(12)) for i in range(4)}
+    assert record.chunks_recomputed(stale, failed) == 48
+    # r recomputed chunks, an unprotected one past r, a checksum mismatch past r, a chunk outside the
+    # plan's committed prefix that the Rebuild failed: 3 + 1 + 1 + 1.
+    assert record.chunks_recomputed({"a": (3, [5])}, {"a": [5, 7], "b": [20]}) == 6
+    assert record.chunks_recomputed({"a": (0, [])}, {}) == 0
 
 
 def reschedule(observed: list[tuple[int | None, faults.Fault]]) -> record.Recovery:

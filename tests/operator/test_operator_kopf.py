@@ -196,14 +196,15 @@ def test_gpu_swap_to_another_node_when_the_replica_fills_its_node(
     ][0]["matchExpressions"]
     assert pod(cluster, 1)["metadata"]["uid"] == other["metadata"]["uid"]  # type: ignore[index]
 
-    # The same on replica 1, with the move failing every time: the recovery says the KV did not follow.
+    # The same on replica 1, with the move failing every time: the recovery says the KV did not follow
+    # (Degraded), and that the replica's KV is recomputed on the new node, not moved.
     node1 = other["spec"]["nodeName"]
     cluster.add_node("n3", gpus=4)  # the only node left with 4 healthy free GPUs
     cluster.sidecars[node1].fail["MoveGroup"] = 10
     cluster.fail_gpu(node1, harness.gpus_of(other)[0])
     cluster.wait_for(lambda: gsd(cluster)["status"].get("recoveries") == 2, timeout=60, what="2nd recovery")
     last = gsd(cluster)["status"]["lastRecovery"]
-    assert (last["outcome"], last["kv"], last["group"]) == ("Degraded", "Moved", 1)
+    assert (last["outcome"], last["kv"], last["group"]) == ("Degraded", "Recomputed", 1)
     assert "moved none" in last["message"] and "moveGroup given up" in last["message"]
     cluster.wait_for(lambda: "RecoveryDegraded" in reasons(cluster), timeout=30, what="Degraded Event")
 

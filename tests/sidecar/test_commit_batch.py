@@ -147,3 +147,35 @@ def test_a_full_budget_is_reported_per_chunk_and_the_chunk_stays_committed(
         for i, code in enumerate(got):
             assert (states[i] == pb.PROTECTED) == (code == grpc.StatusCode.OK), (i, code, states)
         c.delete_group(group="g")
+
+
+def test_the_ledger_charge_is_what_the_ledger_holds(shm_prefix: str) -> None:
+    """Each commit charges the budget by what it adds to its request (O(1) per commit); the total always
+    equals the whole ledger's cost, including repeats, late token ids and rejected chunks."""
+    from ghostserve.sidecar import commits, convert, core, errors
+
+    c = core.Custodian(config.Config(budget_bytes=8 << 20, fake_gpus=0, shm_prefix=shm_prefix))
+    try:
+        settings = convert.settings_from(
+            pb.AttachRequest(group="g", world_size=N, layout=kv.LAYOUT, protection=kv.protection("none"))
+        )
+        for r in range(N):
+            c.attach("g", r, settings, worker_id=f"w{r}", identity="uid:0")
+
+        def holds() -> int:
+            return sum(commits.request_cost(q) for q in c.groups["g"].ledger.requests.values())
+
+        none = np.zeros(0, np.int64)
+        for i in range(6):
+            slots = np.arange(i * kv.CHUNK, (i + 1) * kv.CHUNK, dtype=np.int64)
+            tokens = np.arange(kv.CHUNK, dtype=np.int64) + i
+            c.commit_chunk("g", 0, "q", i, slots=slots, token_ids=none)  # token ids come later
+            c.commit_chunk("g", 1, "q", i, slots=slots, token_ids=tokens)
+            c.commit_chunk("g", 1, "q", i, slots=slots, token_ids=tokens)  # a repeat
+            with pytest.raises(errors.InvalidArgument):
+                c.commit_chunk("g", 2, "q", i, slots=slots + 1, token_ids=tokens)
+            assert c.store.meta_bytes == holds()
+        c.release_request("g", "q")
+        assert c.store.meta_bytes == holds() == 0
+    finally:
+        c.close()

@@ -16,7 +16,7 @@ killed anywhere resumes at the recorded step and repeats at most the step it was
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 DETECTED = "Detected"
@@ -146,21 +146,27 @@ def next_step(rec: Recovery) -> str:
     return following
 
 
+def kv_outcome(rec: Recovery) -> str:
+    """What happened to the replica's KV, from what the recovery actually did.
+
+    `Rebuilt` and `Moved` need bytes: a rebuild that restored nothing (no protected chunk held when the
+    fault hit, all of it recomputed) or a move that moved nothing left the KV to be recomputed, and the
+    status says so (lastRecovery.kv: Recomputed)."""
+    if rec.reset or not rec.source_alive:
+        return KV_RECOMPUTED
+    if moves(rec):
+        return KV_MOVED if rec.bytes_moved > 0 else KV_RECOMPUTED
+    if rec.lost_ranks:
+        return KV_REBUILT if rec.protected and rec.bytes_rebuilt > 0 else KV_RECOMPUTED
+    return KV_PRESERVED
+
+
 def outcome(rec: Recovery, *, failed: str | None = None) -> tuple[str, str, str]:
     """(outcome, kv, message) of a finished recovery.
 
     A recovery that expected bytes back (protected chunks of lost ranks; a group to move) and got
-    none is Degraded, never Succeeded."""
-    if rec.reset or not rec.source_alive:
-        kv = KV_RECOMPUTED
-    elif moves(rec):
-        kv = KV_MOVED
-    elif rec.lost_ranks and rec.protected:
-        kv = KV_REBUILT
-    elif rec.lost_ranks:
-        kv = KV_RECOMPUTED
-    else:
-        kv = KV_PRESERVED
+    none is Degraded, never Succeeded; `kv` is never Rebuilt or Moved without bytes (kv_outcome)."""
+    kv = kv_outcome(rec)
     if failed:
         return FAILED, kv, failed
     rebuilds = rec.lost_ranks and rec.protected and rec.source_alive and not rec.reset
@@ -171,13 +177,41 @@ def outcome(rec: Recovery, *, failed: str | None = None) -> tuple[str, str, str]
         why = "; ".join(rec.notes[-2:]) or "MoveGroup moved nothing"
         return DEGRADED, kv, f"the KV had to move {rec.source} -> {rec.target}, moved none: {why}"
     if kv == KV_RECOMPUTED:
-        why = "faultPolicy group reset the sidecar group" if rec.reset else f"node {rec.source} was lost"
-        return SUCCEEDED, kv, f"KV recomputed: {why}"
+        return SUCCEEDED, kv, f"KV recomputed: {_recompute_reason(rec)}"
     return SUCCEEDED, kv, {
         KV_PRESERVED: "KV kept in the sidecar's custody",
         KV_REBUILT: f"ranks {rec.lost_ranks} rebuilt on {rec.source}",
         KV_MOVED: f"KV moved {rec.source} -> {rec.target}",
     }.get(kv, "")
+
+
+def _recompute_reason(rec: Recovery) -> str:
+    if rec.reset:
+        return "faultPolicy group reset the sidecar group"
+    if not rec.source_alive:
+        return f"node {rec.source} was lost"
+    if moves(rec):
+        return f"the sidecar of {rec.source} held no KV of the replica to move"
+    if not rec.protected:
+        return f"ranks {rec.lost_ranks} lost, the replica is not protected"
+    why = f"the sidecar of {rec.source} held no protected chunk of ranks {rec.lost_ranks} to rebuild"
+    return why + (f" ({rec.chunks_recomputed} chunks recomputed)" if rec.chunks_recomputed else "")
+
+
+def chunks_recomputed(
+    plan: Mapping[str, tuple[int, Iterable[int]]], failed: Mapping[str, Iterable[int]]
+) -> int:
+    """Chunks a PlanRecovery + Rebuild leaves to the engine: per request the first r chunks the plan
+    recomputes, plus every chunk past r that the plan found unprotected or the Rebuild could not
+    rebuild, each counted once (a Rebuild asked for every chunk past r fails the unprotected ones
+    again: they are the same chunks, not more of them).
+
+    plan: request id -> (r, unprotected chunk indexes); failed: request id -> failed chunk indexes."""
+    total = 0
+    for rid in plan.keys() | failed.keys():
+        r, unprotected = plan.get(rid, (0, ()))
+        total += r + len({c for c in unprotected if c >= r} | {c for c in failed.get(rid, ()) if c >= r})
+    return total
 
 
 def in_flight(raw: Any) -> dict[int, Recovery]:

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import grpc
 import grpc.aio
+from ghostserve.operator import record
 from ghostserve.sidecar import client
 from ghostserve.v1 import sidecar_pb2
 
@@ -121,8 +122,10 @@ class GrpcSidecars:
             if _not_found(exc):
                 return RebuildOutcome()
             raise
-        recomputed = sum(p.recompute_chunks + len(p.unprotected_chunks) for p in plan.requests)
-        recomputed += sum(len(r.failed_chunks) for r in report.requests)
+        recomputed = record.chunks_recomputed(
+            {p.request_id: (int(p.recompute_chunks), list(p.unprotected_chunks)) for p in plan.requests},
+            {r.request_id: [int(f.chunk_index) for f in r.failed_chunks] for r in report.requests},
+        )
         rebuilt = sum(len(r.rebuilt_chunks) for r in report.requests)
         return RebuildOutcome(int(report.bytes_rebuilt), rebuilt, recomputed, float(report.seconds))
 

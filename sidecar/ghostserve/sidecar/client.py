@@ -30,6 +30,11 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Each client its own connection. With gRPC's global pool, every channel to an address shares one,
+    # and its reconnect backoff: a client made to get past a restarted sidecar (the engines' sessions
+    # do so after UNAVAILABLE) failed fast until an older client's backoff ran out, and the chunks
+    # committed meanwhile were lost (tests/sidecar/test_client_reconnect.py).
+    ("grpc.use_local_subchannel_pool", 1),
 ]
 
 
