@@ -347,15 +347,18 @@ def test_kv_is_never_rebuilt_or_moved_without_bytes() -> None:
     swap.bytes_rebuilt, swap.chunks_rebuilt = 1 << 20, 32
     assert record.outcome(swap)[:2] == ("Succeeded", "Rebuilt")  # hybrid: some rebuilt, some recomputed
     # Unprotected replica: nothing could be rebuilt.
-    bare = record.Recovery(kind="device", reason="Xid", action="Reschedule", lost_ranks=[1], target="n1", **base)
-    assert record.outcome(bare)[:2] == ("Succeeded", "Recomputed") and "not protected" in record.outcome(bare)[2]
+    bare = record.Recovery(kind="device", reason="Xid", action="Reschedule", lost_ranks=[1], target="n1",
+                           **base)  # fmt: skip
+    result, kv, message = record.outcome(bare)
+    assert (result, kv) == ("Succeeded", "Recomputed") and "not protected" in message
     # A move of a group the source did not hold moved nothing: recomputed on the target.
     empty = record.Recovery(kind="device", reason="Xid", action="Reschedule", lost_ranks=[1], target="n2",
                             protected=True, **base)  # fmt: skip
     assert record.outcome(empty)[:2] == ("Succeeded", "Recomputed") and "to move" in record.outcome(empty)[2]
     empty.bytes_moved = 1 << 20
     assert record.outcome(empty)[:2] == ("Succeeded", "Moved")
-    process = record.Recovery(kind="process", reason="OOMKilled", action="RestartInPlace", target="n1", **base)
+    process = record.Recovery(kind="process", reason="OOMKilled", action="RestartInPlace", target="n1",
+                              **base)  # fmt: skip
     assert record.outcome(process)[:2] == ("Succeeded", "Preserved")
 
 

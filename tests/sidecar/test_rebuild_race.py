@@ -101,6 +101,28 @@ class RebuildRace(RuleBasedStateMachine):
             with contextlib.suppress(errors.ResourceExhausted):  # recorded, unprotected
                 self.c.commit_chunk(g, r, rid, index, slots=slots, token_ids=np.zeros(0, np.int64))
 
+    @rule(g=st.sampled_from(GROUPS), rid=st.sampled_from(["r0", "r1", "r2"]), count=st.integers(1, 3))
+    def commit_batch(self, g: str, rid: str, count: int) -> None:
+        """Several chunks per rank in one CommitChunks call (what the engines' sender sends)."""
+        grp = self.c.groups[g]
+        free = sorted(set(range(BLOCKS)) - self.used(g))[:count]
+        if not free or not grp.healthy() or not all(rp.attached for rp in grp.ranks):
+            return
+        items = []
+        for block in free:
+            slots = np.arange(block * kv.CHUNK, (block + 1) * kv.CHUNK, dtype=np.int64)
+            index = len(self.blocks[g].setdefault(rid, []))
+            self.blocks[g][rid].append(block)
+            for r in range(N):
+                data = self.rng.integers(0, 256, (LAYOUT.planes, kv.CHUNK, LAYOUT.row_bytes), dtype=np.uint8)
+                planes(self.pool(g, r))[:, slots, :] = data
+                planes(self.ref[g][r])[:, slots, :] = data
+            items.append((rid, index, slots, np.zeros(0, np.int64)))
+        for r in range(N):
+            for outcome in self.c.commit_chunks(g, r, items):
+                # recorded, unprotected is the only error a well-formed commit may get
+                assert not isinstance(outcome, Exception) or isinstance(outcome, errors.ResourceExhausted)
+
     @rule(g=st.sampled_from(GROUPS), ranks=st.sets(st.integers(0, N - 1), min_size=1, max_size=2))
     def mark_lost(self, g: str, ranks: set[int]) -> None:
         self.c.mark_lost(g, sorted(ranks), reason="test")
