@@ -65,14 +65,3 @@ def no_shm_leak(shm_prefix: str) -> Iterator[None]:
     """tests/conftest.py's leak check narrowed to the segments of this module's sidecar."""
     with shm_leak.check(re.escape(shm_prefix) + r"-[0-9a-f]{16}"):
         yield
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """``slow`` tests (the long tail of the fault campaign) run only when asked for: `-m slow`,
-    `-m "slow or not slow"`, or GHOSTSERVE_SLOW=1. CI (scripts/test.sh) runs the fast tier."""
-    if "slow" in (config.option.markexpr or "") or os.environ.get("GHOSTSERVE_SLOW") == "1":
-        return
-    skip = pytest.mark.skip(reason="slow: run with -m slow or GHOSTSERVE_SLOW=1")
-    for item in items:
-        if item.get_closest_marker("slow") is not None:
-            item.add_marker(skip)
