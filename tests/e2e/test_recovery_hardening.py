@@ -108,15 +108,19 @@ def test_ranks_retry_attach_while_the_sidecar_restarts(sidecar, workdir, baselin
         sidecar.start()
         events.append("started")
 
+    restarter = threading.Thread(target=restart_when_ranks_attach, daemon=True)
+
     def crash(eng):
         if eng.counters.steps == 10 and not events:
             sidecar.kill()
             events.append("killed")
             assert eng.cluster is not None
             eng.cluster.kill(1)
-            threading.Thread(target=restart_when_ranks_attach, daemon=True).start()
+            restarter.start()
 
     res = _run(sidecar, workdir, name, options(2), on_step=crash)
+    # The ranks may attach before sidecar.start() has seen the new sidecar's health answer.
+    restarter.join(120)
     assert events == ["killed", "started"]
     _assert_identical(res, baseline(2))
     assert len(res.recoveries) == 1 and res.recoveries[0].kind == "process"

@@ -88,7 +88,8 @@ def test_sidecar_down_then_restarted(sidecar, no_shm_leak):
             fresh.append(client_mod.SidecarClient(sidecar.address, timeout=5.0))
             return fresh[-1]
 
-        sessions[0]._reconnect = reconnect
+        for s in sessions:
+            s._reconnect = reconnect
         sidecar.kill()
         # Serving goes on unprotected while the sidecar is down; the session dials a fresh channel.
         assert not sessions[0].commit("r", 0, [0, 1, 2, 3], [1, 2, 3, 4])
@@ -101,10 +102,12 @@ def test_sidecar_down_then_restarted(sidecar, no_shm_leak):
             assert s.commit("r", 0, [0, 1, 2, 3], [1, 2, 3, 4])
             assert s.reattaches == 1
         assert [getattr(s.pool, "shm_name", None) for s in sessions] == [p.shm_name for p in pool]
-        client.flush("ad/c", wait=30.0)
-        assert client.describe_group(group="ad/c").requests[0].chunks_protected == 1
-        client.delete_group(group="ad/c")
-        sessions[0].client.close()  # the session owns the fresh client it dialled
+        after = sessions[0].client  # the shared client tried the dead sidecar: in reconnect backoff
+        after.flush("ad/c", wait=30.0)
+        assert after.describe_group(group="ad/c").requests[0].chunks_protected == 1
+        after.delete_group(group="ad/c")
+        for c in fresh:  # the sessions own the fresh clients they dialled
+            c.close()
 
 
 def test_pool_replaced_after_restart_is_reported(sidecar, no_shm_leak):

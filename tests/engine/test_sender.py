@@ -10,13 +10,15 @@ import shutil
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 
 import grpc
 import pytest
 from ghostserve.engine import adapter, sender, sidecar_process
 from ghostserve.sidecar import client as client_mod
 from ghostserve.sidecar import config, service
+from ghostserve.v1 import sidecar_pb2 as pb
 from ghostserve.v1 import sidecar_pb2_grpc as pb_grpc
 from test_adapter import LAYOUT, _sessions
 
@@ -43,7 +45,9 @@ class GatedSession(adapter.SidecarSession):
         self.entered = threading.Event()
         self.calls: list[int] = []
 
-    def commit_many(self, commits: Sequence[adapter.ChunkCommit]) -> list[bool | adapter.AdapterError]:
+    def commit_many(
+        self, commits: Sequence[adapter.ChunkCommit]
+    ) -> list[adapter.Sent | adapter.AdapterError]:
         self.entered.set()
         self.gate.wait(30)
         self.calls.append(len(commits))
@@ -111,6 +115,84 @@ def test_a_rejected_chunk_costs_only_its_request(sidecar, no_shm_leak):
         client.delete_group(group="se/b")
 
 
+def _wait(predicate: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    """Poll real state (a sender's parked count, the sidecar's ledger) until `predicate` holds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_commits_and_releases_that_met_a_restarting_sidecar_are_sent_again(sidecar, no_shm_leak):
+    """Before: a commit or release sent while the sidecar restarted was lost: the chunk stayed
+    unprotected and the finished request stayed in the ledger (docs/cluster.md, the operator-kill
+    scenario's 0-byte rebuild)."""
+    with client_mod.SidecarClient(sidecar.address, timeout=5.0) as client:
+        sessions = _sessions(client, "se/d")
+        for s in sessions:
+            s.attach()
+        fresh: list[client_mod.SidecarClient] = []
+
+        def reconnect() -> client_mod.SidecarClient:
+            fresh.append(client_mod.SidecarClient(sidecar.address, timeout=5.0))
+            return fresh[-1]
+
+        senders = []
+        for s in sessions:
+            s._reconnect = reconnect
+            senders.append(sender.CommitSender(s))
+            senders[-1].submit("fin", 0, _slots(7), [7] * 4)
+            senders[-1].submit("kept", 0, _slots(8), [8] * 4)
+            senders[-1].drain()
+        assert client.flush("se/d", wait=30).drained
+        sidecar.kill()
+        for snd in senders:
+            for i in range(3):
+                snd.submit("q", i, _slots(i), [i] * 4)
+            snd.submit("gone", 0, _slots(5), [5] * 4)
+            snd.release("gone")  # finished while the sidecar was down: its parked commit is dropped
+            snd.release("fin")  # finished while the sidecar was down: its release waits
+            snd.drain()  # drain never waits for an unreachable sidecar
+        assert [snd.parked() for snd in senders] == [5, 5]  # q's 3 commits, 2 releases
+        sidecar.start()
+        _wait(lambda: all(snd.parked() == 0 for snd in senders), "the parked calls to be sent")
+        assert [snd.resent for snd in senders] == [5, 5] and [s.reattaches for s in sessions] == [1, 1]
+        # The test's own client tried the dead sidecar too: a fresh one skips its reconnect backoff.
+        client = fresh_client = client_mod.SidecarClient(sidecar.address)
+        assert client.flush("se/d", wait=30).drained
+        entry = client.describe_request(group="se/d", request_id="q")
+        assert [(c.chunk_index, c.state) for c in entry.chunks] == [(i, pb.PROTECTED) for i in range(3)]
+        # The ledger outlives a sidecar restart ("kept" is there): "fin" is gone because its release
+        # got through after the restart.
+        assert [c.chunk_index for c in client.describe_request(group="se/d", request_id="kept").chunks] == [0]
+        for rid in ("gone", "fin"):
+            with pytest.raises(grpc.RpcError) as err:
+                client.describe_request(group="se/d", request_id=rid)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND, rid
+        client.delete_group(group="se/d")
+        for c in [*fresh, fresh_client]:
+            c.close()
+
+
+def test_parked_commits_are_bounded(sidecar, no_shm_leak, monkeypatch):
+    monkeypatch.setattr(sender, "MAX_PARKED", 4)
+    with client_mod.SidecarClient(sidecar.address, timeout=5.0) as client:
+        (s0, _s1) = _sessions(client, "se/e")
+        s0.attach()
+        snd = sender.CommitSender(s0)
+        sidecar.kill()
+        for i in range(6):
+            snd.submit("q", i, _slots(i), [i] * 4)
+        snd.drain()
+        assert (snd.parked(), snd.given_up) == (4, 2)
+        sidecar.start()
+        _wait(lambda: snd.parked() == 0, "the parked commits to be sent")
+        with client_mod.SidecarClient(sidecar.address) as after:
+            entry = after.describe_request(group="se/e", request_id="q")
+            assert [c.chunk_index for c in entry.chunks] == [2, 3, 4, 5]  # the oldest two were given up
+            after.delete_group(group="se/e")
+
+
 class ServicerBeforeCommitChunks(service.Servicer):
     """The real servicer with CommitChunks answered by the generated base class (UNIMPLEMENTED), as
     the release before it served."""
@@ -132,7 +214,7 @@ def test_a_sidecar_without_commit_chunks_gets_one_call_per_chunk(short_tmp, monk
             s0.attach()
             s1.attach()
             out = s0.commit_many([adapter.ChunkCommit("r", i, _slots(i), [i] * 4) for i in range(3)])
-            assert out == [True, True, True] and not s0._batches
+            assert out == [adapter.Sent.YES] * 3 and not s0._batches
             assert s0.commit("r", 3, _slots(3), [3] * 4)
             for i in range(4):
                 assert s1.commit("r", i, _slots(i), [i] * 4)

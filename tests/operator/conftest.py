@@ -13,10 +13,7 @@ from tests.operator import harness
 
 @pytest.fixture
 def cluster() -> Iterator[harness.Cluster]:
-    with harness.Cluster() as c:
-        for i in range(3):
-            c.add_node(f"n{i}", gpus=4)
-        yield c
+    yield from harness.cluster_of(3, gpus=4)
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import grpc
@@ -568,6 +568,14 @@ class Cluster:
             "contexts: [{name: emu, context: {cluster: emu, user: emu, namespace: test}}]\n"
         )
         return path
+
+
+def cluster_of(nodes: int, gpus: int) -> Iterator[Cluster]:
+    """An emulated cluster of `nodes` nodes n0, n1, ... with `gpus` GPUs each (a fixture body)."""
+    with Cluster() as c:
+        for i in range(nodes):
+            c.add_node(f"n{i}", gpus=gpus)
+        yield c
 
 
 def free_port() -> int:

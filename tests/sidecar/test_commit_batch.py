@@ -71,7 +71,8 @@ def test_a_batch_protects_what_single_commits_protect_and_rebuilds_bit_exact(
         assert [(x.chunk_index, x.state, list(x.slots)) for x in b.chunks] == [
             (x.chunk_index, x.state, list(x.slots)) for x in s.chunks
         ]
-        assert list(b.token_ids) == list(s.token_ids) == [t for i in range(4) for t in chunk("q", i).token_ids]
+        tokens = [t for i in range(4) for t in chunk("q", i).token_ids]
+        assert list(b.token_ids) == list(s.token_ids) == tokens
         slots = list(range(4 * kv.CHUNK))
         want = kv.shard(batched[1], slots)
         c.mark_lost(group="b", ranks=[1], reason="test")

@@ -7,9 +7,10 @@ glue only needs grpc and the generated protos.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 from collections.abc import Callable, Sequence
-from typing import Protocol, TypeVar
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
@@ -21,9 +22,6 @@ from ghostserve.wire import layout as wire_layout
 from ghostserve.wire import protection as wire_protection
 
 log = logging.getLogger(__name__)
-
-M = TypeVar("M")
-R = TypeVar("R")
 
 # How a group's KV is protected: defined once in ghostserve.kernels.protection (code, M, T).
 Protection = protection_mod.Protection
@@ -76,6 +74,14 @@ class EngineAdapter(Protocol):
         (restored by rebuild and recompute); decoding continues from ``tokens[-1]``. Mutates the
         engine's scheduler state only."""
         ...
+
+
+class Sent(enum.Enum):
+    """What became of one chunk's commit."""
+
+    YES = "committed"
+    UNPROTECTED = "committed without parity"  # RESOURCE_EXHAUSTED: the parity budget is full
+    UNREACHABLE = "not committed"  # the sidecar is down, slow or restarting: worth sending again
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,12 +192,12 @@ class SidecarSession:
         (outcome,) = self.commit_many([ChunkCommit(request_id, chunk_index, slots, token_ids)])
         if isinstance(outcome, AdapterError):
             raise outcome
-        return outcome
+        return outcome is Sent.YES
 
-    def commit_many(self, commits: Sequence[ChunkCommit]) -> list[bool | AdapterError]:
-        """Report written chunks in one CommitChunks call; per chunk: True (committed), False (sidecar
-        unreachable, or committed without parity: counted, serving goes on) or the AdapterError the
-        sidecar's rejection of that chunk means (the caller decides per request).
+    def commit_many(self, commits: Sequence[ChunkCommit]) -> list[Sent | AdapterError]:
+        """Report written chunks in one CommitChunks call; per chunk a `Sent` (counted; serving goes on
+        whatever it is) or the AdapterError the sidecar's rejection of that chunk means (the caller
+        decides per request).
 
         A sidecar that restarted forgets attached workers (FAILED_PRECONDITION): the session attaches
         again and sends once more. Against a sidecar that predates CommitChunks (UNIMPLEMENTED, a
@@ -216,18 +222,18 @@ class SidecarSession:
             ],
         )
         try:
-            reply = self._with_reattach(self.client.commit_chunks, msg)
+            reply: pb.CommitChunksResponse = self._call("commit_chunks", msg)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                 self._batches = False
                 return [self._commit_one(c) for c in commits]
-            return [self._outcome(c, exc.code(), exc.details() or "", exc) for c in commits]
+            return [self._outcome(c, exc.code(), exc.details() or "") for c in commits]
         return [
-            self._outcome(c, _STATUS.get(r.code, grpc.StatusCode.UNKNOWN), r.message, None)
+            self._outcome(c, _STATUS.get(r.code, grpc.StatusCode.UNKNOWN), r.message)
             for c, r in zip(commits, reply.results, strict=True)
         ]
 
-    def _commit_one(self, c: ChunkCommit) -> bool | AdapterError:
+    def _commit_one(self, c: ChunkCommit) -> Sent | AdapterError:
         msg = pb.CommitChunkRequest(
             group=self.group,
             rank=self.rank,
@@ -237,37 +243,46 @@ class SidecarSession:
             token_ids=list(c.token_ids),
         )
         try:
-            self._with_reattach(self.client.commit_chunk, msg)
+            self._call("commit_chunk", msg)
         except grpc.RpcError as exc:
-            return self._outcome(c, exc.code(), exc.details() or "", exc)
-        return self._outcome(c, grpc.StatusCode.OK, "", None)
+            return self._outcome(c, exc.code(), exc.details() or "")
+        return self._outcome(c, grpc.StatusCode.OK, "")
 
-    def _with_reattach(self, call: Callable[[M], R], msg: M) -> R:
+    def _call(self, method: str, msg: Any) -> Any:
+        """`self.client.<method>(msg)` with what a restarted sidecar needs: after UNAVAILABLE once more
+        on a fresh channel (the old one fails fast until gRPC's reconnect backoff ends, though the
+        sidecar may be back), after FAILED_PRECONDITION (the sidecar forgot this worker) once more
+        after a re-attach. Raises grpc.RpcError, PoolChangedError."""
         try:
-            return call(msg)
+            return self._with_reattach(method, msg)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or self._reconnect is None:
+                raise
+            self._fresh_channel(exc)
+        return self._with_reattach(method, msg)
+
+    def _with_reattach(self, method: str, msg: Any) -> Any:
+        try:
+            return getattr(self.client, method)(msg)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
                 raise
         self._reattach()
-        return call(msg)
+        return getattr(self.client, method)(msg)
 
-    def _outcome(
-        self, c: ChunkCommit, code: grpc.StatusCode, details: str, exc: grpc.RpcError | None
-    ) -> bool | AdapterError:
+    def _outcome(self, c: ChunkCommit, code: grpc.StatusCode, details: str) -> Sent | AdapterError:
         if code == grpc.StatusCode.OK:
             self.commits_sent += 1
-            return True
+            return Sent.YES
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             # The sidecar recorded the chunk as committed but holds no parity for it (budget full,
             # nothing evictable): serving goes on, the chunk is recomputed after a device fault.
             self.commits_unprotected += 1
-            return False
+            return Sent.UNPROTECTED
         if code in _TRANSIENT:
             self.commits_failed += 1
-            log.warning("chunk %d of %s left unprotected: %s", c.chunk_index, c.request_id, code)
-            if exc is not None:
-                self._fresh_channel(exc)
-            return False
+            log.warning("chunk %d of %s not committed: %s", c.chunk_index, c.request_id, code)
+            return Sent.UNREACHABLE
         return AdapterError(f"commit of chunk {c.chunk_index} of {c.request_id!r} rejected: {details}")
 
     def record_tokens(
@@ -294,11 +309,19 @@ class SidecarSession:
 
     def release(self, request_id: str) -> int:
         """Free a finished request's parity and ledger entry; returns bytes freed (0: unknown/unreachable)."""
+        return self.try_release(request_id) or 0
+
+    def try_release(self, request_id: str) -> int | None:
+        """`release`, telling an unreachable sidecar (None: worth sending again) from an unknown
+        request (0)."""
         try:
             return int(self.client.release_request(group=self.group, request_id=request_id).freed_bytes)
         except grpc.RpcError as exc:
-            if _transient(exc) or exc.code() == grpc.StatusCode.NOT_FOUND:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return 0
+            if _transient(exc):
+                self._fresh_channel(exc)
+                return None
             raise AdapterError(f"release of {request_id!r} rejected: {exc.details()}") from exc
 
     def detach(self) -> None:

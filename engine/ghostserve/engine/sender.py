@@ -16,6 +16,10 @@ log = logging.getLogger(__name__)
 # Chunks sent in one CommitChunks call at most: 64 chunks of T=256 are ~200 KB on the wire, far below
 # the sidecar's 4 MiB message limit, and enough that a prefill of 16k tokens is one call.
 MAX_BATCH = 64
+# Commits kept to send again while the sidecar is unreachable (a restart takes seconds): 2 x T ids each,
+# ~4 KB at T=256, so at most ~16 MB per rank. Beyond it the oldest are given up (left unprotected).
+MAX_PARKED = 4096
+RETRY_S = (0.2, 0.5, 1.0, 2.0, 5.0)  # waits between tries of the parked commits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,9 +41,14 @@ class CommitSender:
     step that completed chunks of many requests, or a sidecar slower than the engine) go in one
     CommitChunks call of up to MAX_BATCH chunks: one RPC per forward pass instead of one per chunk.
     A rejection (AdapterError) goes to `on_rejected(request_id, error)` when given (the engine then
-    serves that request unprotected); otherwise `drain` re-raises the first one. Calls still queued
-    when the process is SIGKILLed are lost: chunks the sidecar does not list as committed are
-    recomputed after a restart.
+    serves that request unprotected); otherwise `drain` re-raises the first one.
+
+    A commit that finds the sidecar unreachable (restarting, slow) is parked and sent again, with the
+    next calls or after a backoff, until it gets through, its request is released or dropped, or
+    MAX_PARKED newer ones pushed it out. The sidecar forgets a lost rank's commits of chunks that still
+    wait for other ranks, so a late commit never completes a chunk over KV that is gone. Calls still
+    queued or parked when the process is SIGKILLed are lost: chunks the sidecar does not list as
+    committed are recomputed after a restart.
     """
 
     def __init__(
@@ -61,6 +70,11 @@ class CommitSender:
         self._error: adapter.AdapterError | None = None
         self.rejected = 0
         self.batches = 0  # CommitChunks calls made (commits per call = session.commits_sent / batches)
+        self._parked: dict[tuple[str, int], _Call] = {}  # sender thread only
+        self._parked_releases: dict[str, None] = {}  # releases that met an unreachable sidecar, in order
+        self._tries = 0  # failed tries of the parked commits in a row (picks the backoff)
+        self.resent = 0  # parked commits that got through
+        self.given_up = 0  # parked commits pushed out by newer ones
         self._thread = threading.Thread(target=self._run, name="gs-commits", daemon=True)
         self._thread.start()
 
@@ -91,6 +105,11 @@ class CommitSender:
     def pending(self) -> int:
         return self._queue.unfinished_tasks
 
+    def parked(self) -> int:
+        """Commits and releases waiting for an unreachable sidecar (a snapshot: the sender thread
+        changes it)."""
+        return len(self._parked) + len(self._parked_releases)
+
     def drain(self) -> None:
         """Block until every queued call was sent (or failed). Raises the first AdapterError a call met
         when there is no `on_rejected` callback (then clears it)."""
@@ -102,8 +121,16 @@ class CommitSender:
     def _run(self) -> None:
         held: _Call | None = None  # the call after a batch of commits: sent next, in order
         while True:
-            first = held if held is not None else self._queue.get()
-            held = None
+            if held is not None:
+                first, held = held, None
+            elif self._parked or self._parked_releases:
+                try:
+                    first = self._queue.get(timeout=RETRY_S[min(self._tries, len(RETRY_S) - 1)])
+                except queue.Empty:
+                    self._commit([])  # nothing new: try the parked commits again
+                    continue
+            else:
+                first = self._queue.get()
             calls = [first]
             if first.kind == "commit":
                 while len(calls) < self._max_batch:
@@ -126,10 +153,18 @@ class CommitSender:
             if calls[0].kind == "commit":
                 self._commit(calls)
                 return
-            call = calls[0]
-            if call.kind != "release" and self._dropped(call.request_id):
+            call, s = calls[0], self.session
+            if call.kind == "release":  # a finished request's commits are not worth sending any more
+                self._parked = {k: v for k, v in self._parked.items() if k[0] != call.request_id}
+                self._parked_releases.pop(call.request_id, None)
+                if s.try_release(call.request_id) is None:
+                    self._parked_releases[call.request_id] = None
+                    while len(self._parked_releases) > MAX_PARKED:
+                        del self._parked_releases[next(iter(self._parked_releases))]
+                        self.given_up += 1
                 return
-            s = self.session
+            if self._dropped(call.request_id):
+                return
             if call.kind == "record":
                 s.record_tokens(
                     call.request_id,
@@ -137,8 +172,6 @@ class CommitSender:
                     prompt_tokens=call.prompt_tokens,
                     max_new_tokens=call.max_new_tokens,
                 )
-            else:
-                s.release(call.request_id)
         except adapter.AdapterError as exc:
             for rid in dict.fromkeys(c.request_id for c in calls):
                 self._reject(rid, exc)
@@ -148,19 +181,53 @@ class CommitSender:
                 self._reject(rid, adapter.AdapterError(f"{calls[0].kind} of {rid!r} failed: {exc}"))
 
     def _commit(self, calls: list[_Call]) -> None:
-        live = [c for c in calls if not self._dropped(c.request_id)]
-        if not live:
-            return
+        """Send `calls` after the parked commits (oldest first), in batches of at most max_batch. A parked
+        commit stays parked (and counted by `parked`) until it got through or was given up."""
+        for key in [k for k in self._parked if self._dropped(k[0])]:
+            del self._parked[key]
+        live = list(self._parked.values()) + [c for c in calls if not self._dropped(c.request_id)]
+        for c in calls:  # a request committing again (resubmitted under its rid) is not finished
+            self._parked_releases.pop(c.request_id, None)
+        try:
+            for i in range(0, len(live), self._max_batch):
+                self._commit_batch(live[i : i + self._max_batch])
+            for rid in list(self._parked_releases):
+                if self.session.try_release(rid) is None:
+                    break  # still unreachable: the rest wait for the next try
+                del self._parked_releases[rid]
+                self.resent += 1
+        except adapter.AdapterError:
+            # The rank's pool changed (its KV is gone): _send rejects the requests of `calls`, and
+            # the parked commits describe KV that is not there any more.
+            self._parked.clear()
+            raise
+
+    def _commit_batch(self, live: list[_Call]) -> None:
         outcomes = self.session.commit_many(
             [adapter.ChunkCommit(c.request_id, c.chunk_index, c.slots, c.token_ids) for c in live]
         )
         self.batches += 1
         rejected: dict[str, adapter.AdapterError] = {}
+        reached = False
         for c, outcome in zip(live, outcomes, strict=True):
+            key = (c.request_id, c.chunk_index)
+            if outcome is adapter.Sent.UNREACHABLE:
+                self._park(c)
+                continue
+            reached = True
+            if self._parked.pop(key, None) is not None:
+                self.resent += 1
             if isinstance(outcome, adapter.AdapterError):
                 rejected.setdefault(c.request_id, outcome)
+        self._tries = 0 if reached else self._tries + 1
         for rid, exc in rejected.items():  # once per request: the engine drops its protection once
             self._reject(rid, exc)
+
+    def _park(self, call: _Call) -> None:
+        self._parked[(call.request_id, call.chunk_index)] = call
+        while len(self._parked) > MAX_PARKED:
+            del self._parked[next(iter(self._parked))]
+            self.given_up += 1
 
     def _reject(self, request_id: str, exc: adapter.AdapterError) -> None:
         self.rejected += 1

@@ -47,20 +47,23 @@ class SidecarProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s
-        with client_mod.SidecarClient(self.address, timeout=2.0) as client:
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"sidecar exited with {self.proc.returncode}; log: {self.log_tail()}")
-                try:
+        proc = self.proc
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"sidecar exited with {proc.returncode}; log: {self.log_tail()}")
+            # A fresh channel per try: one that failed to connect waits out gRPC's reconnect backoff
+            # (1 s and growing), so a reused one would notice the sidecar seconds after it serves.
+            try:
+                with client_mod.SidecarClient(self.address, timeout=2.0) as client:
                     client.wait_ready(timeout=0.5)
                     client.health()
                     return
-                except (grpc.FutureTimeoutError, grpc.RpcError):
-                    if time.monotonic() > deadline:
-                        self.kill()
-                        raise RuntimeError(
-                            f"sidecar did not come up in {timeout_s}s: {self.log_tail()}"
-                        ) from None
+            except (grpc.FutureTimeoutError, grpc.RpcError):
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise RuntimeError(
+                        f"sidecar did not come up in {timeout_s}s: {self.log_tail()}"
+                    ) from None
 
     def kill(self) -> None:
         """Crash the sidecar (SIGKILL): pools stay in /dev/shm, parity in its memory is gone."""

@@ -128,6 +128,32 @@ async def detect(loop: Reconciler, spec: Mapping[str, Any], pods: Mapping[int, A
     return min(delays) if delays else None
 
 
+def faulted(loop: Reconciler, spec: Mapping[str, Any], pods: Mapping[int, Any]) -> bool:
+    """Whether a replica not yet recovering shows a fault in the view now (what `detect` acts on,
+    before its settle wait, budget and backoff); changes nothing. A replica on a Node not listed yet
+    is not judged: the node's event asks again."""
+    view = loop.rt.view
+    for replica, pod in pods.items():
+        if replica in loop.in_flight or replica >= int(spec["engine"]["replicas"]):
+            continue
+        node = (pod.get("spec") or {}).get("nodeName")
+        if node and view.node(node) is None:
+            continue
+        found = faults.replica_faults(
+            pod,
+            view.node(node),
+            view.gpu_faults(node),
+            group=loop.group_id(replica),
+            uuid_ranks=loop.uuid_ranks(replica, node),
+            known_restarts=loop.kubelet_seen.get(uid_of(pod) or "", status.pod_restarts(pod)),
+            gpu_conditions=loop.rt.config.gpu_conditions,
+            node_deleted=view.node_deleted(node),
+        )
+        if found:
+            return True
+    return False
+
+
 async def _join(loop: Reconciler, rec: record.Recovery) -> None:
     """Add device faults of the replica's GPUs found while its recovery has not created the replacement."""
     if rec.step not in _JOINABLE or not rec.source_alive or rec.reset:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 import kopf
 from ghostserve.operator import (
     backoff,
     conditions,
+    firstpass,
     kube,
     metrics,
     podpolicy,
@@ -83,10 +84,32 @@ def failure_reason(exc: BaseException) -> str:
     return "ReconcileError"
 
 
+class SpecEssence(kopf.AnnotationsDiffBaseStorage):
+    """kopf's own essence of an object (spec, labels, annotations: what create/update compare), built
+    without deep-copying the status first. kopf copies the whole body and then drops the status, which
+    for a deployment (ranks table, conditions, records) is most of it, on every event: a thousand
+    times over at an operator's start. The essence, and so the stored annotation, is the same.
+
+    kopf builds it for every event of every watched kind; for pods and nodes (only watched: no
+    create/update handler or daemon compares their essence) it is empty instead of a deep copy of a
+    pod's spec per event."""
+
+    WATCH_ONLY = frozenset({"Pod", "Node"})
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        if body.get("kind") in self.WATCH_ONLY and not extra_fields:
+            return cast(kopf.BodyEssence, {})
+        if extra_fields:  # a handler watching status fields needs them: kopf's own way
+            return super().build(body=body, extra_fields=extra_fields)
+        slim = kopf.Body(cast(kopf.RawBody, {k: v for k, v in body.items() if k != "status"}))
+        return super().build(body=slim, extra_fields=extra_fields)
+
+
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     config: runtime.Config = memo.get("config") or runtime.Config()
     settings.persistence.finalizer = "ghostserve.io/finalizer"
+    settings.persistence.diffbase_storage = SpecEssence()  # same prefix and key as kopf's default
     # No CRD or namespace scanning: the CRD is installed before the operator (Helm's crds/) and the
     # namespaces are exact names, so kopf needs no cluster-wide list/watch of CRDs or namespaces (RBAC).
     settings.scanning.disabled = True
@@ -111,13 +134,15 @@ async def stop(memo: Any, **_: Any) -> None:
         await memo["runtime"].close()
 
 
-@kopf.on.resume(*CR)
+# No resume handler: on an operator's start every deployment's control loop does what it would (the
+# Service is checked in the loop's first pass), in the order firstpass.py sets; a thousand resume
+# handlers at once would each call the API before any fault is handled.
 @kopf.on.create(*CR)
 @kopf.on.update(*CR)
 async def reconcile_spec(
     name: str, namespace: str | None, spec: kopf.Spec, body: kopf.Body, patch: kopf.Patch, memo: Any, **_: Any
 ) -> None:
-    """Validate the spec and ensure the Service; the control loop creates and rolls the pods."""
+    """Validate the spec and create the Service; the control loop creates and rolls the pods."""
     try:
         specs.checked(name, spec)
     except specs.SpecError as exc:
@@ -150,10 +175,55 @@ async def reconcile_spec(
 async def control_loop(
     body: kopf.Body, memo: Any, logger: kopf.Logger, stopped: kopf.DaemonStopped, **_: Any
 ) -> None:
-    """Wake on a signal (pod, node, GPU event) or every resync period, and reconcile once."""
+    """Wake on a signal (pod, node, GPU event) or every resync period, and reconcile once. The first
+    pass waits for its turn (firstpass.py): urgent deployments at once, healthy ones a few at a time."""
     rt: runtime.Runtime = memo["runtime"]
     loop = reconcile.Reconciler(rt, body, logger)
     waker = rt.waker(loop.key)
+    # Per object, not per name: a deployment deleted and created again must not release the new one's turn.
+    turn = (loop.key, str((body.get("metadata") or {}).get("uid") or ""))
+    released = False
+
+    def first_done() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            rt.first_passes.done(turn)
+
+    try:
+        urgent = False
+        if firstpass.waits_for_turn(loop.status):
+            urgent = await rt.first_passes.turn(turn, loop.urgent, waker, stopped)
+        else:
+            released = True  # never queued: nothing to release
+        expiry = asyncio.get_running_loop().call_later(firstpass.SLOT_SECONDS, first_done)
+        if urgent:
+            admission = rt.first_passes.admission
+            log.info(
+                "first-pass-urgent",
+                extra={
+                    "deployment": "/".join(loop.key),
+                    "routine_waiting": admission.waiting(urgent=False),
+                    "running": admission.running(),
+                },
+            )
+        try:
+            await _run(rt, loop, waker, stopped, memo, first_done)
+        finally:
+            expiry.cancel()
+    finally:
+        first_done()  # a no-op once the first pass released it
+
+
+async def _run(
+    rt: runtime.Runtime,
+    loop: reconcile.Reconciler,
+    waker: asyncio.Event,
+    stopped: kopf.DaemonStopped,
+    memo: Any,
+    first_done: Callable[[], None],
+) -> None:
+    body = loop.body
     retry = backoff.Backoff(base=1.0, cap=max(rt.config.resync_seconds, 1.0) * 10)
     reported: tuple[str, str] | None = None
     while not stopped:
@@ -179,6 +249,7 @@ async def control_loop(
                 loop.published = {}  # the next pass rewrites the conditions the failure report replaced
                 reported = None
             retry.succeed()
+        first_done()  # the first pass ended (well or not): the next routine one may start
         memo[IN_FLIGHT_KEY][loop.key] = bool(getattr(loop, "status", {}).get("inFlight"))
         if delay is not None and retry.failures:
             timeout = delay  # a backoff may exceed the resync period
@@ -223,8 +294,11 @@ async def release(
     logger.info("groups-released", extra={"groups": len(nodes)})
 
 
+# The event handlers are coroutines: kopf runs a plain function in a thread pool, one hop per event
+# (a thousand at an operator's start), and an asyncio.Event set from another thread (rt.wake) is not
+# guaranteed to wake the loop.
 @kopf.on.event("pods", labels=RANK_PODS)
-def pod_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+async def pod_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
     rt: runtime.Runtime = memo["runtime"]
     pod = event["object"]
     if not _owned_by_deployment(pod):
@@ -241,7 +315,7 @@ def pod_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
 
 
 @kopf.on.event("nodes")
-def node_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+async def node_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
     rt: runtime.Runtime = memo["runtime"]
     node = event["object"]
     name = node["metadata"]["name"]

@@ -208,6 +208,19 @@ class Kube:
         """True when created, False when this owner's Service exists; NotOwned for anyone else's."""
         return await self._create_owned("Service", "services", namespace, service)
 
+    async def ensure_service(self, namespace: str, service: Mapping[str, Any]) -> bool:
+        """`create_service`, reading first: True when created, False when this owner's Service exists
+        (one GET, the usual case on an operator's start); NotOwned for anyone else's."""
+        name = service["metadata"]["name"]
+        path = f"/api/v1/namespaces/{namespace}/services/{name}"
+        existing = await self._call("GET", path, ok=frozenset({404}))
+        if existing is None:
+            return await self.create_service(namespace, service)
+        owner = _owner_uid(service)
+        if owner is None or owner not in owner_uids(existing):
+            raise NotOwned("Service", namespace, name)
+        return False
+
     async def create_service_account(self, namespace: str, account: Mapping[str, Any]) -> bool:
         """True when created, False when this owner's ServiceAccount exists; NotOwned for anyone else's."""
         return await self._create_owned("ServiceAccount", "serviceaccounts", namespace, account)

@@ -45,7 +45,9 @@ class LoopState:
         self.status: dict[str, Any] = dict(body.get("status") or {})
         self.in_flight: dict[int, record.Recovery] = record.in_flight(self.status.get("inFlight"))
         self.gave_up: str | None = None
-        self.published: dict[str, Any] = {}
+        # The level-based status last written by this loop; None: nothing yet, compare with the stored one.
+        self.published: dict[str, Any] | None = None
+        self.service_ensured = False  # the client Service was checked by this loop (its first pass)
         # replica -> (node asked, figures or None when the sidecar did not answer)
         self.figures: dict[int, tuple[str, sidecars.GroupFigures | None]] = {}
         self.figures_at = 0.0

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import kopf
 import prometheus_client
-from ghostserve.operator import faults, kube, leader, podpolicy, runtime, sidecars, specs
+from ghostserve.operator import faults, firstpass, kube, leader, podpolicy, runtime, sidecars, specs
 from ghostserve.wire import logs
 
 log = logging.getLogger("ghostserve.operator")
@@ -76,6 +76,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--liveness", default=None, help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     p.add_argument("--resync-seconds", type=float, default=30.0)
     p.add_argument("--recovery-timeout-seconds", type=float, default=900.0)
+    p.add_argument(
+        "--first-pass-limit",
+        type=int,
+        default=firstpass.DEFAULT_LIMIT,
+        help="healthy deployments whose first pass runs at once after a start (faulty ones never wait)",
+    )
     p.add_argument("--no-health-watch", action="store_true", help="do not stream sidecar GPU health")
     p.add_argument("--log-format", choices=["json", "plain"], default="json")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -89,6 +95,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         p.error("--sidecar-socket-dir and --sidecar-shm-dir must be absolute paths")
     if not 1 <= args.sidecar_port <= 65535:
         p.error("--sidecar-port must be in [1, 65535]")
+    if args.first_pass_limit < 1:
+        p.error("--first-pass-limit must be >= 1")
     if args.rank_run_as_user <= 0 and not args.allow_root_ranks:
         p.error("--rank-run-as-user must be a non-root UID (or pass --allow-root-ranks)")
     return args
@@ -107,6 +115,7 @@ def config_from(args: argparse.Namespace) -> runtime.Config:
         gpu_conditions=frozenset(args.gpu_condition) or faults.DEFAULT_GPU_CONDITIONS,
         resync_seconds=args.resync_seconds,
         recovery_timeout_seconds=args.recovery_timeout_seconds,
+        first_pass_limit=args.first_pass_limit,
         watch_health=not args.no_health_watch,
         node_access=specs.NodeAccess(
             socket_group=None if args.sidecar_socket_group < 0 else args.sidecar_socket_group,

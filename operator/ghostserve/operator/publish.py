@@ -111,6 +111,10 @@ async def publish(loop: Reconciler, spec: Mapping[str, Any]) -> None:
         now=now_iso(),
         problem=_problem(loop, pods),
     )
-    if out != loop.published:
+    # Before this loop's first write, what is stored is what a previous operator (or pass) published:
+    # a restarted operator does not rewrite a thousand unchanged statuses.
+    stored = (loop.body.get("status") or {}) if loop.published is None else None
+    before = loop.published if stored is None else {k: stored.get(k) for k in out}
+    if out != before:
         await loop.persist(**out)
-        loop.published = out
+    loop.published = out

@@ -9,7 +9,7 @@ import os
 import time
 from collections.abc import Callable
 
-from ghostserve.operator import cache, faults, kube, sidecars, specs
+from ghostserve.operator import cache, faults, firstpass, kube, sidecars, specs
 
 log = logging.getLogger("ghostserve.operator")
 VIEW_SETTLE_SECONDS = 5.0
@@ -24,6 +24,8 @@ class Config:
     recovery_timeout_seconds: float = 900.0  # replacements not running by then: the recovery failed
     sidecar_timeout_seconds: float = 10.0
     watch_health: bool = True
+    # Routine first passes (healthy deployments) running at once after a start; urgent ones never wait.
+    first_pass_limit: int = firstpass.DEFAULT_LIMIT
     node_access: specs.NodeAccess = dataclasses.field(default_factory=specs.NodeAccess)
     # Image of each deployment's resume gateway (the operator's own; the chart sets the variable).
     # Empty: no gateway is deployed and status.gatewayURL stays unset.
@@ -48,6 +50,7 @@ class Runtime:
         self._wakers: dict[cache.Key, asyncio.Event] = {}
         self._health_tasks: dict[str, asyncio.Task[None]] = {}
         self._started = time.monotonic()
+        self.first_passes = firstpass.Gate(config.first_pass_limit)
 
     def settled(self) -> bool:
         """The watches had time to list what exists. Until then a pod missing from the view may simply

@@ -8,17 +8,19 @@ so an operator killed half-way still knows which group to reset or free.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import kopf
-from ghostserve.operator import faults, gatewayaccess, specs, status
+from ghostserve.operator import faults, gatewayaccess, kube, specs, status
 from ghostserve.operator import pods as podmodel
 
 if TYPE_CHECKING:
     from ghostserve.operator.loopstate import LoopState as Reconciler
 
 SIDECAR_ATTEMPTS = 3
+log = logging.getLogger("ghostserve.operator")
 
 
 def groups_of(loop: Reconciler) -> dict[int, dict[str, Any]]:
@@ -83,10 +85,7 @@ async def ensure(loop: Reconciler, spec: Mapping[str, Any], pods: Mapping[int, A
         if replica >= replicas and replica not in loop.in_flight:
             await _delete(loop, pod)
     await release_removed(loop, spec, pods)
-    for pod in pods.values():
-        node = (pod.get("spec") or {}).get("nodeName")
-        if node:
-            loop.rt.ensure_health_watch(node, loop.port(spec), loop_fault_handler(loop))
+    watch_health(loop, spec, pods)
     await observe_groups(loop, spec, pods)
     await roll(loop, spec, pods)
     await ensure_gateway(loop)
@@ -118,6 +117,36 @@ async def ensure_gateway(loop: Reconciler) -> None:
     url = f"http://{loop.name}.{loop.namespace}.svc:{specs.GATEWAY_PORT}"
     if loop.status.get("gatewayURL") != url:
         await loop.persist(gatewayURL=url)
+
+
+async def ensure_service(loop: Reconciler) -> None:
+    """The client Service, checked by each loop until it is there (normally its first pass only): the
+    create/update handler creates it, this re-creates one deleted while no operator ran. A read in the
+    usual case (it exists). A Service that is not ours, or an API error, does not stop the replicas:
+    it is logged and checked again on the next pass (the create/update handler posts the NotOwned
+    Event and Ready=False, once per spec change)."""
+    if loop.service_ensured:
+        return
+    service = loop.adopted(specs.build_service(loop.namespace, loop.name))
+    try:
+        await loop.rt.kube.ensure_service(loop.namespace, service)
+    except kube.KubeError as exc:  # NotOwned included
+        if f"service:{exc}" not in loop.warned:  # the module logger: kopf's would post an Event per line
+            loop.warned.add(f"service:{exc}")
+            log.warning("service-check-failed", extra={"deployment": "/".join(loop.key), "error": str(exc)})
+        return
+    loop.service_ensured = True
+
+
+def watch_health(loop: Reconciler, spec: Mapping[str, Any], pods: Mapping[int, Any]) -> None:
+    """Keep a health stream open to the sidecar of every node running one of the replicas (no I/O
+    here: the runtime starts the stream, once per sidecar). Also called before a loop's first pass
+    is admitted: the sidecar replays its faulty GPUs to a new stream, so a GPU that failed while no
+    operator ran makes its deployment urgent (firstpass.py) without waiting for its turn."""
+    for pod in pods.values():
+        node = (pod.get("spec") or {}).get("nodeName")
+        if node:
+            loop.rt.ensure_health_watch(node, loop.port(spec), loop_fault_handler(loop))
 
 
 def loop_fault_handler(loop: Reconciler) -> Any:

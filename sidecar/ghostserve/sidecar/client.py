@@ -35,6 +35,12 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     # do so after UNAVAILABLE) failed fast until an older client's backoff ran out, and the chunks
     # committed meanwhile were lost (tests/sidecar/test_client_reconnect.py).
     ("grpc.use_local_subchannel_pool", 1),
+    # A channel that lost its sidecar retries the connection after 0.2 s, backing off to 2 s at most
+    # (gRPC's default grows to 120 s): a long-lived client (the operator's, a session's) is usable
+    # again within about 2 s of a restarted sidecar serving.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 
 
