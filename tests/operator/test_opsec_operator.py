@@ -289,6 +289,8 @@ def test_every_call_is_granted_by_the_chart_and_every_grant_is_used(
     )
     cluster.write("delete", harness.GSD, NS, "llama")
     cluster.wait_for(lambda: cluster.get(harness.GSD, NS, "llama") is None, timeout=60, what="deletion")
+    # The leader renews its Lease (a patch) every `retry` seconds: a run faster than that made none.
+    cluster.wait_for(lambda: recorder.of("leases", "patch"), timeout=60, what="a lease renewal")
 
     granted = opsec_support.chart_operator_rules()
     made = {(c.group, c.resource, c.verb, c.name if c.resource == "leases" else None) for c in recorder.calls}
