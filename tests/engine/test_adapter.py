@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import pathlib
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 
 import pytest
-from ghostserve.engine import adapter, sidecar_process
+from ghostserve.engine import adapter
 from ghostserve.kernels import layout as layout_mod
 from ghostserve.sidecar import client as client_mod
 from ghostserve.sidecar import pools
@@ -20,16 +16,6 @@ from ghostserve.wire import protection as wire_protection
 
 LAYOUT = layout_mod.KVLayout(layers=2, kv_heads=1, head_dim=8, dtype="float32", page_size=4, pool_slots=64)
 PROT = adapter.Protection("xor", chunk_tokens=4)
-
-
-@pytest.fixture
-def sidecar() -> Iterator[sidecar_process.SidecarProcess]:
-    d = pathlib.Path(tempfile.mkdtemp(prefix="gs-ad-", dir="/tmp"))
-    sc = sidecar_process.SidecarProcess(d)
-    sc.start()
-    yield sc
-    sc.stop()
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def _sessions(client: client_mod.SidecarClient, group: str, world: int = 2) -> list[adapter.SidecarSession]:

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import pathlib
 import secrets
-import shutil
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 import pytest
-from ghostserve.engine import adapter, sender, sidecar_process
+from ghostserve.engine import adapter, sender
 from ghostserve.sidecar import client as client_mod
 from ghostserve.sidecar import config, service
 from ghostserve.v1 import sidecar_pb2 as pb
@@ -24,16 +22,6 @@ from test_adapter import LAYOUT, _sessions
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "sidecar"))
 import inproc
-
-
-@pytest.fixture
-def sidecar() -> Iterator[sidecar_process.SidecarProcess]:
-    d = pathlib.Path(tempfile.mkdtemp(prefix="gs-se-", dir="/tmp"))
-    sc = sidecar_process.SidecarProcess(d)
-    sc.start()
-    yield sc
-    sc.stop()
-    shutil.rmtree(d, ignore_errors=True)
 
 
 class GatedSession(adapter.SidecarSession):

@@ -83,31 +83,13 @@ class RebuildRace(RuleBasedStateMachine):
     def used(self, g: str) -> set[int]:
         return {b for bs in self.blocks[g].values() for b in bs}
 
-    @rule(g=st.sampled_from(GROUPS), rid=st.sampled_from(["r0", "r1", "r2"]))
-    def commit(self, g: str, rid: str) -> None:
-        grp = self.c.groups[g]
-        free = sorted(set(range(BLOCKS)) - self.used(g))
-        if not free or not grp.healthy() or not all(rp.attached for rp in grp.ranks):
-            return
-        block = free[0]
-        slots = np.arange(block * kv.CHUNK, (block + 1) * kv.CHUNK, dtype=np.int64)
-        index = len(self.blocks[g].setdefault(rid, []))
-        self.blocks[g][rid].append(block)
-        for r in range(N):
-            data = self.rng.integers(0, 256, (LAYOUT.planes, kv.CHUNK, LAYOUT.row_bytes), dtype=np.uint8)
-            planes(self.pool(g, r))[:, slots, :] = data
-            planes(self.ref[g][r])[:, slots, :] = data
-        for r in range(N):
-            with contextlib.suppress(errors.ResourceExhausted):  # recorded, unprotected
-                self.c.commit_chunk(g, r, rid, index, slots=slots, token_ids=np.zeros(0, np.int64))
-
-    @rule(g=st.sampled_from(GROUPS), rid=st.sampled_from(["r0", "r1", "r2"]), count=st.integers(1, 3))
-    def commit_batch(self, g: str, rid: str, count: int) -> None:
-        """Several chunks per rank in one CommitChunks call (what the engines' sender sends)."""
+    def write(self, g: str, rid: str, count: int) -> list[tuple[str, int, np.ndarray, np.ndarray]]:
+        """Write `count` new chunks of `rid` into every rank's pool (and the reference); their commits.
+        Nothing is written while the group cannot take commits (a rank invalid or detached)."""
         grp = self.c.groups[g]
         free = sorted(set(range(BLOCKS)) - self.used(g))[:count]
-        if not free or not grp.healthy() or not all(rp.attached for rp in grp.ranks):
-            return
+        if not grp.healthy() or not all(rp.attached for rp in grp.ranks):
+            return []
         items = []
         for block in free:
             slots = np.arange(block * kv.CHUNK, (block + 1) * kv.CHUNK, dtype=np.int64)
@@ -118,7 +100,20 @@ class RebuildRace(RuleBasedStateMachine):
                 planes(self.pool(g, r))[:, slots, :] = data
                 planes(self.ref[g][r])[:, slots, :] = data
             items.append((rid, index, slots, np.zeros(0, np.int64)))
-        for r in range(N):
+        return items
+
+    @rule(g=st.sampled_from(GROUPS), rid=st.sampled_from(["r0", "r1", "r2"]))
+    def commit(self, g: str, rid: str) -> None:
+        for _, index, slots, tokens in self.write(g, rid, 1):
+            for r in range(N):
+                with contextlib.suppress(errors.ResourceExhausted):  # recorded, unprotected
+                    self.c.commit_chunk(g, r, rid, index, slots=slots, token_ids=tokens)
+
+    @rule(g=st.sampled_from(GROUPS), rid=st.sampled_from(["r0", "r1", "r2"]), count=st.integers(1, 3))
+    def commit_batch(self, g: str, rid: str, count: int) -> None:
+        """Several chunks per rank in one CommitChunks call (what the engines' sender sends)."""
+        items = self.write(g, rid, count)
+        for r in range(N) if items else ():
             for outcome in self.c.commit_chunks(g, r, items):
                 # recorded, unprotected is the only error a well-formed commit may get
                 assert not isinstance(outcome, Exception) or isinstance(outcome, errors.ResourceExhausted)
