@@ -19,6 +19,29 @@ def pid_alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def still_running(pids: list[int] | set[int], *, within_s: float = 15.0) -> list[int]:
+    """The pids still running after up to `within_s` seconds. A SIGKILLed process is not gone when the
+    kill returns (it still runs its exit); each pid's pidfd becomes readable when it exits (a zombie
+    counts as gone), so this waits on that event, not a sleep."""
+    import select
+    import time
+
+    deadline = time.monotonic() + within_s
+    left = []
+    for pid in sorted(pids):
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        finally:
+            os.close(fd)
+        if not ready:
+            left.append(pid)
+    return left
+
+
 def started_cluster(**options: object) -> Iterator[embedded.Cluster]:
     """Start a cluster; after the module: stop it and assert nothing it started is left."""
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="gs-cl-", dir="/tmp"))
@@ -33,7 +56,7 @@ def started_cluster(**options: object) -> Iterator[embedded.Cluster]:
         if cluster.operator and cluster.operator.pid:
             pids.add(cluster.operator.pid)
         cluster.stop()  # raises when /dev/shm segments were left behind
-        left = sorted(p for p in pids if pid_alive(p))
+        left = still_running(pids)
         assert not left, f"processes left running: {left}"
         import shutil
 

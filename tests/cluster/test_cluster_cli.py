@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 
-from cluster_support import pid_alive
+from cluster_support import still_running
 
 
 def _descendants(pid: int) -> list[int]:
@@ -56,6 +56,6 @@ def test_cluster_command_serves_a_kubeconfig_and_leaves_nothing_behind(tmp_path:
         code = proc.wait(timeout=120)
     assert code == 0, log.read_text()
     assert "nothing left running" in log.read_text()
-    assert not [p for p in children if pid_alive(p)]
+    assert not still_running(children)
     assert "left behind" not in log.read_text()  # the teardown names any /dev/shm segment it had to remove
     shutil.rmtree(workdir, ignore_errors=True)

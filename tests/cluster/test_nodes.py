@@ -9,7 +9,7 @@ import textwrap
 from typing import Any
 
 import pytest
-from cluster_support import pid_alive
+from cluster_support import pid_alive, still_running
 from ghostserve.cluster import api, embedded
 from ghostserve.v1 import sidecar_pb2 as pb
 
@@ -118,7 +118,7 @@ def test_deleting_a_pod_kills_its_whole_process_tree(bare_cluster: embedded.Clus
     pids = [int(p) for p in wait_line(c, "tree", "PIDS").split(",")]
     assert all(pid_alive(p) for p in pids)
     delete_and_wait(c, "tree")
-    assert not [p for p in pids if pid_alive(p)]
+    assert not still_running(pids)
 
 
 def test_exit_codes_and_restarts_are_reported(bare_cluster: embedded.Cluster) -> None:
