@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Iterator
 
 from ghostserve.cluster import embedded
+from proc_exit import still_running
 
 
 def pid_alive(pid: int) -> bool:
@@ -17,29 +18,6 @@ def pid_alive(pid: int) -> bool:
         return False
     stat = pathlib.Path(f"/proc/{pid}/stat")
     return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def still_running(pids: list[int] | set[int], *, within_s: float = 15.0) -> list[int]:
-    """The pids still running after up to `within_s` seconds. A SIGKILLed process is not gone when the
-    kill returns (it still runs its exit); each pid's pidfd becomes readable when it exits (a zombie
-    counts as gone), so this waits on that event, not a sleep."""
-    import select
-    import time
-
-    deadline = time.monotonic() + within_s
-    left = []
-    for pid in sorted(pids):
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            continue
-        try:
-            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        finally:
-            os.close(fd)
-        if not ready:
-            left.append(pid)
-    return left
 
 
 def started_cluster(**options: object) -> Iterator[embedded.Cluster]:

@@ -7,7 +7,6 @@ import http.client
 import json
 import os
 import pathlib
-import select
 import signal
 import socket
 import subprocess
@@ -182,26 +181,3 @@ class ServeProcess:
                 yield json.loads(payload)
         finally:
             conn.close()
-
-
-def alive(pids: list[int], *, within_s: float = 15.0) -> list[int]:
-    """The pids still running after up to ``within_s`` seconds.
-
-    A SIGKILLed process is not gone when kill() returns: it still has to run its exit (unmapping a
-    large heap takes a while on a loaded machine). Each pid's pidfd becomes readable when the process
-    exits (a zombie waiting for its reaper counts as gone), so this waits on that event, not a sleep.
-    """
-    deadline = time.monotonic() + within_s
-    out = []
-    for pid in pids:
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            continue
-        try:
-            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        finally:
-            os.close(fd)
-        if not ready:
-            out.append(pid)
-    return out

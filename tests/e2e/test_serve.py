@@ -18,6 +18,7 @@ import serve_support
 from e2e_support import requests
 from ghostserve.engine.reference import devices
 from ghostserve.sidecar import client as client_mod
+from proc_exit import still_running
 
 TP = 2
 
@@ -53,7 +54,7 @@ def served(sidecar, workdir) -> Iterator[serve_support.ServeProcess]:
     yield srv
     pids = srv.state()["rank_pids"]
     assert srv.stop() == 0, srv.log_tail()
-    assert not serve_support.alive(pids)
+    assert not still_running(pids)
     _delete_group(sidecar, "serve/main")
 
 
@@ -126,7 +127,7 @@ def test_rank_sigkilled_mid_decode_stream_continues(served, baseline):
     assert len(after["recoveries"]) == len(before["recoveries"]) + 1
     rec = after["recoveries"][-1]
     assert rec["kind"] == "process" and rec["bytes_rebuilt"] == 0
-    assert not serve_support.alive(before["rank_pids"])
+    assert not still_running(before["rank_pids"])
     assert after["generations"] == before["generations"] + 1
 
 
@@ -182,7 +183,7 @@ def test_whole_tree_sigkilled_restarted_and_resubmitted(sidecar, workdir, baseli
     old_pids = srv.state()["rank_pids"]
     got = _stream_until(srv, _body(1), 20, srv.kill_tree)
     assert 20 <= len(got) < 40
-    assert not serve_support.alive(old_pids)
+    assert not still_running(old_pids)
     again = serve_support.ServeProcess(
         workdir / "serve-restart2", sidecar=sidecar.address, group=group, tp=TP
     )
@@ -199,7 +200,7 @@ def test_whole_tree_sigkilled_restarted_and_resubmitted(sidecar, workdir, baseli
         pids = again.state()["rank_pids"]
     finally:
         assert again.stop() == 0
-    assert not serve_support.alive(pids)
+    assert not still_running(pids)
     _delete_group(sidecar, group)
 
 
