@@ -40,6 +40,8 @@ def test_chunk_completes_when_every_rank_committed_identical_slots() -> None:
         (1, a(4, 5, 6, 8), a(), "differ"),
         (1, a(4, 5, 6), a(), "4 slots"),
         (1, a(4, 5, 6, 99), a(), "out of range"),
+        (1, a(-1, 5, 6, 7), a(), "slot -1 out of range"),
+        (1, a(7, 5, 6, 7), a(), "repeat"),
         (1, a(4, 4, 6, 7), a(), "repeat"),
         (1, a(4, 5, 6, 7), a(9, 9, 9, 9), "different token ids"),
         (1, a(4, 5, 6, 7), a(1, 2), "token_ids"),

@@ -107,3 +107,12 @@ def test_buffers_are_recycled_but_not_while_an_encode_may_write_them() -> None:
 
 def test_score_prefers_keeping_long_requests() -> None:
     assert store.recompute_score(256, 1000) < store.recompute_score(8192, 32000)
+
+
+def test_parity_buffers_are_aligned_for_the_codecs_simd_paths() -> None:
+    # ISA-L's XOR takes 32-byte aligned buffers only; a NumPy-allocated buffer is 16 bytes off.
+    s = store.ParityStore(1 << 24)
+    o = Owners({"a": 10})
+    for key, nbytes in enumerate((100, 4096, (1 << 20) + 8)):
+        item = put(s, o, "a", key, nbytes)
+        assert item.buf.ctypes.data % 64 == 0 and item.buf.size == nbytes and not item.buf.any()

@@ -67,9 +67,12 @@ class Isal:
 
     def xor_gen(self, srcs: Sequence[npt.NDArray[np.uint8]], out: npt.NDArray[np.uint8]) -> None:
         """`out = XOR srcs` with ISA-L; needs 32-byte aligned buffers and a multiple of 32 bytes."""
-        vects = [*srcs, out]
-        ptrs = (ctypes.c_void_p * len(vects))(*(v.ctypes.data for v in vects))
-        if self._lib.xor_gen(len(vects), out.size, ptrs) != 0:
+        self.xor_gen_at([v.ctypes.data for v in (*srcs, out)], out.size)
+
+    def xor_gen_at(self, addresses: Sequence[int], length: int) -> None:
+        """`xor_gen` on raw addresses (sources, then the output), for callers that already hold them."""
+        ptrs = (ctypes.c_void_p * len(addresses))(*addresses)
+        if self._lib.xor_gen(len(addresses), length, ptrs) != 0:
             raise ValueError("ISA-L xor_gen rejected the buffers (alignment or length)")
 
 

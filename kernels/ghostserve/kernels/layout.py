@@ -106,7 +106,7 @@ def _check_pool(pool: Any, layout: KVLayout, *, writable: bool) -> npt.NDArray[n
 
 def _np_take(pool2d: Any, idx: npt.NDArray[np.int64], out2d: Any) -> None:
     # mode="clip": with the default "raise", numpy buffers `out` (an extra copy); slots are validated already.
-    np.take(pool2d, idx, axis=0, out=out2d, mode="clip")
+    pool2d.take(idx, axis=0, out=out2d, mode="clip")  # the method: np.take's wrapper costs a fifth more
 
 
 def gather_range(

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import xxhash
-from ghostserve.kernels import checksums
+from ghostserve.kernels import checksums, cpu
 from ghostserve.kernels import layout as kvlayout
 from ghostserve.kernels import protection as protection_mod
 
@@ -84,7 +84,7 @@ class Scratch:
     def get(self, index: int, nbytes: int) -> npt.NDArray[np.uint8]:
         buf = self._bufs.get((index, nbytes))
         if buf is None:
-            buf = self._bufs[(index, nbytes)] = np.empty(nbytes, dtype=np.uint8)
+            buf = self._bufs[(index, nbytes)] = cpu.aligned_empty(nbytes)
         return buf
 
 

@@ -65,7 +65,11 @@ def int_array(values: Sequence[int], *, what: str, limit: int) -> npt.NDArray[np
     """`values` (a repeated proto field) as int64, its length checked before anything is converted."""
     if len(values) > limit:
         raise errors.InvalidArgument(f"{what}: {len(values)} values, at most {limit} allowed")
-    # fromiter with a count fills the array in place: np.asarray would build a list of Python ints
+    if hasattr(values, "__array__"):
+        # upb's repeated fields copy their packed int64s out in one memcpy: ~60x faster than iterating,
+        # and the hot path of every commit (32 fields per CommitChunks of 16 chunks).
+        return np.array(values, dtype=np.int64)
+    # Anything else is iterated into a preallocated array: np.asarray would build a list of Python ints
     # first (~40 bytes per value, x5 the array).
     return np.fromiter(values, dtype=np.int64, count=len(values))
 

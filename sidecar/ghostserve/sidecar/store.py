@@ -21,6 +21,7 @@ from collections.abc import Callable, Hashable
 
 import numpy as np
 import numpy.typing as npt
+from ghostserve.kernels import cpu
 from ghostserve.sidecar import errors
 
 ATTENTION_TOKENS = 4096.0
@@ -140,7 +141,7 @@ class ParityStore:
                 self.cached_bytes -= nbytes
                 return free.pop()
             if self.used_bytes() + nbytes <= self.budget:
-                buf = np.zeros(nbytes, dtype=np.uint8)
+                buf = cpu.aligned_empty(nbytes)  # aligned: the codec's SIMD paths take it whole
                 buf.fill(0)  # pre-touch: the encode must not pay the page faults
                 return buf
             if self._drop_cached(other_than=nbytes):
