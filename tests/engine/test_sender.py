@@ -162,6 +162,40 @@ def test_commits_and_releases_that_met_a_restarting_sidecar_are_sent_again(sidec
             c.close()
 
 
+def test_token_records_that_met_a_restarting_sidecar_are_sent_again(sidecar, no_shm_leak):
+    """Before: RecordTokens sent while the sidecar restarted was dropped, and the request lost its prompt
+    length and budget for resume. The newest record of a request is the one sent."""
+    with client_mod.SidecarClient(sidecar.address, timeout=5.0) as client:
+        (s0, _s1) = _sessions(client, "se/r")
+        s0.attach()
+        fresh: list[client_mod.SidecarClient] = []
+
+        def reconnect() -> client_mod.SidecarClient:
+            fresh.append(client_mod.SidecarClient(sidecar.address, timeout=5.0))
+            return fresh[-1]
+
+        s0._reconnect = reconnect
+        snd = sender.CommitSender(s0)
+        sidecar.kill()
+        snd.record("r", [1, 2, 3], prompt_tokens=2, max_new_tokens=9)
+        snd.record("r", [1, 2, 3, 4, 5], prompt_tokens=2, max_new_tokens=9)  # replaces the parked one
+        snd.record("done", [7, 7], prompt_tokens=2)
+        snd.release("done")  # finished while the sidecar was down: its record is not worth sending
+        snd.drain()
+        assert snd.parked() == 2  # r's newest record, done's release
+        sidecar.start()
+        _wait(lambda: snd.parked() == 0, "the parked record and release to be sent")
+        with client_mod.SidecarClient(sidecar.address) as after:
+            entry = after.describe_request(group="se/r", request_id="r")
+            assert (list(entry.token_ids), entry.prompt_tokens) == ([1, 2, 3, 4, 5], 2)
+            with pytest.raises(grpc.RpcError) as err:
+                after.describe_request(group="se/r", request_id="done")
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            after.delete_group(group="se/r")
+        for c in fresh:
+            c.close()
+
+
 def test_parked_commits_are_bounded(sidecar, no_shm_leak, monkeypatch):
     monkeypatch.setattr(sender, "MAX_PARKED", 4)
     with client_mod.SidecarClient(sidecar.address, timeout=5.0) as client:

@@ -213,3 +213,4 @@ def test_soak_200_hostile_clients_with_default_message_limit(
     short_tmp: pathlib.Path, shm_prefix: str
 ) -> None:
     soak(short_tmp, shm_prefix, clients=200, message="4MiB", message_bytes=4 << 20, inflight_mib=256)
+

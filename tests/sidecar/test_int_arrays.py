@@ -17,13 +17,14 @@ from ghostserve.v1 import sidecar_pb2 as pb
         ("slots", [0, 2**32 - 1]),  # uint32 on the wire: its whole range survives the widening
         ("token_ids", list(range(-300, 300))),
         ("token_ids", [-(2**63), 2**63 - 1]),
+        ("token_ids", list(range(convert.FAST_COPY_VALUES + 5))),  # past the memcpy path: iterated
     ],
 )
 def test_a_proto_field_and_a_list_give_the_same_array(field: str, values: list[int]) -> None:
     msg = pb.ChunkCommit()
     getattr(msg, field).extend(values)
-    from_field = convert.int_array(getattr(msg, field), what=field, limit=1000)
-    from_list = convert.int_array(values, what=field, limit=1000)
+    from_field = convert.int_array(getattr(msg, field), what=field, limit=1 << 20)
+    from_list = convert.int_array(values, what=field, limit=1 << 20)
     assert from_field.dtype == from_list.dtype == np.int64
     assert from_field.tolist() == from_list.tolist() == values
 

@@ -289,7 +289,17 @@ class SidecarSession:
         self, request_id: str, tokens: Sequence[int], *, prompt_tokens: int, max_new_tokens: int = 0
     ) -> bool:
         """Record a request's tokens so far (and its token budget, 0 = unknown) for resume.
-        Returns False when the sidecar is unreachable."""
+        Returns False when the sidecar is unreachable or its budget is full."""
+        sent = self.try_record_tokens(
+            request_id, tokens, prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens
+        )
+        return sent is Sent.YES
+
+    def try_record_tokens(
+        self, request_id: str, tokens: Sequence[int], *, prompt_tokens: int, max_new_tokens: int = 0
+    ) -> Sent:
+        """`record_tokens`, telling an unreachable sidecar (UNREACHABLE: worth sending again) from a full
+        budget (UNPROTECTED: the request is not resumable, serving goes on). Raises AdapterError."""
         try:
             self.client.record_tokens(
                 group=self.group,
@@ -300,12 +310,12 @@ class SidecarSession:
             )
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                return False  # the sidecar's budget is full: the request is not resumable, serving goes on
+                return Sent.UNPROTECTED
             if _transient(exc):
                 self._fresh_channel(exc)
-                return False
+                return Sent.UNREACHABLE
             raise AdapterError(f"record_tokens of {request_id!r} rejected: {exc.details()}") from exc
-        return True
+        return Sent.YES
 
     def release(self, request_id: str) -> int:
         """Free a finished request's parity and ledger entry; returns bytes freed (0: unknown/unreachable)."""

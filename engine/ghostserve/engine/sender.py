@@ -43,12 +43,13 @@ class CommitSender:
     A rejection (AdapterError) goes to `on_rejected(request_id, error)` when given (the engine then
     serves that request unprotected); otherwise `drain` re-raises the first one.
 
-    A commit that finds the sidecar unreachable (restarting, slow) is parked and sent again, with the
-    next calls or after a backoff, until it gets through, its request is released or dropped, or
-    MAX_PARKED newer ones pushed it out. The sidecar forgets a lost rank's commits of chunks that still
-    wait for other ranks, so a late commit never completes a chunk over KV that is gone. Calls still
-    queued or parked when the process is SIGKILLed are lost: chunks the sidecar does not list as
-    committed are recomputed after a restart.
+    A commit, token record or release that finds the sidecar unreachable (restarting, slow) is parked
+    and sent again, with the next calls or after a backoff, until it gets through, its request is
+    released or dropped, or MAX_PARKED newer ones pushed it out (a request's newest record replaces
+    its parked one: a record carries the whole token list). The sidecar forgets a lost rank's commits
+    of chunks that still wait for other ranks, so a late commit never completes a chunk over KV that
+    is gone. Calls still queued or parked when the process is SIGKILLed are lost: chunks the sidecar
+    does not list as committed are recomputed after a restart.
     """
 
     def __init__(
@@ -71,6 +72,7 @@ class CommitSender:
         self.rejected = 0
         self.batches = 0  # CommitChunks calls made (commits per call = session.commits_sent / batches)
         self._parked: dict[tuple[str, int], _Call] = {}  # sender thread only
+        self._parked_records: dict[str, _Call] = {}  # the newest record per request, in order
         self._parked_releases: dict[str, None] = {}  # releases that met an unreachable sidecar, in order
         self._tries = 0  # failed tries of the parked commits in a row (picks the backoff)
         self.resent = 0  # parked commits that got through
@@ -106,9 +108,9 @@ class CommitSender:
         return self._queue.unfinished_tasks
 
     def parked(self) -> int:
-        """Commits and releases waiting for an unreachable sidecar (a snapshot: the sender thread
-        changes it)."""
-        return len(self._parked) + len(self._parked_releases)
+        """Commits, records and releases waiting for an unreachable sidecar (a snapshot: the sender
+        thread changes it)."""
+        return len(self._parked) + len(self._parked_records) + len(self._parked_releases)
 
     def drain(self) -> None:
         """Block until every queued call was sent (or failed). Raises the first AdapterError a call met
@@ -123,7 +125,7 @@ class CommitSender:
         while True:
             if held is not None:
                 first, held = held, None
-            elif self._parked or self._parked_releases:
+            elif self.parked():
                 try:
                     first = self._queue.get(timeout=RETRY_S[min(self._tries, len(RETRY_S) - 1)])
                 except queue.Empty:
@@ -156,6 +158,7 @@ class CommitSender:
             call, s = calls[0], self.session
             if call.kind == "release":  # a finished request's commits are not worth sending any more
                 self._parked = {k: v for k, v in self._parked.items() if k[0] != call.request_id}
+                self._parked_records.pop(call.request_id, None)
                 self._parked_releases.pop(call.request_id, None)
                 if s.try_release(call.request_id) is None:
                     self._parked_releases[call.request_id] = None
@@ -166,12 +169,13 @@ class CommitSender:
             if self._dropped(call.request_id):
                 return
             if call.kind == "record":
-                s.record_tokens(
-                    call.request_id,
-                    call.token_ids,
-                    prompt_tokens=call.prompt_tokens,
-                    max_new_tokens=call.max_new_tokens,
-                )
+                self._parked_records.pop(call.request_id, None)  # this one is newer
+                self._parked_releases.pop(call.request_id, None)  # recorded again: not finished
+                if self._record(call) is adapter.Sent.UNREACHABLE:
+                    self._parked_records[call.request_id] = call
+                    while len(self._parked_records) > MAX_PARKED:
+                        del self._parked_records[next(iter(self._parked_records))]
+                        self.given_up += 1
         except adapter.AdapterError as exc:
             for rid in dict.fromkeys(c.request_id for c in calls):
                 self._reject(rid, exc)
@@ -191,6 +195,14 @@ class CommitSender:
         try:
             for i in range(0, len(live), self._max_batch):
                 self._commit_batch(live[i : i + self._max_batch])
+            for rid, call in list(self._parked_records.items()):
+                if self._dropped(rid):
+                    del self._parked_records[rid]
+                    continue
+                if self._record(call) is adapter.Sent.UNREACHABLE:
+                    break
+                del self._parked_records[rid]
+                self.resent += 1
             for rid in list(self._parked_releases):
                 if self.session.try_release(rid) is None:
                     break  # still unreachable: the rest wait for the next try
@@ -222,6 +234,14 @@ class CommitSender:
         self._tries = 0 if reached else self._tries + 1
         for rid, exc in rejected.items():  # once per request: the engine drops its protection once
             self._reject(rid, exc)
+
+    def _record(self, call: _Call) -> adapter.Sent:
+        return self.session.try_record_tokens(
+            call.request_id,
+            call.token_ids,
+            prompt_tokens=call.prompt_tokens,
+            max_new_tokens=call.max_new_tokens,
+        )
 
     def _park(self, call: _Call) -> None:
         self._parked[(call.request_id, call.chunk_index)] = call
