@@ -139,9 +139,12 @@ def _gf_combine_numpy(matrix: U8, srcs: Sequence[U8], outs: Sequence[U8]) -> Non
 class CpuBackend:
     """Host memory. `use_isal=None` picks ISA-L when it loads; False forces the NumPy path."""
 
-    # Measured on a shared 2-core EPYC: per-call overhead dominates below ~256 KiB per row chunk.
+    # Measured on a shared 2-core EPYC: per-call overhead dominates below ~256 KiB per row chunk. Each
+    # gather block costs ~10 GIL hand-offs (a take and a hash per shard, the XOR), and with two encode
+    # threads beside the gRPC threads a hand-off can cost ~0.1 ms: 1 MiB blocks encode ~2x faster than
+    # 256 KiB ones (bench/sidecar.py, both the bare codec and the sidecar), though they spill L2.
     rdp_chunk_bytes = 1024 * 1024
-    gather_block_bytes = 256 * 1024
+    gather_block_bytes = 1024 * 1024
 
     def __init__(self, *, use_isal: bool | None = None) -> None:
         lib = isal.load() if use_isal is not False else None
