@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from ghostserve.sidecar import errors, store
 
@@ -70,7 +72,7 @@ def test_pinned_parity_is_neither_evicted_nor_recycled() -> None:
     s = store.ParityStore(200)
     o = Owners({"a": 10, "b": 5000})
     pinned = put(s, o, "a", 0)
-    pinned.pins += 1
+    s.pin(pinned)
     put(s, o, "b", 0)
     put(s, o, "b", 1)  # room only by evicting: "a" (cheapest) is pinned, so b's own older chunk goes
     assert o.evicted == [("b", [0])] and s.get("a", 0) is pinned
@@ -116,3 +118,56 @@ def test_parity_buffers_are_aligned_for_the_codecs_simd_paths() -> None:
     for key, nbytes in enumerate((100, 4096, (1 << 20) + 8)):
         item = put(s, o, "a", key, nbytes)
         assert item.buf.ctypes.data % 64 == 0 and item.buf.size == nbytes and not item.buf.any()
+
+
+def _brute(s: store.ParityStore) -> tuple[int, dict[object, int], dict[object, int]]:
+    """The counts the store keeps as items change, recomputed from its items."""
+    held: dict[object, int] = {}
+    evictable: dict[object, int] = {}
+    for owner, items in s._items.items():
+        for i in items.values():
+            held[owner] = held.get(owner, 0) + i.buf.size
+            if not i.reserved and not i.pins:
+                evictable[owner] = evictable.get(owner, 0) + i.buf.size
+    return sum(evictable.values()), held, evictable
+
+
+def test_running_counts_match_the_items_through_any_sequence() -> None:
+    """The store keeps held and evictable bytes per owner as items change (a reservation is O(1), where
+    it summed every item held). Random reserves, commits, pins, unpins, releases and evictions under a
+    tight budget must leave the counts equal to a recount of the items."""
+    import random
+
+    rnd = random.Random(13)
+    s = store.ParityStore(3000)
+    owners = [f"o{k}" for k in range(5)]
+    o = Owners({name: 100 * (k + 1) for k, name in enumerate(owners)})
+    live: list[store.Item] = []  # reserved or held items the test may still touch
+    pinned: list[store.Item] = []
+    for step in range(3000):
+        op = rnd.choice(["reserve", "reserve", "commit", "pin", "unpin", "release", "release_owner"])
+        if op == "reserve":
+            owner = rnd.choice(owners)
+            size = rnd.choice((100, 200, 300))
+            with contextlib.suppress(errors.ResourceExhausted):  # nothing evictable was worth less
+                live.append(s.reserve(owner, step, size, tokens_of=o.tokens_of, on_evict=o.on_evict))
+        elif op == "commit" and live:
+            s.commit(rnd.choice(live))
+        elif op == "pin" and live:
+            item = rnd.choice(live)
+            if not item.reserved:
+                s.pin(item)
+                pinned.append(item)
+        elif op == "unpin" and pinned:
+            s.unpin(pinned.pop(rnd.randrange(len(pinned))))
+        elif op == "release" and live:
+            item = rnd.choice(live)
+            s.release(item.owner, item.key)
+        elif op == "release_owner":
+            s.release(rnd.choice(owners))
+        live = [i for i in live if s.get(i.owner, i.key) is i]
+        total, held, evictable = _brute(s)
+        assert (s.evictable_bytes, s._held_by, s._evictable_by) == (total, held, evictable), (step, op)
+        assert s.held_bytes == sum(held.values())
+        assert s.used_bytes() <= s.budget
+    assert s.evictions > 0 and o.evicted  # the budget was tight enough to evict along the way

@@ -101,7 +101,7 @@ def _prepare(
         item = c.store.get(g.owner(rid), idx)
         if chunk.state != ledger.State.PROTECTED or item is None or item.reserved:
             return chunk, None, chunk.failure or ledger.Failure.NOT_PROTECTED
-        item.pins += 1
+        c.store.pin(item)
     survivors = [
         None if r in lost else rp.segment.array if rp.segment else None for r, rp in enumerate(g.ranks)
     ]
@@ -110,7 +110,7 @@ def _prepare(
 
 def _unpin(c: custodian.Custodian, work: _Work) -> None:
     with c.lock:
-        work.item.pins -= 1
+        c.store.unpin(work.item)
 
 
 def _compute(g: group.Group, work: _Work, scratch: coding.Scratch) -> dict[int, npt.NDArray[np.uint8]] | None:

@@ -53,6 +53,11 @@ class ParityStore:
         self._items: dict[Hashable, dict[Hashable, Item]] = {}
         self._free: dict[int, list[npt.NDArray[np.uint8]]] = {}
         self.held_bytes = 0  # items, reserved or not
+        # Kept as items change, so a reservation costs O(1) however much is held (a 1M-token request
+        # holds 4096 chunks; summing them on every reserve made its encodes O(n^2)).
+        self._held_by: dict[Hashable, int] = {}  # bytes held per owner
+        self._evictable_by: dict[Hashable, int] = {}  # bytes of items neither reserved nor pinned
+        self.evictable_bytes = 0
         self.cached_bytes = 0  # free buffers kept for reuse
         self.meta_bytes = 0  # the ledger's memory, charged by the custodian
         self.evictions = 0
@@ -116,6 +121,7 @@ class ParityStore:
         item = Item(owner, key, buf)
         self._items.setdefault(owner, {})[key] = item
         self.held_bytes += nbytes
+        self._held_by[owner] = self._held_by.get(owner, 0) + nbytes
         return item
 
     def _take(
@@ -171,16 +177,29 @@ class ParityStore:
 
     def _floor(self) -> int:
         """What stays used after evicting every evictable item and dropping every cached buffer."""
-        return self.meta_bytes + self.held_bytes - sum(self._evictable(o) for o in self._items)
+        return self.meta_bytes + self.held_bytes - self.evictable_bytes
 
     def _evictable(self, owner: Hashable) -> int:
-        return sum(i.buf.size for i in self._items.get(owner, {}).values() if not i.reserved and not i.pins)
+        return self._evictable_by.get(owner, 0)
+
+    def _count_evictable(self, item: Item, sign: int) -> None:
+        """Add (+1) or remove (-1) a held item that is neither reserved nor pinned from the counts."""
+        n = sign * item.buf.size
+        self.evictable_bytes += n
+        left = self._evictable_by.get(item.owner, 0) + n
+        if left:
+            self._evictable_by[item.owner] = left
+        else:
+            self._evictable_by.pop(item.owner, None)
+
+    def _held(self, item: Item) -> bool:
+        return self._items.get(item.owner, {}).get(item.key) is item
 
     def _worth_less(
         self, owner: Hashable, extra: int, *, than: Hashable, tokens_of: Callable[[Hashable], int]
     ) -> bool:
         """Whether `owner`, holding `extra` more bytes, saves less recompute per byte than `than`."""
-        mine = sum(i.buf.size for i in self._items.get(owner, {}).values()) + extra
+        mine = self._held_by.get(owner, 0) + extra
         return recompute_score(tokens_of(owner), mine) < recompute_score(
             tokens_of(than), self._evictable(than)
         )
@@ -209,7 +228,15 @@ class ParityStore:
         return keys
 
     def _recycle(self, item: Item) -> None:
+        """Account for `item`, just taken out of `_items`, and keep its buffer for reuse if allowed."""
         self.held_bytes -= item.buf.size
+        left = self._held_by.get(item.owner, 0) - item.buf.size
+        if left:
+            self._held_by[item.owner] = left
+        else:
+            self._held_by.pop(item.owner, None)
+        if not item.reserved and not item.pins:
+            self._count_evictable(item, -1)
         if item.reserved or item.pins:
             # An encode may still be writing into it, or a rebuild reading it: never hand it out again.
             return
@@ -219,7 +246,20 @@ class ParityStore:
 
     def commit(self, item: Item) -> None:
         """The encode into `item` finished: it may now be evicted."""
+        if item.reserved and not item.pins and self._held(item):
+            self._count_evictable(item, +1)
         item.reserved = False
+
+    def pin(self, item: Item) -> None:
+        """A rebuild reads `item` outside the lock: it is neither evicted nor recycled until `unpin`."""
+        if not item.reserved and not item.pins and self._held(item):
+            self._count_evictable(item, -1)
+        item.pins += 1
+
+    def unpin(self, item: Item) -> None:
+        item.pins -= 1
+        if not item.reserved and not item.pins and self._held(item):
+            self._count_evictable(item, +1)
 
     def get(self, owner: Hashable, key: Hashable) -> Item | None:
         return self._items.get(owner, {}).get(key)
@@ -263,7 +303,7 @@ class ParityStore:
 
     def held_where(self, pred: Callable[[Hashable], bool]) -> int:
         """Bytes held (reserved or not) by the owners `pred` accepts."""
-        return sum(i.buf.size for o, items in self._items.items() if pred(o) for i in items.values())
+        return sum(n for o, n in self._held_by.items() if pred(o))
 
     def owners(self) -> list[Hashable]:
         return list(self._items)
