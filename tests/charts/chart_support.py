@@ -43,6 +43,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "commonLabels": {"team": "inference"},
         "operator": {
             "extraArgs": ["--resync-seconds=15"],
+            "firstPassLimit": 16,
             "verbose": True,
             "gpuConditions": ["GpuXidError", "NVSentinelGpuUnhealthy"],
             "extraEnv": [{"name": "A", "value": "1"}],

@@ -39,6 +39,7 @@ def test_operator_accepts_the_rendered_args(render_script: ModuleType, variant: 
     assert args.liveness == f"http://0.0.0.0:{health_port}/healthz"
     assert args.metrics_port == next(p["containerPort"] for p in operator["ports"] if p["name"] == "metrics")
     assert args.sidecar_address_template == "{node_ip}:{port}"
+    assert args.first_pass_limit == (values or {}).get("operator", {}).get("firstPassLimit", 4)
     namespaces = (values or {}).get("operator", {}).get("watchNamespaces", [])
     assert (args.all_namespaces, args.namespace) == (not namespaces, namespaces)
     mtls = (values or {}).get("tls", {}).get("mode", "cert-manager") != "insecure"

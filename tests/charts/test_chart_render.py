@@ -110,6 +110,7 @@ def test_namespaced_install_grants_namespaced_rules_only_in_those_namespaces(
         ({"sidecar": {"hostMemoryBudget": "99999999999Ti"}}, "at '/sidecar/hostMemoryBudget'"),
         ({"rankPods": {"runAsUser": 0}}, "at '/rankPods/runAsUser': minimum"),
         ({"operator": {"logFormat": "xml"}}, "at '/operator/logFormat'"),
+        ({"operator": {"firstPassLimit": 0}}, "at '/operator/firstPassLimit': minimum"),
     ],
 )
 def test_bad_values_fail_the_render_clearly(
