@@ -28,8 +28,10 @@ import tiny_model
 pytestmark = pytest.mark.timeout(1800)
 
 MAIN_VENV = sgl_server.REPO / ".venv" / "bin" / "python"
+# Long enough that the stream cannot finish between the 10th chunk and the SIGKILL (with 40 tokens it
+# once did on a loaded machine, and nothing was left to resume); ignore_eos keeps it that long.
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": tiny_model.words(12, seed=3)}],
-        "max_tokens": 40, "temperature": 0}
+        "max_tokens": 200, "ignore_eos": True, "temperature": 0}
 COMPLETION = {"model": "tiny", "prompt": tiny_model.words(9, seed=4), "max_tokens": 12, "temperature": 0}
 
 
