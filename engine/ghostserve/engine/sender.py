@@ -8,6 +8,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from ghostserve.engine import adapter
 
@@ -161,10 +162,7 @@ class CommitSender:
                 self._parked_records.pop(call.request_id, None)
                 self._parked_releases.pop(call.request_id, None)
                 if s.try_release(call.request_id) is None:
-                    self._parked_releases[call.request_id] = None
-                    while len(self._parked_releases) > MAX_PARKED:
-                        del self._parked_releases[next(iter(self._parked_releases))]
-                        self.given_up += 1
+                    self._keep(self._parked_releases, call.request_id, None)
                 return
             if self._dropped(call.request_id):
                 return
@@ -172,10 +170,7 @@ class CommitSender:
                 self._parked_records.pop(call.request_id, None)  # this one is newer
                 self._parked_releases.pop(call.request_id, None)  # recorded again: not finished
                 if self._record(call) is adapter.Sent.UNREACHABLE:
-                    self._parked_records[call.request_id] = call
-                    while len(self._parked_records) > MAX_PARKED:
-                        del self._parked_records[next(iter(self._parked_records))]
-                        self.given_up += 1
+                    self._keep(self._parked_records, call.request_id, call)
         except adapter.AdapterError as exc:
             for rid in dict.fromkeys(c.request_id for c in calls):
                 self._reject(rid, exc)
@@ -244,9 +239,13 @@ class CommitSender:
         )
 
     def _park(self, call: _Call) -> None:
-        self._parked[(call.request_id, call.chunk_index)] = call
-        while len(self._parked) > MAX_PARKED:
-            del self._parked[next(iter(self._parked))]
+        self._keep(self._parked, (call.request_id, call.chunk_index), call)
+
+    def _keep(self, parked: dict[Any, Any], key: Any, value: Any) -> None:
+        """Park `value` under `key`; beyond MAX_PARKED the oldest entries of `parked` are given up."""
+        parked[key] = value
+        while len(parked) > MAX_PARKED:
+            del parked[next(iter(parked))]
             self.given_up += 1
 
     def _reject(self, request_id: str, exc: adapter.AdapterError) -> None:

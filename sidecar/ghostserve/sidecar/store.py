@@ -32,6 +32,15 @@ def recompute_score(tokens: int, parity_bytes: int) -> float:
     return tokens * (1.0 + tokens / ATTENTION_TOKENS) / max(parity_bytes, 1)
 
 
+def _add(counts: dict[Hashable, int], owner: Hashable, nbytes: int) -> None:
+    """counts[owner] += nbytes, keeping no zero entries (owners come and go with requests)."""
+    left = counts.get(owner, 0) + nbytes
+    if left:
+        counts[owner] = left
+    else:
+        counts.pop(owner, None)
+
+
 @dataclasses.dataclass(eq=False)
 class Item:
     """Parity of one chunk: `buf` is M parity shards back to back (N shards for REPLICATE)."""
@@ -121,7 +130,7 @@ class ParityStore:
         item = Item(owner, key, buf)
         self._items.setdefault(owner, {})[key] = item
         self.held_bytes += nbytes
-        self._held_by[owner] = self._held_by.get(owner, 0) + nbytes
+        _add(self._held_by, owner, nbytes)
         return item
 
     def _take(
@@ -184,13 +193,8 @@ class ParityStore:
 
     def _count_evictable(self, item: Item, sign: int) -> None:
         """Add (+1) or remove (-1) a held item that is neither reserved nor pinned from the counts."""
-        n = sign * item.buf.size
-        self.evictable_bytes += n
-        left = self._evictable_by.get(item.owner, 0) + n
-        if left:
-            self._evictable_by[item.owner] = left
-        else:
-            self._evictable_by.pop(item.owner, None)
+        self.evictable_bytes += sign * item.buf.size
+        _add(self._evictable_by, item.owner, sign * item.buf.size)
 
     def _held(self, item: Item) -> bool:
         return self._items.get(item.owner, {}).get(item.key) is item
@@ -230,11 +234,7 @@ class ParityStore:
     def _recycle(self, item: Item) -> None:
         """Account for `item`, just taken out of `_items`, and keep its buffer for reuse if allowed."""
         self.held_bytes -= item.buf.size
-        left = self._held_by.get(item.owner, 0) - item.buf.size
-        if left:
-            self._held_by[item.owner] = left
-        else:
-            self._held_by.pop(item.owner, None)
+        _add(self._held_by, item.owner, -item.buf.size)
         if not item.reserved and not item.pins:
             self._count_evictable(item, -1)
         if item.reserved or item.pins:
